@@ -1,0 +1,39 @@
+"""Shared command-line plumbing: ``--config`` plus dotted overrides, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from litespark_jax.config import Config, describe_options, load_config
+from litespark_jax.errors import UserError
+
+
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides (section.key=value; defaults shown):\n" + describe_options(),
+    )
+    parser.add_argument("--config", default=None, help="YAML preset (default: the built-in tiny model on the "
+                                                       "bundled corpus)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a config value")
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, Config]:
+    args = parser.parse_args(argv)
+    return args, load_config(args.config, args.overrides)
+
+
+def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
+    """Run ``main``; bad input (``UserError``) prints one line and exits 2, with no traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,397 @@
+"""Typed run configuration: one frozen dataclass per concern, loaded from YAML with dotted CLI overrides.
+
+Every mistake becomes one ``ConfigError`` sentence naming the key (``model.num_heads``), the file it came from and
+what would be right. Presets in ``configs/`` override only the defaults they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from litespark_jax.data.config import DataConfig
+from litespark_jax.errors import ConfigError
+
+REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "names")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder."""
+
+    vocab_size: int = 512
+    """Rows of the embedding table; must be >= the tokenizer's vocabulary."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Decoder layers (stacked and scanned, so compile time does not grow with depth)."""
+    num_heads: int = 8
+    """Query heads."""
+    num_kv_heads: int = 4
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    head_dim: int | None = None
+    """Per-head width; None means d_model // num_heads."""
+    d_ff: int = 768
+    """Hidden width of the SwiGLU MLP."""
+    max_seq_len: int = 2048
+    """Longest sequence the model is configured for (RoPE tables and validation)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: dict | None = None
+    """Llama-3 frequency scaling: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Use the embedding table as the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initializer for matrices."""
+    dtype: str = "float32"
+    """Compute dtype of activations and matmuls (parameters stay in param_dtype)."""
+    param_dtype: str = "float32"
+    """Storage dtype of parameters."""
+    remat_policy: str = "none"
+    """What each layer keeps for the backward: none (keep all), full (recompute all), save_matmuls, save_attention,
+    or names (keep only the activations named in remat_save_names)."""
+    remat_save_names: tuple = ()
+    """Activation names kept under remat_policy=names (see model.ACTIVATION_NAMES)."""
+    scan_layers: bool = True
+    """Run the layer stack with lax.scan (False unrolls it; same numbers, longer compile)."""
+    attention_impl: str = "auto"
+    """Attention kernel: auto, reference, cudnn, pallas (see pallas_kernels)."""
+    mlp_impl: str = "auto"
+    """MLP kernel: auto, reference, or a fused implementation."""
+    cross_entropy_impl: str = "auto"
+    """Loss kernel: auto, reference, or a fused implementation."""
+    rms_norm_impl: str = "auto"
+    """RMSNorm kernel: auto, reference, or a fused implementation."""
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def num_params(self) -> int:
+        """Total trainable parameters (the tied embedding counted once)."""
+        d, f, hd = self.d_model, self.d_ff, self.resolved_head_dim
+        attention = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attention + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to a floor, and global-norm clipping."""
+
+    learning_rate: float = 3e-4
+    """Peak learning rate, reached after warmup_steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to the peak."""
+    decay_steps: int | None = None
+    """Steps of the cosine decay (after warmup); None means until train.steps."""
+    b1: float = 0.9
+    """Adam first-moment decay."""
+    b2: float = 0.95
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (never on norms or biases)."""
+    grad_clip: float = 1.0
+    """Clip gradients to this global norm; 0 disables clipping."""
+    state_dtype: str = "float32"
+    """Dtype of Adam's moments."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: how long, how big, how often to evaluate and log."""
+
+    steps: int = 1000
+    """Optimizer steps to run."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all devices and micro-batches."""
+    seq_len: int = 256
+    """Tokens per sequence (packed window)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; global_batch_size must be divisible by it."""
+    seed: int = 0
+    """Seed of parameter init and data order; same seed, same losses."""
+    z_loss_weight: float = 0.0
+    """Weight of the z-loss (logsumexp squared) that keeps logits from drifting."""
+    eval_every: int = 200
+    """Evaluate on the validation split every this many steps (0 = only at the end)."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    run_dir: str = "runs/default"
+    """Where metrics, TensorBoard events and checkpoints go."""
+    peak_tflops_per_device: float | None = None
+    """Peak dense TFLOP/s for MFU; None detects H100/H200 (989) and shows no MFU elsewhere."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes; -1 fills with the devices left over. Their product must equal the device count."""
+
+    data: int = 1
+    """Pure data parallelism (replicated parameters)."""
+    fsdp: int = -1
+    """Fully sharded data parallelism (parameters, gradients and optimizer state sharded)."""
+    tensor: int = 1
+    """Megatron-style tensor parallelism over heads and MLP width."""
+    context: int = 1
+    """Context (sequence) parallelism."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """What the run reports and where."""
+
+    every: int = 10
+    """Write metrics every this many steps."""
+    progress_bar: bool = True
+    """Show a progress bar with loss, tokens/s, MFU and ETA."""
+    jsonl: bool = True
+    """Write metrics to RUN_DIR/metrics.jsonl."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN_DIR/tensorboard."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    log: LogConfig = LogConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "mesh": MeshConfig,
+    "log": LogConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML preset (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = path
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    config = from_dict(raw, source)
+    validate(config)
+    return config
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from nested dicts, checking every key and value type."""
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"{source}: unknown section {name!r}{_did_you_mean(name, _SECTION_TYPES)}")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
+        sections[name] = _build_section(name, _SECTION_TYPES[name], value, source)
+    return Config(**sections)
+
+
+def _build_section(name: str, cls: type, values: dict, source: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'{_did_you_mean(key, fields, prefix=name + '.')}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key], source)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
+    """Check ``value`` against a field's annotation; ints are accepted for floats, lists for tuples."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{source}: '{key}' must not be empty (expected {_type_name(annotation)})")
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is str and isinstance(value, str):
+            return value
+        if origin is dict and isinstance(value, dict):
+            return value
+        if origin is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
+    raise ConfigError(
+        f"{source}: '{key}' must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _is_union(annotation) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _type_name(annotation) -> str:
+    if _is_union(annotation):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(typing.get_origin(annotation) or annotation, "__name__", str(annotation))
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """Apply ``section.key=value``; the value is parsed as YAML (``8``, ``1e-3``, ``true``, ``[a, b]``)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.steps=200)")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {override!r}: the key must be section.key (e.g. model.num_heads)")
+    section, key = parts
+    if section not in _SECTION_TYPES:
+        raise ConfigError(f"override {override!r}: unknown section {section!r}{_did_you_mean(section, _SECTION_TYPES)}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    target = raw.setdefault(section, {}) or {}
+    raw[section] = target
+    target[key] = value
+
+
+def _did_you_mean(word: str, choices, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: every cross-field rule in one place
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError for the first rule the config breaks."""
+    m, t, o, g = config.model, config.train, config.optim, config.mesh
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads, "model.d_ff": m.d_ff,
+        "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
+        "train.seq_len": t.seq_len, "train.grad_accum_steps": t.grad_accum_steps, "log.every": config.log.every,
+        "train.eval_batches": t.eval_batches,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if m.head_dim is None and m.d_model % m.num_heads:
+        raise ConfigError(f"model.num_heads ({m.num_heads}) must divide model.d_model ({m.d_model})")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
+    if m.resolved_head_dim % 2:
+        raise ConfigError(f"the head dimension ({m.resolved_head_dim}) must be even for RoPE")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) is longer than model.max_seq_len ({m.max_seq_len})")
+    for key, value in (("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype),
+                       ("optim.state_dtype", o.state_dtype)):
+        if value not in DTYPES:
+            raise ConfigError(f"{key} must be one of {', '.join(DTYPES)}, got {value!r}")
+    if m.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(
+            f"model.remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {m.remat_policy!r}"
+            f"{_did_you_mean(m.remat_policy, REMAT_POLICIES)}"
+        )
+    if m.remat_policy == "names" and not m.remat_save_names:
+        raise ConfigError("model.remat_policy=names needs model.remat_save_names (e.g. [attention_out, mlp_out])")
+    if m.rope_scaling is not None:
+        required = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        missing = required - set(m.rope_scaling)
+        if missing:
+            raise ConfigError(f"model.rope_scaling is missing {', '.join(sorted(missing))}")
+    if t.global_batch_size % t.grad_accum_steps:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.grad_accum_steps "
+            f"({t.grad_accum_steps})"
+        )
+    if o.learning_rate <= 0 or not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError("optim.learning_rate must be positive and optim.min_lr_ratio within [0, 1]")
+    if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must not be negative")
+    for key, value in (("mesh.data", g.data), ("mesh.fsdp", g.fsdp), ("mesh.tensor", g.tensor),
+                       ("mesh.context", g.context)):
+        if value == 0 or value < -1:
+            raise ConfigError(f"{key} must be a positive size or -1 (fill), got {value}")
+    if sum(v == -1 for v in (g.data, g.fsdp, g.tensor, g.context)) > 1:
+        raise ConfigError("at most one mesh axis may be -1 (fill)")
+    config.data.validate()
+
+
+def describe_options() -> str:
+    """Every option with its default and help, for ``--help``."""
+    lines = []
+    for section, cls in _SECTION_TYPES.items():
+        lines.append(f"{section}:")
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name}={default!r}  {docs.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The string literal under each field of a dataclass, read from its source."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs

@@ -1,0 +1,76 @@
+"""Throughput accounting and metric sinks.
+
+``model_flops_per_token`` is the one FLOP formula used by the logs and the benchmarks alike: 6 x parameters per
+token for the matmuls (forward + backward) plus causal attention, 6 x layers x d_model x seq (half of the
+non-causal 12 x layers x d_model x seq that MaxText and NeMo report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+from litespark_jax.config import ModelConfig
+
+# Dense bf16 tensor-core peak per device, TFLOP/s (the MFU denominator).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    attention = 6 * cfg.num_layers * cfg.d_model * seq_len
+    return 6.0 * cfg.num_params() + (attention if causal else 2 * attention)
+
+
+def peak_tflops_per_device(override: float | None = None) -> float | None:
+    """The device's dense bf16 peak, or None when unknown (MFU is then not shown)."""
+    if override is not None:
+        return override
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_TFLOPS.items():
+        if name in kind:
+            return peak
+    return None
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops: float | None, num_devices: int):
+    if not peak_tflops:
+        return None
+    return tokens_per_second * flops_per_token / (peak_tflops * 1e12 * num_devices)
+
+
+class MetricsWriter:
+    """Writes scalar metrics to RUN_DIR/metrics.jsonl and TensorBoard (only on process 0)."""
+
+    def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True):
+        self._enabled = jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if not self._enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if jsonl:
+            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self._enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()

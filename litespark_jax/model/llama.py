@@ -1,0 +1,75 @@
+"""The Llama decoder: embedding, a stack of ``DecoderLayer``s run by ``lax.scan``, final norm, output head.
+
+The layers are created with a leading ``layers`` axis on every parameter (one stacked copy per weight), so one
+traced layer serves the whole depth: compile time does not grow with ``num_layers``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from litespark_jax.config import ModelConfig
+from litespark_jax.model.layers import DecoderLayer, RMSNorm, normal_param
+from litespark_jax.model.remat import maybe_remat
+from litespark_jax.model.rope import inverse_frequencies
+from litespark_jax.parallel.logical import constrain
+
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """``num_layers`` DecoderLayers as one module whose parameters have a leading ``layers`` axis."""
+    keys = jax.random.split(rngs.params(), cfg.num_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0))))
+    state = jax.vmap(lambda key: nnx.state(DecoderLayer(cfg, rngs=nnx.Rngs(params=key))))(keys)
+    layers = nnx.merge(graphdef, state)
+    for _, variable in nnx.iter_graph(layers):
+        if isinstance(variable, nnx.Param):
+            variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
+    return layers
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std,
+                                  cfg.param_dtype)
+        self.layers = _stacked_layers(cfg, rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
+                                        cfg.param_dtype)
+        self.inv_freq = inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None):
+        """Final-norm output [batch, seq, d_model] in the compute dtype."""
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+        x = constrain(x, ("batch", "seq", "embed"))
+        graphdef, stacked = nnx.split(self.layers)
+        inv_freq = self.inv_freq
+
+        def layer_fn(x, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, positions, segment_ids, inv_freq)
+
+        layer_fn = maybe_remat(layer_fn, cfg)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(lambda carry, s: (layer_fn(carry, s), None), x, stacked)
+        else:
+            for i in range(cfg.num_layers):
+                x = layer_fn(x, jax.tree.map(lambda a: a[i], stacked))
+        return self.final_norm(x)
+
+    def output_weight(self):
+        """The [d_model, vocab] output projection in the compute dtype (the embedding's transpose when tied)."""
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return w.astype(self.cfg.dtype)
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """Logits [batch, seq, vocab] in float32. Training uses ``hidden_states`` and a fused loss instead."""
+        h = self.hidden_states(tokens, positions, segment_ids)
+        logits = jnp.einsum("bsd,dv->bsv", h, self.output_weight(), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab"))

@@ -1,0 +1,1 @@
+"""Training: state, optimizer, the pure step and the loop (``python -m litespark_jax.train``)."""

@@ -1,0 +1,44 @@
+"""What the CLI prints around a run: a header saying what will run, and a summary of what happened."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import yaml
+
+from litespark_jax import data as data_lib
+from litespark_jax.config import Config
+from litespark_jax.train.loop import TrainResult, train
+
+
+def train_and_report(config: Config) -> TrainResult:
+    m, t = config.model, config.train
+    main_process = jax.process_index() == 0
+    if main_process:
+        os.makedirs(t.run_dir, exist_ok=True)
+        with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        print(
+            f"model: {m.num_params() / 1e6:.2f}M params, {m.num_layers} layers, d_model {m.d_model}, "
+            f"{m.num_heads} heads / {m.num_kv_heads} kv heads, dtype {m.dtype}\n"
+            f"train: {t.steps} steps x {t.global_batch_size} x {t.seq_len} tokens on {jax.device_count()} "
+            f"{jax.devices()[0].platform} device(s); run dir {t.run_dir}",
+            flush=True,
+        )
+    result = train(config)
+    if main_process:
+        entropy = data_lib.unigram_entropy(config.data, data_lib.build_tokenizer(config.data))
+        result.unigram_entropy = entropy
+        final = result.history[-1] if result.history else {}
+        eval_loss = result.eval_history[-1]["eval_loss"] if result.eval_history else float("nan")
+        throughput = [h["tokens_per_second"] for h in result.history if "tokens_per_second" in h]
+        lines = [
+            f"final train loss {final.get('loss', float('nan')):.4f}",
+            f"validation loss {eval_loss:.4f} nats/token vs unigram entropy {entropy:.4f} nats/token "
+            f"({'below' if eval_loss < entropy else 'NOT below'} by {entropy - eval_loss:.4f})",
+        ]
+        if throughput:
+            lines.append(f"throughput {sum(throughput) / len(throughput):,.0f} tokens/s")
+        print("\n".join(lines), flush=True)
+    return result

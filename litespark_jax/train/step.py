@@ -1,0 +1,73 @@
+"""The pure training and evaluation steps: ``train_step(state, batch) -> (state, metrics)``.
+
+A batch is a dict of [batch, seq] arrays: ``inputs``, ``targets``, ``positions``, ``segment_ids`` and
+``loss_mask``. The loss is the mean over unmasked target tokens of the whole global batch, also with gradient
+accumulation: micro-batches sum their token losses and the sum is divided once by the total token count, so
+accumulating N micro-batches equals one step on the large batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import pallas_kernels
+from litespark_jax.config import Config
+from litespark_jax.train.state import TrainState
+
+
+def token_loss_sum(params, graphdef, batch, *, z_loss_weight: float, impl: str):
+    """(sum of masked per-token losses, number of unmasked tokens) for one (micro-)batch."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    per_token = pallas_kernels.cross_entropy(
+        hidden, model.output_weight(), batch["targets"], z_loss_weight=z_loss_weight, impl=impl
+    )
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(per_token * mask), jnp.sum(mask)
+
+
+def _split_micro_batches(batch, n: int):
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None) -> Callable:
+    """Build ``train_step(state, batch) -> (state, metrics)`` for this model and optimizer."""
+    loss_kwargs = dict(z_loss_weight=config.train.z_loss_weight, impl=config.model.cross_entropy_impl)
+    accum = config.train.grad_accum_steps
+    grad_fn = jax.value_and_grad(lambda p, b: token_loss_sum(p, graphdef, b, **loss_kwargs), has_aux=True)
+
+    def train_step(state: TrainState, batch):
+        if accum == 1:
+            (loss_sum, count), grads = grad_fn(state.params, batch)
+        else:
+            def micro_step(carry, micro_batch):
+                (loss_sum, count), grads = grad_fn(state.params, micro_batch)
+                return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss_sum, count, grads), _ = jax.lax.scan(micro_step, zeros, _split_micro_batches(batch, accum))
+        denominator = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads), "tokens": count}
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(config: Config, graphdef: nnx.GraphDef) -> Callable:
+    """Build ``eval_step(params, batch) -> (loss_sum, token_count)``; no z-loss, so it is the plain NLL."""
+
+    def eval_step(params, batch):
+        return token_loss_sum(params, graphdef, batch, z_loss_weight=0.0, impl=config.model.cross_entropy_impl)
+
+    return eval_step

@@ -1,0 +1,13 @@
+"""GPU kernels for LiteSpark-JAX behind one small dispatch interface.
+
+Every function takes ``impl="auto"`` (the fastest correct implementation for the platform and shape; the CPU
+always gets the reference) or the name of one implementation. Each kernel lives in its own folder with its pure-JAX
+reference beside the fast versions.
+"""
+
+from pallas_kernels.attention import attention
+from pallas_kernels.cross_entropy import cross_entropy
+from pallas_kernels.mlp import mlp
+from pallas_kernels.rms_norm import rms_norm
+
+__all__ = ["attention", "cross_entropy", "mlp", "rms_norm"]

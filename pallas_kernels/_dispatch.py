@@ -1,0 +1,63 @@
+"""Choosing an implementation for a kernel call.
+
+Each kernel registers its implementations by name. ``impl="auto"`` asks the kernel's own chooser, which sees the
+platform and the shapes; every other name must be registered and available on the current platform. The CPU
+always gets the pure-JAX reference, so tests and laptops run the same model code as the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+
+REFERENCE = "reference"
+
+
+def platform() -> str:
+    """The default backend's platform name ("cpu", "gpu", "tpu")."""
+    return jax.default_backend()
+
+
+@functools.cache
+def is_hopper() -> bool:
+    """True when the default device is an NVIDIA Hopper GPU (compute capability 9.x)."""
+    if platform() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", "")
+    return str(capability).startswith("9")
+
+
+class Registry:
+    """The implementations of one kernel, by name, and the rule that picks one for ``impl="auto"``."""
+
+    def __init__(self, kernel: str, auto: Callable[..., str]):
+        self.kernel = kernel
+        self._auto = auto
+        self._impls: dict[str, tuple[Callable, Callable[[], bool]]] = {}
+
+    def register(self, name: str, available: Callable[[], bool] = lambda: True):
+        def decorator(fn):
+            self._impls[name] = (fn, available)
+            return fn
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._impls)
+
+    def available(self, name: str) -> bool:
+        return name in self._impls and self._impls[name][1]()
+
+    def resolve(self, impl: str, **shape_info) -> tuple[str, Callable]:
+        """The (name, function) that ``impl`` means here; raises ValueError for unknown or unavailable names."""
+        name = self._auto(**shape_info) if impl == "auto" else impl
+        if name not in self._impls:
+            raise ValueError(
+                f"{self.kernel}: unknown impl {impl!r}; choose one of {['auto', *self.names()]}"
+            )
+        fn, available = self._impls[name]
+        if not available():
+            raise ValueError(f"{self.kernel}: impl {name!r} is not available on platform {platform()!r}")
+        return name, fn

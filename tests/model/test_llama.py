@@ -1,0 +1,160 @@
+"""The Llama model against independent references: transformers, direct formulas, and itself reshaped."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from litespark_jax.config import ModelConfig
+from litespark_jax.hf import hf_config, to_hf_state_dict
+from litespark_jax.model import Llama
+from litespark_jax.model.rope import apply_rope, inverse_frequencies
+from pallas_kernels.attention import reference as attention_reference
+
+SMALL = dict(vocab_size=97, d_model=64, num_layers=2, num_heads=4, d_ff=96, max_seq_len=64)
+CONFIGS = {
+    "mha-untied": ModelConfig(**SMALL, num_kv_heads=4, tie_embeddings=False),
+    "gqa-tied": ModelConfig(**SMALL, num_kv_heads=2, tie_embeddings=True),
+    "mqa-llama3-rope": ModelConfig(
+        **SMALL, num_kv_heads=1, rope_theta=500000.0,
+        rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+    ),
+}
+
+
+def make_model(cfg, seed=0):
+    return Llama(cfg, rngs=nnx.Rngs(params=seed))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = CONFIGS[name]
+    model = make_model(cfg, seed=1)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg))).eval()
+    state = to_hf_state_dict(nnx.to_pure_dict(nnx.state(model)), cfg)
+    missing, unexpected = hf_model.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
+    assert not unexpected
+    assert missing == (["lm_head.weight"] if cfg.tie_embeddings else [])
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 24))
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    with torch.no_grad():
+        theirs = hf_model(torch.from_numpy(tokens)).logits.numpy()
+    rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert rel <= 1e-5, rel
+
+
+def _numpy_attention(q, k, v, causal=True):
+    """float64 softmax attention with explicitly repeated KV heads (MHA form)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def test_gqa_equals_mha_with_repeated_kv():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 16, 8, 32)).astype(np.float32)
+    k = rng.normal(size=(2, 16, 2, 32)).astype(np.float32)
+    v = rng.normal(size=(2, 16, 2, 32)).astype(np.float32)
+    gqa = attention_reference.attention(q, k, v)
+    mha = attention_reference.attention(q, np.repeat(k, 4, axis=2), np.repeat(v, 4, axis=2))
+    np.testing.assert_allclose(gqa, mha, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gqa, _numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_model_is_causal():
+    cfg = CONFIGS["gqa-tied"]
+    model = make_model(cfg)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(1, 20))
+    changed = tokens.copy()
+    changed[0, 12:] = (changed[0, 12:] + 1) % cfg.vocab_size
+    a, b = model(jnp.asarray(tokens)), model(jnp.asarray(changed))
+    np.testing.assert_array_equal(np.asarray(a[:, :12]), np.asarray(b[:, :12]))
+    assert not np.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_segments_do_not_attend_across_documents():
+    cfg = CONFIGS["gqa-tied"]
+    model = make_model(cfg)
+    rng = np.random.default_rng(2)
+    doc_a, doc_b = rng.integers(0, cfg.vocab_size, 10), rng.integers(0, cfg.vocab_size, 6)
+    packed = np.concatenate([doc_a, doc_b])[None]
+    segments = np.array([[1] * 10 + [2] * 6])
+    positions = np.array([list(range(10)) + list(range(6))])
+    packed_logits = model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+    alone_b = model(jnp.asarray(doc_b[None]))
+    np.testing.assert_allclose(packed_logits[0, 10:], alone_b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_matches_direct_rotation_formula():
+    head_dim, theta = 8, 10000.0
+    x = np.random.default_rng(3).normal(size=(1, 5, 2, head_dim))
+    positions = np.array([[0, 1, 2, 7, 30]])
+    out = np.asarray(apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions), inverse_frequencies(head_dim, theta)))
+    half = head_dim // 2
+    expected = np.empty_like(x)
+    for s, pos in enumerate(positions[0]):
+        for i in range(half):
+            angle = pos * theta ** (-2 * i / head_dim)
+            c, sn = np.cos(angle), np.sin(angle)
+            a, b = x[0, s, :, i], x[0, s, :, i + half]
+            expected[0, s, :, i] = a * c - b * sn
+            expected[0, s, :, i + half] = b * c + a * sn
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llama3_rope_scaling_keeps_high_and_slows_low_frequencies():
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    plain = inverse_frequencies(128, 500000.0)
+    scaled = inverse_frequencies(128, 500000.0, scaling)
+    wavelen = 2 * np.pi / plain
+    np.testing.assert_allclose(scaled[wavelen < 8192 / 4], plain[wavelen < 8192 / 4])
+    np.testing.assert_allclose(scaled[wavelen > 8192], plain[wavelen > 8192] / 8.0)
+
+
+def test_scan_and_unrolled_layers_are_identical():
+    cfg = CONFIGS["gqa-tied"]
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 16)))
+    scanned = make_model(cfg)
+    unrolled = make_model(dataclasses.replace(cfg, scan_layers=False))
+    # Same parameters, same math; XLA may fuse the unrolled graph differently, so allow float32 rounding only.
+    np.testing.assert_allclose(np.asarray(scanned(tokens)), np.asarray(unrolled(tokens)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_matmuls", "save_attention"])
+def test_remat_policies_change_memory_not_numbers(policy):
+    cfg = CONFIGS["gqa-tied"]
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, size=(2, 16)))
+
+    def grads(c):
+        graphdef, params = nnx.split(make_model(c))
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
+        return jax.grad(loss)(params)
+
+    base, remat = grads(cfg), grads(dataclasses.replace(cfg, remat_policy=policy))
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_parameter_count_matches_config():
+    for cfg in CONFIGS.values():
+        params = nnx.state(make_model(cfg), nnx.Param)
+        assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+
+
+def test_every_parameter_has_logical_axes_of_its_rank():
+    for path, variable in nnx.iter_graph(make_model(CONFIGS["gqa-tied"])):
+        if isinstance(variable, nnx.Param):
+            axes = variable.get_metadata()["logical_axes"]
+            assert len(axes) == variable[...].ndim, path

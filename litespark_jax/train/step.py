@@ -56,7 +56,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads), "tokens": count}
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), "tokens": count}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -180,7 +180,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -198,7 +197,7 @@ _SECTION_TYPES = {
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML preset (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
     raw: dict = {}
-    source = "defaults"
+    source = "command line"
     if path is not None:
         source = path
         if not os.path.isfile(path):
@@ -257,6 +256,11 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
             return value
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         if origin is str and isinstance(value, str):
             return value
         if origin is dict and isinstance(value, dict):

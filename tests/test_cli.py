@@ -1,0 +1,38 @@
+"""The command line: bad input is one line on stderr and exit code 2, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "litespark_jax.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/missing.yaml"], "config file 'configs/missing.yaml' does not exist"),
+    (["model.num_haeds=8"], "did you mean 'model.num_heads'?"),
+    (["train.steps=ten"], "'train.steps' must be int"),
+    (["model.num_heads=7"], "must divide model.d_model"),
+    (["model.num_kv_heads=3"], "must divide model.num_heads"),
+    (["train.seq_len=100000"], "is longer than model.max_seq_len"),
+    (["model.vocab_size=100"], "model.vocab_size (100) is smaller than the tokenizer's vocabulary"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_options_with_defaults():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "model.num_kv_heads=4" in result.stdout and "train.seq_len=256" in result.stdout

@@ -1,0 +1,71 @@
+"""Config loading: presets, overrides, and one clear sentence for every mistake."""
+
+import glob
+import os
+
+import pytest
+
+from litespark_jax.config import Config, describe_options, load_config
+from litespark_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_preset_loads_and_validates(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_llama_3b_preset_has_the_benchmark_shape():
+    m = load_config(os.path.join(ROOT, "configs", "llama-3.2-3b.yaml")).model
+    assert (m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.d_ff, m.vocab_size, m.tie_embeddings) == (
+        28, 3072, 24, 8, 8192, 128256, True)
+    assert 3.2e9 < m.num_params() < 3.22e9  # Llama 3.2 3B has 3.21B parameters
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(None, ["train.steps=7", "optim.learning_rate=1e-3", "model.tie_embeddings=true",
+                             "model.remat_save_names=[query, key]", "model.remat_policy=names"])
+    assert cfg.train.steps == 7 and cfg.optim.learning_rate == 1e-3 and cfg.model.tie_embeddings is True
+    assert cfg.model.remat_save_names == ("query", "key")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.num_haeds=8"], "unknown key 'model.num_haeds' (did you mean 'model.num_heads'?)"),
+    (["modle.num_heads=8"], "unknown section 'modle' (did you mean 'model'?)"),
+    (["train.steps=many"], "'train.steps' must be int, got 'many'"),
+    (["model.num_heads=7"], "model.num_heads (7) must divide model.d_model (256)"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads (3) must divide model.num_heads (8)"),
+    (["train.seq_len=4096"], "train.seq_len (4096) is longer than model.max_seq_len (2048)"),
+    (["train.steps=0"], "train.steps must be positive, got 0"),
+    (["model.remat_policy=fulll"], "model.remat_policy must be one of"),
+    (["train.global_batch_size=6", "train.grad_accum_steps=4"], "must be divisible by train.grad_accum_steps"),
+    (["model.dtype=bf16"], "model.dtype must be one of float32, bfloat16, float16, got 'bf16'"),
+    (["steps=3"], "must be section.key"),
+    (["train.steps"], "must look like section.key=value"),
+    (["mesh.fsdp=-1", "mesh.data=-1"], "at most one mesh axis may be -1"),
+])
+def test_bad_values_raise_one_clear_sentence(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(str(bad))
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  d_model: wide\n")
+    with pytest.raises(ConfigError, match=r"wrong.yaml: 'model.d_model' must be int, got 'wide'"):
+        load_config(str(wrong))
+
+
+def test_help_lists_every_option_with_its_default():
+    text = describe_options()
+    assert "model.num_heads=8" in text and "train.steps=1000" in text and "optim.b2=0.95" in text
+    assert "Key/value heads" in text  # the field docstring travels into --help

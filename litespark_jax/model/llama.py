@@ -39,7 +39,6 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                                         cfg.param_dtype)
-        self.inv_freq = inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def hidden_states(self, tokens, positions=None, segment_ids=None):
         """Final-norm output [batch, seq, d_model] in the compute dtype."""
@@ -49,7 +48,8 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
         x = constrain(x, ("batch", "seq", "embed"))
         graphdef, stacked = nnx.split(self.layers)
-        inv_freq = self.inv_freq
+        # A constant of the config, not state: computed here so it never becomes a trainable leaf.
+        inv_freq = inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
 
         def layer_fn(x, layer_state):
             layer = nnx.merge(graphdef, layer_state)

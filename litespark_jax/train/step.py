@@ -23,7 +23,7 @@ from litespark_jax.train.state import TrainState
 def token_loss_sum(params, graphdef, batch, *, z_loss_weight: float, impl: str):
     """(sum of masked per-token losses, number of unmasked tokens) for one (micro-)batch."""
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = model.hidden_states(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
     per_token = pallas_kernels.cross_entropy(
         hidden, model.output_weight(), batch["targets"], z_loss_weight=z_loss_weight, impl=impl
     )

@@ -1,0 +1,181 @@
+"""End-to-end training throughput, LiteSpark against the baseline a competent JAX user writes, in one process.
+
+    python -m litespark_jax.bench --config configs/llama-3.2-3b.yaml --baseline
+
+Both variants train the same model on the same tokens from the same initial state. The baseline uses
+``jax.nn.dot_product_attention`` with cuDNN, full remat, and the plain (unfused) MLP, norm and loss; LiteSpark uses
+the config as given (``impl=auto`` kernels, its remat policy, micro-batch), optionally with ``--litespark`` overrides.
+Printed per variant: tokens/s, model TFLOP/s per device, MFU (causal and non-causal FLOP conventions), step time,
+peak device memory, compile time, average GPU power and joules per token (NVML), then the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from litespark_jax.cli import run_main
+from litespark_jax.config import Config, load_config
+from litespark_jax.energy import EnergyWindow
+from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
+from litespark_jax.parallel.logical import use_rules
+from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
+from litespark_jax.parallel.sharding import opt_state_shardings, param_shardings
+from litespark_jax.train.optimizer import build_optimizer
+from litespark_jax.train.state import TrainState, abstract_model, init_model
+from litespark_jax.train.step import make_train_step
+
+BASELINE_OVERRIDES = [
+    # cuDNN where there is a GPU; on CPU (smoke tests) the reference stands in for it.
+    f"model.attention_impl={'cudnn' if jax.default_backend() == 'gpu' else 'reference'}",
+    "model.mlp_impl=reference",
+    "model.cross_entropy_impl=reference",
+    "model.rms_norm_impl=reference",
+    "model.remat_policy=full",
+]
+
+
+def synthetic_batch(config: Config, seed: int = 0) -> dict:
+    """Random tokens, one document per row: the same array for every variant."""
+    t = config.train
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.model.vocab_size, size=(t.global_batch_size, t.seq_len + 1), dtype=np.int32)
+    positions = np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), (t.global_batch_size, t.seq_len))
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.ascontiguousarray(positions),
+            "loss_mask": np.ones((t.global_batch_size, t.seq_len), np.float32)}
+
+
+def measure(name: str, config: Config, batch: dict, steps: int, warmup: int) -> dict:
+    """Compile and time ``steps`` optimizer steps of ``config`` on ``batch``."""
+    mesh, rules = build_mesh(config.mesh), DEFAULT_RULES
+    optimizer = build_optimizer(config.optim, config.train.steps)
+    graphdef, abstract_params = abstract_model(config.model)
+    params_sharding = param_shardings(abstract_params, mesh, rules)
+    state_sharding = TrainState(step=NamedSharding(mesh, PartitionSpec()), params=params_sharding,
+                                opt_state=opt_state_shardings(optimizer, abstract_params, params_sharding, mesh))
+
+    def init():
+        _, params = init_model(config.model, config.train.seed)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    with use_rules(mesh, rules):
+        state = jax.jit(init, out_shardings=state_sharding)()
+        data_sharding = batch_sharding(mesh, rules)
+        device_batch = {k: jax.device_put(v, data_sharding) for k, v in batch.items()}
+        step_fn = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(state_sharding, data_sharding),
+                          out_shardings=(state_sharding, None), donate_argnums=0)
+        start = time.perf_counter()
+        compiled = step_fn.lower(state, device_batch).compile()
+        compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    for _ in range(warmup):
+        state, metrics = compiled(state, device_batch)
+    jax.block_until_ready(metrics["loss"])
+    energy = EnergyWindow()
+    energy.start()
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, device_batch)
+    loss = float(metrics["loss"])
+    elapsed = time.perf_counter() - start
+    joules, watts = energy.stop()
+    stats = jax.devices()[0].memory_stats() or {}
+    del state, device_batch
+    gc.collect()
+
+    t, n_dev = config.train, jax.device_count()
+    tokens = t.global_batch_size * t.seq_len
+    tps = tokens * steps / elapsed
+    peak = peak_tflops_per_device(t.peak_tflops_per_device)
+    flops_causal = model_flops_per_token(config.model, t.seq_len, causal=True)
+    flops_full = model_flops_per_token(config.model, t.seq_len, causal=False)
+    tflops = tps * flops_causal / n_dev / 1e12
+    compiled_bytes = None
+    if memory is not None:
+        compiled_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                          - memory.alias_size_in_bytes)
+    return {
+        "variant": name,
+        "tokens_per_s": tps,
+        "tflops_per_device": tflops,
+        "mfu_causal": tflops / peak if peak else None,
+        "mfu_noncausal": tps * flops_full / n_dev / 1e12 / peak if peak else None,
+        "step_s": elapsed / steps,
+        "compiled_memory_gib": compiled_bytes / 2**30 if compiled_bytes is not None else None,
+        "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+        "compile_s": compile_seconds,
+        "avg_power_w": watts / n_dev if watts else None,
+        "joules_per_token": joules / (tokens * steps) if joules else None,
+        "final_loss": loss,
+    }
+
+
+def _fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+def _pct(value):
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'variant':<10} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU(nc)':>7} {'step s':>7} "
+              f"{'mem GiB':>8} {'compile':>7} {'W':>6} {'J/tok':>7} {'loss':>7}")
+    print(header)
+    for r in rows:
+        print(f"{r['variant']:<10} {r['tokens_per_s']:>10,.0f} {r['tflops_per_device']:>8.1f} "
+              f"{_pct(r['mfu_causal']):>6} {_pct(r['mfu_noncausal']):>7} {r['step_s']:>7.3f} "
+              f"{_fmt(r['compiled_memory_gib'], '>8.2f')} {r['compile_s']:>6.1f}s {_fmt(r['avg_power_w'], '>6.0f')} "
+              f"{_fmt(r['joules_per_token'], '>7.4f')} {r['final_loss']:>7.3f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m litespark_jax.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="model preset, e.g. configs/llama-3.2-3b.yaml")
+    parser.add_argument("--baseline", action="store_true", help="also run the baseline step, first, and the ratios")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    parser.add_argument("--litespark", nargs="*", default=[], metavar="section.key=value",
+                        help="overrides applied to the LiteSpark variant only")
+    parser.add_argument("--jsonl", default=None, help="append result rows to this JSONL file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
+    args = parser.parse_args(argv)
+    variants = []
+    if args.baseline:
+        variants.append(("baseline", load_config(args.config, [*args.overrides, *BASELINE_OVERRIDES])))
+    variants.append(("litespark", load_config(args.config, [*args.overrides, *args.litespark])))
+    batch = synthetic_batch(variants[0][1])
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}", flush=True)
+    rows = []
+    for name, config in variants:
+        m = config.model
+        print(f"# {name}: attention={m.attention_impl} mlp={m.mlp_impl} loss={m.cross_entropy_impl} "
+              f"norm={m.rms_norm_impl} remat={m.remat_policy} batch={config.train.global_batch_size}x"
+              f"{config.train.seq_len} accum={config.train.grad_accum_steps}", flush=True)
+        rows.append(measure(name, config, batch, args.steps, args.warmup))
+    print_table(rows)
+    if len(rows) == 2:
+        base, ours = rows
+        print(f"ratios litespark/baseline: tokens/s {ours['tokens_per_s'] / base['tokens_per_s']:.3f}x", end="")
+        if base["joules_per_token"] and ours["joules_per_token"]:
+            print(f", joules/token {ours['joules_per_token'] / base['joules_per_token']:.3f}x", end="")
+        print()
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"config": args.config, "time": time.time(), **row}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

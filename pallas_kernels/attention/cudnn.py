@@ -1,0 +1,58 @@
+"""cuDNN attention through JAX, with packed documents (segment ids).
+
+Without segment ids: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` (GQA native, causal flag).
+
+With segment ids there are two routes:
+
+* ``mode="packed"`` (default): segment ids -> per-document start offsets and lengths, passed to cuDNN's packed
+  ("THD" ragged) layout through ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`` with
+  ``q_offsets``/``kv_offsets``. No [S, S] mask is ever built. Assumes documents are contiguous runs of equal ids
+  (packing); the padding run (id 0) is one more document, as in the reference (padding attends to padding).
+  ``max_segments`` (static) bounds the number of runs per row; the default is the sequence length (always enough).
+* ``mode="mask"``: a boolean [B, 1, S, S] mask (cuDNN turns it into an additive bias: memory O(B S^2)); works for
+  non-contiguous ids too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.attention import reference
+
+
+def segment_offsets(segment_ids, max_segments: int):
+    """(offsets [B, M+1], lengths [B, M]) of the contiguous runs of ``segment_ids`` [B, S]; unused entries -1."""
+    b, s = segment_ids.shape
+    pos = jnp.arange(s, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    run = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1  # run index of each token
+    n_runs = run[:, -1] + 1
+    idx = jnp.where(starts, run, max_segments + 1)  # non-starts go to an overflow slot, cut below
+    offsets = jnp.full((b, max_segments + 2), -1, jnp.int32)
+    offsets = offsets.at[jnp.arange(b)[:, None], idx].set(jnp.broadcast_to(pos, (b, s)), mode="drop")
+    offsets = offsets[:, : max_segments + 1]
+    m = jnp.arange(max_segments + 1)[None, :]
+    # The end of run r is the start of run r + 1 (or s for the last run).
+    nxt = jnp.concatenate([offsets[:, 1:], jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    nxt = jnp.where(m + 1 == n_runs[:, None], s, nxt)
+    lengths = jnp.where(m < n_runs[:, None], nxt - offsets, -1)[:, :max_segments]
+    return offsets, lengths
+
+
+def attention(q, k, v, *, segment_ids=None, causal=True, softmax_scale=None, mode: str = "packed",
+              max_segments: int | None = None):
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, implementation="cudnn")
+    if mode == "mask":
+        mask = reference.attention_mask(q.shape[1], k.shape[1], segment_ids, causal=False)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=softmax_scale,
+                                            implementation="cudnn")
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    m = q.shape[1] if max_segments is None else max_segments
+    offsets, lengths = segment_offsets(segment_ids.astype(jnp.int32), m)
+    mask_type = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
+    return fa.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                    kv_offsets=offsets, scale=scale, mask_type=mask_type, qkv_layout="BTNH")

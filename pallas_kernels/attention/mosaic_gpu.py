@@ -1,0 +1,747 @@
+"""Flash attention for Hopper in Pallas Mosaic GPU (FA3-style: wgmma, TMA, warp specialization).
+
+Adapted from JAX's example ``jax/experimental/pallas/ops/gpu/attention_mgpu.py`` (Apache-2.0) and extended with:
+bf16, a softmax scale, grouped-query attention without repeating K/V (the dK/dV kernel loops over the query heads
+of a group and writes [B, S, KVH, D] directly), packed documents through ``segment_ids``, and a causal backward with
+block skipping.
+
+Layouts and semantics follow ``reference.py``. Forward: 3 warpgroups per CTA, two compute warpgroups of ``block_q``
+query rows each (ping-ponged by a schedule barrier) and one memory warpgroup streaming K/V (and key segment ids)
+through a ``max_concurrent_steps``-deep ring of SMEM buffers with TMA. Causal programs stop at the diagonal. The
+log-sum-exp (base 2, of scores pre-multiplied by ``scale * log2(e)``) is saved for the backward.
+
+Backward: ``delta = rowsum(o * do)`` in XLA, then two kernels: dQ (grid heads x q tiles x batch, K/V streamed) and
+dK/dV (grid kv heads x kv tiles x batch; Q, dO, lse, delta streamed for every query head of the group and every
+query tile at or after the diagonal).
+
+Masked scores use a large finite negative value instead of -inf, so a block where a whole row is masked (a packed
+document that starts later) contributes nothing once a real key is seen. Requires seq_q == seq_k (self-attention:
+every query row sees at least itself, so no row is empty), seq a multiple of 128, head_dim a multiple of 64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_q: int = 64  # rows per compute warpgroup (forward); 2 compute warpgroups per CTA
+    block_kv: int = 128
+    max_concurrent_steps: int = 2
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64  # rows per compute warpgroup (dK/dV); 2 per CTA
+    bwd_steps: int = 2
+
+
+def default_config(head_dim: int) -> Config:
+    override = os.environ.get("ATTN_PALLAS_CONFIG")  # tuning: JSON of Config fields
+    if override:
+        return Config(**json.loads(override))
+    if head_dim <= 64:
+        return Config(block_q=64, block_kv=128, max_concurrent_steps=3)
+    return Config(block_q=64, block_kv=128, max_concurrent_steps=2)
+
+
+def supports(q_shape, kv_shape, dtype, config: Config | None = None) -> str | None:
+    """None if the kernel handles these shapes, else the reason it does not."""
+    if len(q_shape) != 4 or len(kv_shape) != 4:
+        return "q/k/v must be 4-D"
+    b, s, h, d = q_shape
+    bk, sk, kvh, dk = kv_shape
+    if (b, d) != (bk, dk):
+        return "batch/head_dim mismatch"
+    if s != sk:
+        return "seq_q != seq_k"
+    if h % kvh:
+        return "heads % kv_heads != 0"
+    if d % 64 or d > 128:
+        return "head_dim must be 64 or 128"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "dtype must be bf16 or f16"
+    cfg = config or default_config(d)
+    for blk in (2 * cfg.block_q, cfg.block_kv, 2 * cfg.block_q_dq, cfg.block_kv_dq, cfg.block_q_dkv,
+                2 * cfg.block_kv_dkv):
+        if s % blk:
+            return f"seq {s} must be a multiple of {blk}"
+    return None
+
+
+def _interp(interpret):
+    if interpret is True:
+        return plgpu.InterpretGPUParams()
+    return interpret or None
+
+
+_TILING = plgpu.TilingTransform((8, 64))
+_SWIZZLE = plgpu.SwizzleTransform(128)
+
+
+def _smem(shape, dtype):
+    return plgpu.SMEM(shape, dtype, transforms=(_TILING, _SWIZZLE))
+
+
+def _mma(acc, a, b, interpret, extra=None):
+    """``acc + a @ b`` on the tensor cores (wgmma accumulating in place through ``pl.run_state``).
+
+    GPU interpret mode (jax 0.11) interprets neither ``run_state_p`` nor a wgmma whose A operand is in registers
+    (it wants SMEM refs for both operands), so there the product of the register operand ``a`` and the SMEM ref
+    ``b`` is a plain ``jnp.dot`` (same dtypes, float32 accumulation). ``extra`` runs after the wgmma is issued
+    (before it is awaited), as a scheduling hook.
+    """
+    if interpret:
+        if extra is not None:
+            extra()
+        return acc + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+
+    def body(ref):
+        plgpu.wgmma(ref, a, b)
+        if extra is not None:
+            extra()
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret=None):
+    batch_size, seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_q_heads // num_kv_heads
+    dtype = q.dtype
+    has_seg = seg is not None
+    block_q, block_kv = cfg.block_q, cfg.block_kv
+    max_steps = min(cfg.max_concurrent_steps, seq_len // block_kv)
+    c = scale * LOG2E  # scores -> base-2 logits
+    compute_wgs = 2
+
+    def kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, out_ref, lse_ref, scoped):
+        batch = lax.axis_index("batch")
+        q_head = lax.axis_index("heads")
+        wg_idx = lax.axis_index("wg")
+        smem_buffers, buffer_barriers, consumed_barriers, schedule_barrier = scoped
+        qo_smem2, k_smem, v_smem, lse_smem2, segq_smem2, segk_smem = smem_buffers
+        k_barriers, v_barriers, q_barriers, segk_barriers, segq_barriers = buffer_barriers
+        k_consumed_barriers, v_consumed_barriers = consumed_barriers
+
+        def perform_schedule_barrier():
+            plgpu.barrier_arrive(schedule_barrier)
+            plgpu.barrier_wait(schedule_barrier)
+
+        if causal:
+            block_q_end = (lax.axis_index("q_seq") + 1) * (2 * block_q)
+            block_max_kv_steps = pl.cdiv(block_q_end, jnp.array(block_kv, jnp.int32))
+        else:
+            block_max_kv_steps = seq_len // block_kv
+
+        @pl.when(wg_idx < 2)
+        def _compute_wg():
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg_idx]
+            lse_smem = lse_smem2.at[wg_idx]
+            q_seq_base = lax.axis_index("q_seq") * (2 * block_q) + wg_idx * block_q
+
+            if causal:
+                kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
+            else:
+                kv_steps = block_max_kv_steps
+
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_seq_base, block_q), q_head], qo_smem,
+                                    q_barriers.at[wg_idx])
+            if has_seg:
+                segq_smem = segq_smem2.at[wg_idx]
+                plgpu.copy_gmem_to_smem(segq_ref.at[batch, pl.ds(q_seq_base, block_q)], segq_smem,
+                                        segq_barriers.at[wg_idx])
+                plgpu.barrier_wait(segq_barriers.at[wg_idx])
+                segq = plgpu.load(segq_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+            plgpu.barrier_wait(q_barriers.at[wg_idx])
+
+            m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, dtype=jnp.float32),
+                                    plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((block_q,), 0, dtype=jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
+
+            @pl.when(kv_steps > 0)
+            def _():
+                plgpu.barrier_wait(k_barriers.at[0])
+
+            pl.when(wg_idx == 1)(perform_schedule_barrier)
+
+            def kv_loop(kv_step, carry, causal_mask: bool = False):
+                acc, m_i, l_i = carry
+                slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    perform_schedule_barrier()
+                    return acc_ref[...]
+
+                qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+                mask = None
+                if has_seg:
+                    plgpu.barrier_wait(segk_barriers.at[slot])
+                    segk = plgpu.load(segk_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    mask = (lax.broadcast_in_dim(segq, qk.shape, [0])
+                            == lax.broadcast_in_dim(segk, qk.shape, [1]))
+                plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+                if causal_mask:
+                    q_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                    kv_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                    cmask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
+                    mask = cmask if mask is None else (mask & cmask)
+                if mask is not None:
+                    # Mask after scaling: a row masked so far has s == m exactly (p = 1, wiped by alpha = 0 at its
+                    # first real key). Masking before an FMA-fused ``qk * c - m`` would leave a rounding residual
+                    # of ~1e22 in the exponent.
+                    s = jnp.where(mask, qk * c, MASK_VALUE)
+                    m_ij = jnp.maximum(m_i, s.max(axis=1))
+                    p = jnp.exp2(s - lax.broadcast_in_dim(m_ij, qk.shape, [0]))
+                else:
+                    # We keep m scaled by log2(e) * scale so p is one FMA per element.
+                    m_ij = jnp.maximum(m_i, qk.max(axis=1) * c)
+                    p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_ij, qk.shape, [0]))
+                alpha = jnp.exp2(m_i - m_ij)
+                m_i = m_ij
+                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i *= alpha
+                p16 = p.astype(dtype)
+
+                def end_softmax_barriers():
+                    plgpu.barrier_arrive(schedule_barrier)
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    plgpu.barrier_wait(schedule_barrier)
+
+                l_i += p.sum(axis=1)
+                acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
+                end_softmax_barriers()
+
+                def wait_next_k():
+                    wait_step = kv_step + 1
+                    wait_slot = lax.rem(wait_step, jnp.array(max_steps, kv_step.dtype))
+
+                    @pl.when(wait_step < kv_steps)
+                    def _wait():
+                        plgpu.barrier_wait(k_barriers.at[wait_slot])
+
+                acc = _mma(acc, p16, v_smem.at[slot], interpret, extra=wait_next_k)
+                plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+                return acc, m_i, l_i
+
+            if not causal:
+                acc, m_i, l_i = lax.fori_loop(0, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
+            else:
+                def epilogue_kv_loop(kv_step, _):
+                    # Flush the pipelined K/V this warpgroup does not need (its causal range ended earlier).
+                    slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                    plgpu.barrier_wait(k_barriers.at[slot])
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    if has_seg:
+                        plgpu.barrier_wait(segk_barriers.at[slot])
+                    plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+                    plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+                    perform_schedule_barrier()
+                    perform_schedule_barrier()
+
+                full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+                acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
+                acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps,
+                                              functools.partial(kv_loop, causal_mask=True), (acc, m_i, l_i))
+                lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
+            pl.when(wg_idx == 0)(perform_schedule_barrier)
+
+            acc *= lax.broadcast_in_dim(1.0 / l_i, (block_q, head_dim), [0])
+            qo_smem[...] = acc.astype(dtype)
+            lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), q_head])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, q_head, pl.ds(q_seq_base, block_q)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg_idx == 2)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
+
+            def load(step, slot):
+                s = (batch, pl.ds(step * block_kv, block_kv), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[slot], k_barriers.at[slot])
+                if has_seg:
+                    plgpu.copy_gmem_to_smem(segk_ref.at[batch, pl.ds(step * block_kv, block_kv)],
+                                            segk_smem.at[slot], segk_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[slot], v_barriers.at[slot])
+
+            for i in range(max_steps):
+                pl.when(i < block_max_kv_steps)(functools.partial(load, i, i))
+
+            @pl.loop(0, block_max_kv_steps - max_steps)
+            def _kv_loop(kv_step):
+                tma_step = kv_step + max_steps
+                tma_slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                s = (batch, pl.ds(tma_step * block_kv, block_kv), kv_head)
+                plgpu.barrier_wait(k_consumed_barriers.at[tma_slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[tma_slot], k_barriers.at[tma_slot])
+                if has_seg:
+                    plgpu.copy_gmem_to_smem(segk_ref.at[batch, pl.ds(tma_step * block_kv, block_kv)],
+                                            segk_smem.at[tma_slot], segk_barriers.at[tma_slot])
+                plgpu.barrier_wait(v_consumed_barriers.at[tma_slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[tma_slot], v_barriers.at[tma_slot])
+
+            # Drain: observe the last consumptions so every barrier phase is seen before the CTA exits.
+            @pl.loop(jnp.maximum(block_max_kv_steps - max_steps, 0), block_max_kv_steps)
+            def _drain(kv_step):
+                slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                plgpu.barrier_wait(k_consumed_barriers.at[slot])
+                plgpu.barrier_wait(v_consumed_barriers.at[slot])
+
+    def entry(q_ref, k_ref, v_ref, segq_ref, segk_ref, out_ref, lse_ref):
+        scratch = [
+            _smem((compute_wgs, block_q, head_dim), dtype),
+            _smem((max_steps, block_kv, head_dim), dtype),
+            _smem((max_steps, block_kv, head_dim), dtype),
+            plgpu.SMEM((compute_wgs, block_q), jnp.float32),
+            plgpu.SMEM((compute_wgs, block_q), jnp.float32) if has_seg else None,
+            plgpu.SMEM((max_steps, block_kv), jnp.float32) if has_seg else None,
+        ]
+        pl.run_scoped(
+            lambda *args: kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, out_ref, lse_ref, args),
+            scratch,
+            (
+                plgpu.Barrier(num_barriers=max_steps),
+                plgpu.Barrier(num_barriers=max_steps),
+                plgpu.Barrier(num_barriers=compute_wgs),
+                plgpu.Barrier(num_barriers=max_steps) if has_seg else None,
+                plgpu.Barrier(num_barriers=compute_wgs) if has_seg else None,
+            ),
+            (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_steps),) * 2,
+            plgpu.Barrier(num_arrivals=compute_wgs),
+            collective_axes="wg",
+        )
+
+    num_q_tiles = seq_len // (2 * block_q)
+    out_shape = [q, jax.ShapeDtypeStruct((batch_size, num_q_heads, seq_len), jnp.float32)]
+    segf = seg.astype(jnp.float32) if has_seg else jnp.zeros((batch_size, seq_len), jnp.float32)
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=out_shape,
+        grid=(num_q_heads, num_q_tiles, batch_size),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interp(interpret),
+    )(q, k, v, segf, segf)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward: dQ
+# ----------------------------------------------------------------------------------------------------------------
+def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, interpret=None):
+    batch_size, seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_q_heads // num_kv_heads
+    dtype = q.dtype
+    has_seg = seg is not None
+    block_q, block_kv = cfg.block_q_dq, cfg.block_kv_dq
+    max_steps = min(cfg.bwd_steps, seq_len // block_kv)
+    c = scale * LOG2E
+    compute_wgs = 2
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, dq_ref,
+               smem, own_barriers, kv_barriers, consumed):
+        q_smem2, do_smem2, lse_smem2, delta_smem2, segq_smem2, k_smem, v_smem, segk_smem = smem
+        k_barriers, v_barriers, segk_barriers = kv_barriers
+        batch = lax.axis_index("batch")
+        q_head = lax.axis_index("heads")
+        wg_idx = lax.axis_index("wg")
+        q_tile = lax.axis_index("q_seq")
+        if causal:
+            max_kv_steps = pl.cdiv((q_tile + 1) * (2 * block_q), jnp.array(block_kv, jnp.int32))
+        else:
+            max_kv_steps = seq_len // block_kv
+
+        @pl.when(wg_idx < 2)
+        def _compute_wg():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem, do_smem = q_smem2.at[wg_idx], do_smem2.at[wg_idx]
+            lse_smem, delta_smem = lse_smem2.at[wg_idx], delta_smem2.at[wg_idx]
+            q_seq_base = q_tile * (2 * block_q) + wg_idx * block_q
+            q_slice = (batch, pl.ds(q_seq_base, block_q), q_head)
+            own = [(q_ref.at[q_slice], q_smem), (do_ref.at[q_slice], do_smem),
+                   (lse_ref.at[batch, q_head, pl.ds(q_seq_base, block_q)], lse_smem),
+                   (delta_ref.at[batch, q_head, pl.ds(q_seq_base, block_q)], delta_smem)]
+            if has_seg:
+                own.append((segq_ref.at[batch, pl.ds(q_seq_base, block_q)], segq_smem2.at[wg_idx]))
+            for j, (src, dst) in enumerate(own):
+                plgpu.copy_gmem_to_smem(src, dst, own_barriers.at[j, wg_idx])
+            for j in range(len(own)):
+                plgpu.barrier_wait(own_barriers.at[j, wg_idx])
+            lse = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+            delta = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+            segq = plgpu.load(segq_smem2.at[wg_idx], layout=plgpu.Layout.WGMMA.reduce(1)) if has_seg else None
+
+            if causal:
+                kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
+            else:
+                kv_steps = max_kv_steps
+
+            def kv_loop(kv_step, dq_acc, causal_mask: bool = False):
+                slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                plgpu.barrier_wait(k_barriers.at[slot])
+                plgpu.barrier_wait(v_barriers.at[slot])
+
+                def compute_s_dp(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+                    return s_ref[...], dp_ref[...]
+
+                s, dp = pl.run_scoped(compute_s_dp, plgpu.ACC((block_q, block_kv), jnp.float32),
+                                      plgpu.ACC((block_q, block_kv), jnp.float32))
+                mask = None
+                if has_seg:
+                    plgpu.barrier_wait(segk_barriers.at[slot])
+                    segk = plgpu.load(segk_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    mask = (lax.broadcast_in_dim(segq, s.shape, [0]) == lax.broadcast_in_dim(segk, s.shape, [1]))
+                if causal_mask:
+                    q_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                    kv_ids = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                    cmask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
+                    mask = cmask if mask is None else (mask & cmask)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, [0]))
+                if mask is not None:
+                    p = jnp.where(mask, p, 0.0)
+                ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+
+                dq_acc = _mma(dq_acc, ds.astype(dtype), k_smem.at[slot], interpret)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dq_acc
+
+            dq_acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
+            if not causal:
+                dq_acc = lax.fori_loop(0, kv_steps, kv_loop, dq_acc)
+            else:
+                full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+                dq_acc = lax.fori_loop(0, full_kv_steps, kv_loop, dq_acc)
+                dq_acc = lax.fori_loop(full_kv_steps, kv_steps, functools.partial(kv_loop, causal_mask=True), dq_acc)
+
+                @pl.loop(kv_steps, max_kv_steps)
+                def _epilogue(kv_step):
+                    slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                    plgpu.barrier_wait(k_barriers.at[slot])
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    if has_seg:
+                        plgpu.barrier_wait(segk_barriers.at[slot])
+                    plgpu.barrier_arrive(consumed.at[slot])
+
+            q_smem[...] = (dq_acc * scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[q_slice])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg_idx == 2)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
+
+            def load(step, slot):
+                s = (batch, pl.ds(step * block_kv, block_kv), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[slot], k_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[slot], v_barriers.at[slot])
+                if has_seg:
+                    plgpu.copy_gmem_to_smem(segk_ref.at[batch, pl.ds(step * block_kv, block_kv)],
+                                            segk_smem.at[slot], segk_barriers.at[slot])
+
+            for i in range(max_steps):
+                pl.when(i < max_kv_steps)(functools.partial(load, i, i))
+
+            @pl.loop(max_steps, max_kv_steps)
+            def _loop(step):
+                slot = lax.rem(step, jnp.array(max_steps, step.dtype))
+                plgpu.barrier_wait(consumed.at[slot])
+                load(step, slot)
+
+            @pl.loop(jnp.maximum(max_kv_steps - max_steps, 0), max_kv_steps)
+            def _drain(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, jnp.array(max_steps, step.dtype))])
+
+    n_own = 5 if has_seg else 4
+    scratch = [
+        (
+            _smem((compute_wgs, block_q, head_dim), dtype),
+            _smem((compute_wgs, block_q, head_dim), dtype),
+            plgpu.SMEM((compute_wgs, block_q), jnp.float32),
+            plgpu.SMEM((compute_wgs, block_q), jnp.float32),
+            plgpu.SMEM((compute_wgs, block_q), jnp.float32) if has_seg else None,
+            _smem((max_steps, block_kv, head_dim), dtype),
+            _smem((max_steps, block_kv, head_dim), dtype),
+            plgpu.SMEM((max_steps, block_kv), jnp.float32) if has_seg else None,
+        ),
+        plgpu.Barrier(num_barriers=(n_own, compute_wgs)),
+        (plgpu.Barrier(num_barriers=max_steps), plgpu.Barrier(num_barriers=max_steps),
+         plgpu.Barrier(num_barriers=max_steps) if has_seg else None),
+        plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_steps),
+    ]
+    segf = seg.astype(jnp.float32) if has_seg else jnp.zeros((batch_size, seq_len), jnp.float32)
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=scratch,
+        grid=(num_q_heads, seq_len // (2 * block_q), batch_size),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interp(interpret),
+    )(q, k, v, do, lse, delta, segf, segf)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward: dK, dV (GQA-native: loops over the query heads of the group)
+# ----------------------------------------------------------------------------------------------------------------
+def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, interpret=None):
+    batch_size, seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_q_heads // num_kv_heads
+    dtype = q.dtype
+    has_seg = seg is not None
+    block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
+    num_q_blocks = seq_len // block_q
+    max_steps = cfg.bwd_steps
+    c = scale * LOG2E
+    compute_wgs = 2
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, dk_ref, dv_ref,
+               smem, own_barriers, q_barriers, consumed):
+        k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem = smem
+        batch = lax.axis_index("batch")
+        kv_head = lax.axis_index("heads")
+        wg_idx = lax.axis_index("wg")
+        kv_tile = lax.axis_index("kv_seq")
+        tile_base = kv_tile * (2 * block_kv)
+        if causal:
+            start_min = lax.div(tile_base, jnp.array(block_q, jnp.int32))
+        else:
+            start_min = jnp.int32(0)
+        n_per = num_q_blocks - start_min  # q blocks visited per query head
+        total = n_per * group
+
+        @pl.when(wg_idx < 2)
+        def _compute_wg():
+            plgpu.set_max_registers(232, action="increase")
+            k_smem, v_smem = k_smem2.at[wg_idx], v_smem2.at[wg_idx]
+            kv_base = tile_base + wg_idx * block_kv
+            kv_slice = (batch, pl.ds(kv_base, block_kv), kv_head)
+            own = [(k_ref.at[kv_slice], k_smem), (v_ref.at[kv_slice], v_smem)]
+            if has_seg:
+                own.append((segk_ref.at[batch, pl.ds(kv_base, block_kv)], segk_smem2.at[wg_idx]))
+            for j, (src, dst) in enumerate(own):
+                plgpu.copy_gmem_to_smem(src, dst, own_barriers.at[j, wg_idx])
+            for j in range(len(own)):
+                plgpu.barrier_wait(own_barriers.at[j, wg_idx])
+            segk = plgpu.load(segk_smem2.at[wg_idx], layout=plgpu.Layout.WGMMA.reduce(1)) if has_seg else None
+
+            if causal:
+                start = lax.div(kv_base, jnp.array(block_q, jnp.int32))
+                full_start = jnp.minimum(pl.cdiv(kv_base + block_kv, jnp.array(block_q, jnp.int32)),
+                                         num_q_blocks)
+            else:
+                start = jnp.int32(0)
+                full_start = jnp.int32(0)
+
+            def wait_inputs(slot):
+                for j in range(5 if has_seg else 4):
+                    plgpu.barrier_wait(q_barriers.at[j, slot])
+
+            def step(g, i, carry, causal_mask: bool = False):
+                dk_acc, dv_acc = carry
+                t = g * n_per + (i - start_min)
+                slot = lax.rem(t, jnp.array(max_steps, t.dtype))
+                wait_inputs(slot)
+
+                def compute_sT(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                sT = pl.run_scoped(compute_sT, plgpu.ACC((block_kv, block_q), jnp.float32))
+                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse, sT.shape, [1]))
+                mask = None
+                if has_seg:
+                    segq = plgpu.load(segq_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    mask = (lax.broadcast_in_dim(segk, sT.shape, [0]) == lax.broadcast_in_dim(segq, sT.shape, [1]))
+                if causal_mask:
+                    kv_ids = plgpu.broadcasted_iota(jnp.int32, sT.shape, 0, layout=plgpu.Layout.WGMMA)
+                    q_ids = plgpu.broadcasted_iota(jnp.int32, sT.shape, 1, layout=plgpu.Layout.WGMMA)
+                    cmask = (q_ids + i * block_q) >= (kv_ids + kv_base)
+                    mask = cmask if mask is None else (mask & cmask)
+                if mask is not None:
+                    pT = jnp.where(mask, pT, 0.0)
+
+                if interpret:  # see _mma
+                    dv_acc = _mma(dv_acc, pT.astype(dtype), do_smem.at[slot], interpret)
+
+                    def compute_dpT(ref):
+                        plgpu.wgmma(ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+                        return ref[...]
+
+                    dpT = pl.run_scoped(compute_dpT, plgpu.ACC((block_kv, block_q), jnp.float32))
+                else:
+                    def compute_dv_dpT(refs):
+                        dv_ref_, dpT_ref = refs
+                        plgpu.wgmma(dv_ref_, pT.astype(dtype), do_smem.at[slot])
+                        plgpu.wgmma(dpT_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+
+                    zeros = plgpu.layout_cast(jnp.full((block_kv, block_q), 0, dtype=jnp.float32),
+                                              plgpu.Layout.WGMMA)
+                    dv_acc, dpT = pl.run_state(compute_dv_dpT)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
+                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                dsT = pT * (dpT - lax.broadcast_in_dim(delta, sT.shape, [1]))
+
+                dk_acc = _mma(dk_acc, dsT.astype(dtype), q_smem.at[slot], interpret)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dk_acc, dv_acc
+
+            def head_loop(g, carry):
+                @pl.loop(start_min, start)
+                def _skip(i):
+                    t = g * n_per + (i - start_min)
+                    slot = lax.rem(t, jnp.array(max_steps, t.dtype))
+                    wait_inputs(slot)
+                    plgpu.barrier_arrive(consumed.at[slot])
+
+                carry = lax.fori_loop(start, full_start, lambda i, cr: step(g, i, cr, causal_mask=causal), carry)
+                carry = lax.fori_loop(full_start, num_q_blocks, lambda i, cr: step(g, i, cr), carry)
+                return carry
+
+            zeros = plgpu.layout_cast(jnp.full((block_kv, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
+            dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (zeros, zeros))
+            k_smem[...] = (dk_acc * scale).astype(dtype)
+            v_smem[...] = dv_acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[kv_slice], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[kv_slice], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg_idx == 2)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(t, slot):
+                g = lax.div(t, n_per)
+                i = start_min + lax.rem(t, n_per)
+                h = kv_head * group + g
+                rows = pl.ds(i * block_q, block_q)
+                plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, h], q_smem.at[slot], q_barriers.at[0, slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, h], do_smem.at[slot], q_barriers.at[1, slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[batch, h, rows], lse_smem.at[slot], q_barriers.at[2, slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[batch, h, rows], delta_smem.at[slot], q_barriers.at[3, slot])
+                if has_seg:
+                    plgpu.copy_gmem_to_smem(segq_ref.at[batch, rows], segq_smem.at[slot], q_barriers.at[4, slot])
+
+            for t0 in range(max_steps):
+                pl.when(t0 < total)(functools.partial(load, jnp.int32(t0), t0))
+
+            @pl.loop(max_steps, total)
+            def _loop(t):
+                slot = lax.rem(t, jnp.array(max_steps, t.dtype))
+                plgpu.barrier_wait(consumed.at[slot])
+                load(t, slot)
+
+            @pl.loop(jnp.maximum(total - max_steps, 0), total)
+            def _drain(t):
+                plgpu.barrier_wait(consumed.at[lax.rem(t, jnp.array(max_steps, t.dtype))])
+
+    n_own = 3 if has_seg else 2
+    n_in = 5 if has_seg else 4
+    scratch = [
+        (
+            _smem((compute_wgs, block_kv, head_dim), dtype),
+            _smem((compute_wgs, block_kv, head_dim), dtype),
+            plgpu.SMEM((compute_wgs, block_kv), jnp.float32) if has_seg else None,
+            _smem((max_steps, block_q, head_dim), dtype),
+            _smem((max_steps, block_q, head_dim), dtype),
+            plgpu.SMEM((max_steps, block_q), jnp.float32),
+            plgpu.SMEM((max_steps, block_q), jnp.float32),
+            plgpu.SMEM((max_steps, block_q), jnp.float32) if has_seg else None,
+        ),
+        plgpu.Barrier(num_barriers=(n_own, compute_wgs)),
+        plgpu.Barrier(num_barriers=(n_in, max_steps)),
+        plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_steps),
+    ]
+    segf = seg.astype(jnp.float32) if has_seg else jnp.zeros((batch_size, seq_len), jnp.float32)
+    kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+    return plgpu.kernel(
+        kernel,
+        out_type=[kv_type, kv_type],
+        scratch_types=scratch,
+        grid=(num_kv_heads, seq_len // (2 * block_kv), batch_size),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interp(interpret),
+    )(q, k, v, do, lse, delta, segf, segf)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom_vjp wrapper
+# ----------------------------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, seg, causal, scale, cfg, interpret):
+    out, _ = _forward(q, k, v, seg, causal=causal, scale=scale, cfg=cfg, interpret=interpret)
+    return out
+
+
+def _flash_fwd(q, k, v, seg, causal, scale, cfg, interpret):
+    out, lse = _forward(q, k, v, seg, causal=causal, scale=scale, cfg=cfg, interpret=interpret)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(causal, scale, cfg, interpret, res, do):
+    q, k, v, seg, out, lse = res
+    do = do.astype(q.dtype)
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
+    kw = dict(causal=causal, scale=scale, cfg=cfg, interpret=interpret)
+    dq = _backward_dq(q, k, v, do, lse, delta, seg, **kw)
+    dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, **kw)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def attention(q, k, v, *, segment_ids=None, causal: bool = True, softmax_scale: float | None = None,
+              config: Config | None = None, interpret=False):
+    """Flash attention (Pallas Mosaic GPU). Same signature and semantics as ``reference.attention``."""
+    cfg = config or default_config(q.shape[-1])
+    why = supports(q.shape, k.shape, q.dtype, cfg)
+    if why is not None:
+        raise NotImplementedError(f"pallas attention: {why}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    return _flash(q, k, v, segment_ids, bool(causal), scale, cfg, interpret or False)
+
+
+def attention_with_lse(q, k, v, *, segment_ids=None, causal=True, softmax_scale=None, config=None,
+                       interpret=False):
+    """Forward only; returns (out, lse) with lse [B, H, S] in base 2 of the scaled scores (for tests)."""
+    cfg = config or default_config(q.shape[-1])
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return _forward(q, k, v, segment_ids, causal=causal, scale=scale, cfg=cfg, interpret=interpret)

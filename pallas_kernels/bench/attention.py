@@ -1,0 +1,190 @@
+"""Attention benchmark: TFLOP/s forward and forward+backward for pallas (Hopper), cudnn and the XLA reference.
+
+FLOP convention: forward = 4 * B * S * S * H * D (two matmuls), halved when causal; the backward does 2.5x the
+forward's matmul work (five matmuls), so forward+backward = 3.5x forward. Times: jitted function, warm-up calls,
+then the median of ``iters`` timed calls, each ended by ``block_until_ready``. Error: relative L2 error
+||x - ref|| / ||ref|| against the float32 reference on upcast inputs, for the output and dq/dk/dv, computed on
+batch element 0 (to keep the reference's S x S scores in memory).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (name, batch, seq, heads, kv_heads, head_dim, causal, segments)
+SHAPES = [
+    ("llama-8b-s4k", 4, 4096, 32, 8, 128, True, False),
+    ("llama-8b-s8k", 2, 8192, 32, 8, 128, True, False),
+    ("d64-s4k", 4, 4096, 32, 8, 64, True, False),
+    ("llama-3b-s4k", 4, 4096, 24, 8, 128, True, False),
+    ("llama-8b-s4k-docs", 4, 4096, 32, 8, 128, True, True),
+    ("llama-8b-s4k-full", 4, 4096, 32, 8, 128, False, False),
+]
+QUICK = ["llama-8b-s4k", "llama-8b-s8k"]
+
+
+def _impls():
+    from pallas_kernels._dispatch import is_hopper
+
+    names = ["cudnn", "reference"]
+    if is_hopper():
+        names.insert(0, "pallas")
+    env = os.environ.get("ATTN_BENCH_IMPLS")
+    return env.split(",") if env else names
+
+
+def _time(fn, args, iters, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _docs(batch, seq, seed=0):
+    rng = np.random.default_rng(seed)
+    out = np.zeros((batch, seq), np.int32)
+    for b in range(batch):
+        pos, doc = 0, 1
+        while pos < seq:
+            n = int(rng.integers(256, 2048))
+            out[b, pos:pos + n] = doc
+            pos += n
+            doc += 1
+    return jnp.asarray(out)
+
+
+def _rel(a, b):
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def run(args) -> list[dict]:
+    from pallas_kernels.attention import attention, reference
+
+    quick = getattr(args, "quick", False)
+    only = os.environ.get("ATTN_BENCH_SHAPES")
+    iters = 5 if quick else 10
+    device = jax.devices()[0].device_kind
+    rows = []
+    for name, b, s, h, kvh, d, causal, docs in SHAPES:
+        if only and name not in only.split(","):
+            continue
+        if quick and not only and name not in QUICK:
+            continue
+        ks = jax.random.split(jax.random.key(0), 4)
+        q = jax.random.normal(ks[0], (b, s, h, d), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (b, s, kvh, d), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.bfloat16)
+        do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
+        seg = _docs(b, s) if docs else None
+        fwd_flops = 4 * b * s * s * h * d / (2 if causal else 1)
+
+        # float32 reference on batch element 0
+        f32 = lambda x: x[:1].astype(jnp.float32)
+        seg1 = None if seg is None else seg[:1]
+        ref_fn = jax.jit(lambda q, k, v, do: jax.vjp(
+            lambda q, k, v: reference.attention(q, k, v, segment_ids=seg1, causal=causal), q, k, v))
+        try:
+            ref_out, ref_vjp = jax.vjp(
+                lambda q, k, v: reference.attention(q, k, v, segment_ids=seg1, causal=causal), f32(q), f32(k), f32(v))
+            ref_grads = ref_vjp(f32(do))
+        except Exception as e:  # noqa: BLE001
+            print(f"# {name}: float32 reference failed: {type(e).__name__}: {str(e)[:200]}")
+            ref_out = ref_grads = None
+        del ref_fn
+
+        for impl in _impls():
+            row = dict(kernel="attention", shape=name, impl=impl, B=b, S=s, H=h, KV=kvh, D=d, causal=causal,
+                       docs=docs, device=device)
+            fwd = jax.jit(lambda q, k, v, seg, impl=impl: attention(q, k, v, segment_ids=seg, causal=causal,
+                                                                   impl=impl))
+
+            def fwd_bwd(q, k, v, seg, do, impl=impl):
+                out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, segment_ids=seg, causal=causal, impl=impl),
+                                   q, k, v)
+                return out, vjp(do)
+
+            fwd_bwd = jax.jit(fwd_bwd)
+            try:
+                t_f = _time(fwd, (q, k, v, seg), iters)
+                row["fwd_ms"] = round(t_f * 1e3, 3)
+                row["fwd_tflops"] = round(fwd_flops / t_f / 1e12, 1)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"fwd {type(e).__name__}: {str(e)[:160]}"
+                rows.append(row)
+                print(row, flush=True)
+                continue
+            try:
+                t_fb = _time(fwd_bwd, (q, k, v, seg, do), iters)
+                row["fwdbwd_ms"] = round(t_fb * 1e3, 3)
+                row["fwdbwd_tflops"] = round(3.5 * fwd_flops / t_fb / 1e12, 1)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"fwd+bwd {type(e).__name__}: {str(e)[:160]}"
+            if ref_out is not None:
+                try:
+                    out, grads = fwd_bwd(q[:1], k[:1], v[:1], seg1, do[:1])
+                    row["err_out"] = f"{_rel(out, ref_out):.1e}"
+                    for n, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+                        row[f"err_{n}"] = f"{_rel(g, rg):.1e}"
+                except Exception as e:  # noqa: BLE001
+                    row["err_out"] = f"failed: {type(e).__name__}"
+            rows.append(row)
+            print("  ".join(f"{k_}={v_}" for k_, v_ in row.items()), flush=True)
+            del fwd, fwd_bwd
+        del ref_out, ref_grads
+    return rows
+
+
+def tune(shape_name="llama-8b-s4k", iters=10):
+    """Time the Pallas kernel over a few configs (forward and forward+backward) for one shape."""
+    import dataclasses
+
+    from pallas_kernels.attention import mosaic_gpu
+
+    name, b, s, h, kvh, d, causal, docs = next(x for x in SHAPES if x[0] == shape_name)
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (b, s, h, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, s, kvh, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
+    fwd_flops = 4 * b * s * s * h * d / (2 if causal else 1)
+    base = mosaic_gpu.default_config(d)
+    variants = [
+        {},
+        dict(block_kv=64),
+        dict(max_concurrent_steps=3),
+        dict(block_kv_dq=128),
+        dict(bwd_steps=3),
+        dict(block_q_dkv=128),
+        dict(block_kv_dq=128, bwd_steps=3),
+    ]
+    for var in variants:
+        cfg = dataclasses.replace(base, **var)
+        try:
+            fwd = jax.jit(lambda q, k, v: mosaic_gpu.attention(q, k, v, causal=causal, config=cfg))
+            fb = jax.jit(lambda q, k, v, do: jax.vjp(
+                lambda q, k, v: mosaic_gpu.attention(q, k, v, causal=causal, config=cfg), q, k, v)[1](do))
+            t_f = _time(fwd, (q, k, v), iters)
+            t_fb = _time(fb, (q, k, v, do), iters)
+            print(f"tune {shape_name} {var}: fwd {fwd_flops / t_f / 1e12:.1f} TFLOP/s, "
+                  f"fwd+bwd {3.5 * fwd_flops / t_fb / 1e12:.1f} TFLOP/s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"tune {shape_name} {var}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for shape in sys.argv[1:] or ["llama-8b-s4k"]:
+        tune(shape)

@@ -1,0 +1,214 @@
+"""Attention correctness.
+
+CPU (always): the reference against an independent float64 numpy implementation; the Pallas Mosaic GPU kernel in
+GPU interpret mode (``plgpu.InterpretGPUParams``) against the float32 reference, forward and dq/dk/dv.
+GPU (``-m gpu``, skipped without a GPU): the compiled kernel, cuDNN and ``auto`` at larger shapes.
+
+Interpret-mode caveat (jax 0.11.2): the interpreter runs wgmma only with both operands in SMEM and does not
+interpret ``pl.run_state``; the kernel's register-operand products (P@V, dS@K, P^T@dO, dS^T@Q) therefore run as
+``jnp.dot`` in interpret mode (``mosaic_gpu._mma``). Those wgmma forms are covered by the GPU tests.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.attention import attention as dispatch_attention
+from pallas_kernels.attention import mosaic_gpu, reference
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+
+
+def _ragged_segments(rng, batch, seq, with_padding=True):
+    """Packed documents of random lengths per row (ids 1..n), optionally a padding tail of id 0."""
+    out = np.zeros((batch, seq), np.int32)
+    for b in range(batch):
+        pos, doc = 0, 1
+        end = seq - (int(rng.integers(1, seq // 4)) if with_padding else 0)
+        while pos < end:
+            n = int(rng.integers(1, max(2, seq // 3)))
+            out[b, pos:min(end, pos + n)] = doc
+            pos += n
+            doc += 1
+    return jnp.asarray(out)
+
+
+def _numpy_attention(q, k, v, segment_ids, causal, scale):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, s, h, d = q.shape
+    group = h // k.shape[2]
+    k = np.repeat(k, group, axis=2)
+    v = np.repeat(v, group, axis=2)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    mask = np.ones((b, 1, s, s), bool)
+    if causal:
+        mask &= np.tril(np.ones((s, s), bool))[None, None]
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        mask &= (seg[:, :, None] == seg[:, None, :])[:, None]
+    logits = np.where(mask, logits, -np.inf)
+    mx = logits.max(-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    p = np.exp(logits - mx)
+    denom = p.sum(-1, keepdims=True)
+    p = np.where(denom > 0, p / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _inputs(seed, b, s, h, kvh, d, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (b, s, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, s, kvh, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (b, s, h, d), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+def _rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    assert np.isfinite(a).all(), "non-finite values in the result"
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _fwd_bwd(fn, q, k, v, do, **kw):
+    f32 = lambda x: x.astype(jnp.float32)
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kw), q, k, v)
+    return out, vjp(do.astype(out.dtype))
+
+
+def _check_against_reference(fn, q, k, v, do, tol, **kw):
+    f32 = lambda x: x.astype(jnp.float32)
+    out, grads = _fwd_bwd(fn, q, k, v, do, **kw)
+    ref_out, ref_grads = _fwd_bwd(reference.attention, f32(q), f32(k), f32(v), f32(do), **kw)
+    errs = {"out": _rel(out, ref_out)}
+    errs.update({n: _rel(g, rg) for n, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads)})
+    assert all(e < tol for e in errs.values()), errs
+    return errs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU: reference vs numpy float64
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("segments", [False, True])
+def test_reference_matches_numpy(causal, heads, kv_heads, segments):
+    b, s, d = 2, 48, 16
+    q, k, v, _ = _inputs(1, b, s, heads, kv_heads, d)
+    seg = _ragged_segments(np.random.default_rng(0), b, s) if segments else None
+    scale = 0.3
+    got = reference.attention(q, k, v, segment_ids=seg, causal=causal, softmax_scale=scale)
+    want = _numpy_attention(q, k, v, seg, causal, scale)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_reference_default_scale_and_dtype():
+    q, k, v, _ = _inputs(2, 1, 32, 2, 1, 16, jnp.bfloat16)
+    got = reference.attention(q, k, v, causal=True)
+    assert got.dtype == jnp.bfloat16
+    want = _numpy_attention(q, k, v, None, True, 16**-0.5)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_cudnn_segment_offsets():
+    from pallas_kernels.attention.cudnn import segment_offsets
+
+    seg = jnp.array([[1, 1, 1, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3]])
+    offsets, lengths = segment_offsets(seg, 4)
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(lengths, [[3, 2, 3, -1], [8, -1, -1, -1]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU: the Mosaic GPU kernel in interpret mode
+# ---------------------------------------------------------------------------------------------------------------
+_SMALL = mosaic_gpu.Config(block_q=64, block_kv=64, max_concurrent_steps=2)
+
+INTERPRET_CASES = [
+    # (batch, seq, heads, kv_heads, head_dim, causal, segments)
+    pytest.param(1, 256, 4, 2, 64, True, None, id="causal-gqa2-d64"),
+    pytest.param(1, 256, 2, 1, 64, False, "ragged", id="full-gqa2-ragged"),
+    pytest.param(2, 256, 4, 1, 64, True, "ragged", id="causal-gqa4-ragged-b2"),
+    pytest.param(1, 128, 2, 2, 128, True, "ragged", id="causal-mha-d128-ragged"),
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
+@pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", INTERPRET_CASES)
+def test_pallas_interpret(b, s, h, kvh, d, causal, segments):
+    q, k, v, do = _inputs(b * 100 + s + h + d, b, s, h, kvh, d, jnp.bfloat16)
+    seg = _ragged_segments(np.random.default_rng(s + d), b, s) if segments else None
+
+    def fn(q, k, v, **kw):
+        return mosaic_gpu.attention(q, k, v, config=_SMALL, interpret=True, **kw)
+
+    _check_against_reference(fn, q, k, v, do, tol=1e-2, segment_ids=seg, causal=causal)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
+def test_pallas_interpret_lse():
+    b, s, h, kvh, d = 1, 128, 2, 1, 64
+    q, k, v, _ = _inputs(7, b, s, h, kvh, d, jnp.bfloat16)
+    _, lse = mosaic_gpu.attention_with_lse(q, k, v, causal=True, config=_SMALL, interpret=True)
+    logits = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64),
+                       np.repeat(np.asarray(k, np.float64), h // kvh, axis=2)) * d**-0.5
+    logits = np.where(np.tril(np.ones((s, s), bool)), logits, -np.inf)
+    want = np.log2(np.exp(logits).sum(-1))  # base-2 log-sum-exp, [b, h, q]
+    np.testing.assert_allclose(np.asarray(lse), want, rtol=0, atol=2e-2)
+
+
+def test_pallas_supports():
+    assert mosaic_gpu.supports((1, 4096, 32, 128), (1, 4096, 8, 128), jnp.bfloat16) is None
+    assert mosaic_gpu.supports((1, 4096, 32, 96), (1, 4096, 8, 96), jnp.bfloat16) is not None
+    assert mosaic_gpu.supports((1, 4000, 32, 128), (1, 4000, 8, 128), jnp.bfloat16) is not None
+    assert mosaic_gpu.supports((1, 4096, 32, 128), (1, 4096, 8, 128), jnp.float32) is not None
+
+
+def test_auto_is_reference_on_cpu():
+    if ON_GPU:
+        pytest.skip("CPU dispatch")
+    from pallas_kernels.attention import registry
+
+    name, _ = registry.resolve("auto", q_shape=(1, 256, 4, 64), kv_shape=(1, 256, 2, 64), dtype=jnp.bfloat16)
+    assert name == "reference"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+GPU_CASES = [
+    pytest.param(2, 1024, 8, 2, 128, True, None, id="causal-gqa4-d128"),
+    pytest.param(2, 1024, 8, 2, 128, False, None, id="full-gqa4-d128"),
+    pytest.param(2, 1024, 8, 8, 64, True, None, id="causal-mha-d64"),
+    pytest.param(2, 2048, 12, 4, 128, True, "ragged", id="causal-gqa3-d128-ragged"),
+    pytest.param(1, 1024, 4, 1, 64, False, "ragged", id="full-gqa4-d64-ragged"),
+]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", GPU_CASES)
+@pytest.mark.parametrize("impl", ["pallas", "cudnn", "cudnn-mask", "auto"])
+def test_gpu_against_reference(impl, b, s, h, kvh, d, causal, segments):
+    from pallas_kernels._dispatch import is_hopper
+    from pallas_kernels.attention import cudnn
+
+    if impl == "pallas" and not is_hopper():
+        pytest.skip("Pallas Mosaic GPU kernel needs Hopper")
+    if impl == "cudnn-mask" and segments is None:
+        pytest.skip("mask mode only differs with segments")
+    q, k, v, do = _inputs(s + h + d, b, s, h, kvh, d, jnp.bfloat16)
+    seg = _ragged_segments(np.random.default_rng(s + d), b, s) if segments else None
+    if impl == "cudnn-mask":
+        fn = lambda q, k, v, **kw: cudnn.attention(q, k, v, mode="mask", **kw)
+    else:
+        fn = lambda q, k, v, **kw: dispatch_attention(q, k, v, impl=impl, **kw)
+    errs = _check_against_reference(jax.jit(fn, static_argnames=("causal",)), q, k, v, do, tol=1e-2,
+                                    segment_ids=seg, causal=causal)
+    print(impl, errs)

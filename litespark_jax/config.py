@@ -149,6 +149,15 @@ class MeshConfig:
     """Megatron-style tensor parallelism over heads and MLP width."""
     context: int = 1
     """Context (sequence) parallelism."""
+    inter_node_data: int = -1
+    """How many nodes the data axis spans (its inter-node factor; the rest of mesh.data is within a node); -1 =
+    auto: the node count left over by the other inter_node_* sizes goes to data, then fsdp, context, tensor."""
+    inter_node_fsdp: int = -1
+    """Inter-node factor of mesh.fsdp (-1 = auto, see inter_node_data)."""
+    inter_node_tensor: int = 1
+    """Inter-node factor of mesh.tensor (keep 1: tensor parallelism wants NVLink)."""
+    inter_node_context: int = -1
+    """Inter-node factor of mesh.context (-1 = auto, see inter_node_data)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +378,22 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be a positive size or -1 (fill), got {value}")
     if sum(v == -1 for v in (g.data, g.fsdp, g.tensor, g.context)) > 1:
         raise ConfigError("at most one mesh axis may be -1 (fill)")
+    for axis in ("data", "fsdp", "tensor", "context"):
+        inter, total = getattr(g, f"inter_node_{axis}"), getattr(g, axis)
+        if inter == 0 or inter < -1:
+            raise ConfigError(f"mesh.inter_node_{axis} must be a positive size or -1 (auto), got {inter}")
+        if inter > 0 and total > 0 and total % inter:
+            raise ConfigError(f"mesh.inter_node_{axis} ({inter}) must divide mesh.{axis} ({total})")
+    for key, size, dim, dim_key in (
+        ("mesh.tensor", g.tensor, m.num_kv_heads, "model.num_kv_heads"),
+        ("mesh.tensor", g.tensor, m.num_heads, "model.num_heads"),
+        ("mesh.tensor", g.tensor, m.d_ff, "model.d_ff"),
+        ("mesh.tensor", g.tensor, m.vocab_size, "model.vocab_size"),
+        ("mesh.fsdp", g.fsdp, m.d_model, "model.d_model"),
+        ("mesh.context", g.context, t.seq_len, "train.seq_len"),
+    ):
+        if size > 0 and dim % size:
+            raise ConfigError(f"{dim_key} ({dim}) is not divisible by {key} ({size})")
     config.data.validate()
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from litespark_jax.data.config import DataConfig
 from litespark_jax.errors import ConfigError
+from litespark_jax.posttrain.config import PosttrainConfig
 
 REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "names")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -135,6 +136,9 @@ class TrainConfig:
     """Where metrics, TensorBoard events and checkpoints go."""
     peak_tflops_per_device: float | None = None
     """Peak dense TFLOP/s for MFU; None detects H100/H200 (989) and shows no MFU elsewhere."""
+    resume: str = "auto"
+    """Where to start from: auto (the latest good checkpoint in checkpoint.dir, else from scratch), never (always
+    from scratch), or a checkpoint directory (its latest good step, or one step's directory)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +165,22 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints: where, how often, which ones are kept, and whether saving overlaps training."""
+
+    dir: str | None = None
+    """Checkpoint directory; None means RUN_DIR/checkpoints."""
+    every: int = 1000
+    """Save every this many steps (0 = only at the end of training and on preemption)."""
+    keep_last: int = 3
+    """Keep the newest this many checkpoints (older ones are deleted once a newer one is finalized)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this forever (0 = none)."""
+    async_save: bool = True
+    """Write checkpoints in the background while training continues (only the device-to-host copy blocks)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     """What the run reports and where."""
 
@@ -183,7 +203,9 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    posttrain: PosttrainConfig = PosttrainConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,7 +217,9 @@ _SECTION_TYPES = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
     "log": LogConfig,
+    "posttrain": PosttrainConfig,
 }
 
 
@@ -394,6 +418,14 @@ def validate(config: Config) -> None:
     ):
         if size > 0 and dim % size:
             raise ConfigError(f"{dim_key} ({dim}) is not divisible by {key} ({size})")
+    c = config.checkpoint
+    for key, value in (("checkpoint.every", c.every), ("checkpoint.keep_every", c.keep_every)):
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative (0 disables it), got {value}")
+    if c.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be at least 1, got {c.keep_last}")
+    if not t.resume:
+        raise ConfigError("train.resume must be auto, never or a checkpoint directory, got an empty string")
     config.data.validate()
 
 

@@ -1,0 +1,341 @@
+"""Orbax checkpoints of a training run: save asynchronously, keep the last N plus every K-th, restore the newest
+good one onto any mesh.
+
+One checkpoint is one orbax step directory ``DIR/<step>/`` with four items:
+
+- ``state``: the ``TrainState`` flattened to ``{"params.layers.attention.wq": array, ...}`` (readable names, so a
+  shape mismatch names the parameter, and restore does not depend on pytree node types);
+- ``meta``: JSON with the step, the seed, a checksum per array and the format version;
+- ``data``: JSON state of the data iterator (``get_state()``), or null;
+- ``config``: the resolved ``Config`` as JSON.
+
+Orbax writes into a temporary directory and renames it when every item is written, so only finalized steps are
+ever listed. On restore the newest step is tried first; when its files are truncated or corrupted (orbax fails
+to read them, or the restored arrays disagree with the checksums recorded at save time) it is skipped with a
+warning and the previous step is tried. A checkpoint whose shapes disagree with the model is not corruption: that
+raises ``CheckpointError`` naming the parameter at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from litespark_jax.config import CheckpointConfig
+from litespark_jax.errors import CheckpointError
+
+log = logging.getLogger("litespark_jax")
+
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flat, named views of a pytree
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _is_variable_value(key) -> bool:
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+
+
+def flatten(tree) -> tuple[dict[str, Any], Any]:
+    """``{dotted name: leaf}`` and the treedef to rebuild ``tree`` (nnx ``Variable.value`` hops are dropped)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat = {}
+    for path, leaf in leaves:
+        name = ".".join(_key_name(k) for k in path if not _is_variable_value(k))
+        if name in flat:
+            raise ValueError(f"two leaves flatten to the same checkpoint name {name!r}")
+        flat[name] = leaf
+    return flat, treedef
+
+
+def unflatten(flat: dict[str, Any], like) -> Any:
+    names, treedef = flatten(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[name] for name in names])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checksums: exact integer sums of the bits, independent of sharding and reduction order (wrapping uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize])
+    bits = bits.astype(jnp.uint32).reshape(-1)
+    # Position-weighted so swapped or shifted chunks change the sum, not only flipped bits.
+    weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda flat: {k: _checksum(v) for k, v in flat.items()})
+
+
+def checksums(flat: dict[str, Any]) -> dict[str, int]:
+    return {k: int(v) for k, v in jax.device_get(_checksums(flat)).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Locating checkpoints
+
+
+def _is_step_dir(path: str) -> bool:
+    return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isfile(
+        os.path.join(path, "_CHECKPOINT_METADATA"))
+
+
+def finalized_steps(directory: str) -> list[int]:
+    """Steps with a finalized (renamed, complete) orbax directory, oldest first; temporary ones are ignored."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isfile(os.path.join(directory, name, "_CHECKPOINT_METADATA")))
+
+
+def split_checkpoint_path(path: str) -> tuple[str, int | None]:
+    """``DIR`` -> (DIR, None: its newest good step); ``DIR/<step>`` -> (DIR, step). Not a checkpoint: an error."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if _is_step_dir(path):
+        return os.path.dirname(path), int(os.path.basename(path))
+    if not finalized_steps(path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint directory: it holds no finalized step directories (like {path}/1000 "
+            f"with a _CHECKPOINT_METADATA file)")
+    return path, None
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    """The restored tree (same structure as the abstract target), placed with the target's shardings."""
+    data_state: dict | None
+    config: dict
+    meta: dict
+    path: str
+
+
+class CheckpointManager:
+    """Thin wrapper of ``orbax.checkpoint.CheckpointManager`` for ``TrainState`` plus run metadata."""
+
+    def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(), *, read_only: bool = False):
+        self.directory = os.path.abspath(os.path.expanduser(directory))
+        self.cfg = cfg
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_last,
+            keep_period=cfg.keep_every or None,
+            enable_async_checkpointing=cfg.async_save,
+            create=not read_only,
+            read_only=read_only,
+            save_interval_steps=1,
+        )
+        try:
+            handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                        "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        except OSError as e:
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e.strerror or e}") from None
+        self._pending: int | None = None
+
+    # -- saving --------------------------------------------------------------------------------------------------
+
+    def save(self, step: int, state, *, data_state: dict | None = None, config: dict | None = None,
+             seed: int = 0, force: bool = False) -> bool:
+        """Start saving ``state`` as ``step``; returns once the arrays are copied off the devices (async) or
+        written (sync). Raises ``CheckpointError`` when this or the previous background save failed (e.g. no space
+        left); the previous finalized checkpoint is then still intact."""
+        self.check_for_errors()
+        if step in self.all_steps():
+            return False
+        flat, _ = flatten(state)
+        meta = {"format": FORMAT_VERSION, "step": int(step), "seed": int(seed), "checksums": checksums(flat)}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(flat),
+            meta=ocp.args.JsonSave(meta),
+            data=ocp.args.JsonSave({"iterator": data_state}),
+            config=ocp.args.JsonSave(config or {}),
+        )
+        try:
+            saved = self._manager.save(step, args=args, force=force)
+        except Exception as e:  # noqa: BLE001 - orbax wraps OSErrors in various types
+            raise self._save_error(step, e) from e
+        if saved:
+            self._pending = step
+            if not self.cfg.async_save:
+                self.wait()
+        return saved
+
+    def wait(self) -> None:
+        """Block until the background save is finalized; raise ``CheckpointError`` if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(self._pending, e) from e
+        self._pending = None
+
+    def check_for_errors(self) -> None:
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(self._pending, e) from e
+
+    def _save_error(self, step, error: BaseException) -> CheckpointError:
+        previous = [s for s in finalized_steps(self.directory) if step is None or s < step]
+        kept = f"; the previous checkpoint {self.directory}/{previous[-1]} is intact" if previous else ""
+        if _is_no_space(error):
+            return CheckpointError(f"no space left on device while saving checkpoint step {step} to "
+                                   f"{self.directory}{kept}")
+        return CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: "
+                               f"{_one_line(error)}{kept}")
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when JAX's multi-host preemption notice says every process should save at ``step``."""
+        try:
+            return bool(self._manager.reached_preemption(step))
+        except Exception:  # noqa: BLE001 - no distributed client: nothing to agree on
+            return False
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    # -- restoring -----------------------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        return finalized_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore(self, abstract_state, step: int | None = None) -> Restored:
+        """Restore the newest good step (or exactly ``step``) onto the shardings of ``abstract_state`` (a tree of
+        ``jax.ShapeDtypeStruct`` with ``sharding=``). Corrupted newer steps are skipped with a warning."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory} is not a checkpoint directory: it holds no finalized steps")
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"checkpoint step {step} not found in {self.directory} (have {steps})")
+            return self._restore_step(abstract_state, step)
+        failures = []
+        for candidate in reversed(steps):
+            try:
+                restored = self._restore_step(abstract_state, candidate)
+            except _Corrupted as e:
+                log.warning("warning: checkpoint %s/%d is unreadable (%s); falling back to the previous one",
+                            self.directory, candidate, e)
+                failures.append(f"{candidate}: {e}")
+                continue
+            return restored
+        raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
+
+    def _restore_step(self, abstract_state, step: int) -> Restored:
+        path = os.path.join(self.directory, str(step))
+        target, _ = flatten(abstract_state)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            metadata = self._manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001
+            raise _Corrupted(_one_line(e)) from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            raise _Corrupted(f"{path}/meta is not a LiteSpark checkpoint of format {FORMAT_VERSION}")
+        saved = getattr(metadata, "tree", metadata)
+        _check_compatible(saved, target, path)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:  # noqa: BLE001
+            raise _Corrupted(_one_line(e)) from e
+        flat = restored["state"]
+        expected = meta.get("checksums", {})
+        actual = checksums(flat)
+        bad = [name for name in target if expected.get(name) != actual[name]]
+        if bad:
+            raise _Corrupted(f"checksum mismatch in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+        data = restored["data"] or {}
+        return Restored(step=step, state=unflatten(flat, abstract_state), data_state=data.get("iterator"),
+                        config=restored["config"] or {}, meta=meta, path=path)
+
+    def read_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+class _Corrupted(Exception):
+    """A checkpoint step whose files cannot be read back as written."""
+
+
+def _check_compatible(saved: dict, target: dict, path: str) -> None:
+    missing = [name for name in target if name not in saved]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no parameter {missing[0]!r} that the model needs (the config "
+                              f"differs from the one it was saved with)")
+    for name, want in target.items():
+        have = saved[name]
+        if tuple(have.shape) != tuple(want.shape):
+            raise CheckpointError(f"checkpoint {path}: parameter {name!r} has shape {tuple(have.shape)} but the "
+                                  f"config needs {tuple(want.shape)}")
+    extra = [name for name in saved if name not in target]
+    if extra:
+        raise CheckpointError(f"checkpoint {path} has parameter {extra[0]!r} that the model does not (the config "
+                              f"differs from the one it was saved with)")
+
+
+def _is_no_space(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        text = str(error)
+        if "No space left" in text or "ENOSPC" in text or "RESOURCE_EXHAUSTED" in text and "space" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def abstract_with_shardings(shapes, shardings):
+    """Pair a tree of shapes with a tree of shardings as ``jax.ShapeDtypeStruct(..., sharding=...)``."""
+    flat_shapes, treedef = flatten(shapes)
+    flat_shardings, _ = flatten(shardings)
+    return jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_shardings[name]) for name, s in flat_shapes.items()])
+
+
+def load_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def to_numpy_tree(tree):
+    return jax.tree.map(np.asarray, tree)

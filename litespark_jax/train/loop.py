@@ -1,0 +1,196 @@
+"""The training loop: builds everything from a Config, runs jitted steps, evaluates, reports.
+
+Data flows one way: config -> mesh -> sharded state -> data iterator -> jitted step -> metrics. Logging and the
+progress bar live here; the step itself (``step.py``) is pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from litespark_jax import data as data_lib
+from litespark_jax.checkpoint.preemption import PreemptionHandler
+from litespark_jax.checkpoint.session import RunCheckpoints
+from litespark_jax.config import Config
+from litespark_jax.errors import ConfigError
+from litespark_jax.metrics import MetricsWriter, mfu, model_flops_per_token, peak_tflops_per_device
+from litespark_jax.parallel.logical import use_rules
+from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_shapes
+from litespark_jax.parallel.watchdog import StepWatchdog
+from litespark_jax.parallel.sharding import opt_state_shardings, param_shardings
+from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
+from litespark_jax.train.state import TrainState, abstract_model, init_model
+from litespark_jax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("litespark_jax")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run reports (also returned to notebooks)."""
+
+    state: TrainState
+    history: list[dict]
+    """One dict per logged step: step, loss, grad_norm, tokens_per_second, mfu, ..."""
+    eval_history: list[dict]
+    """One dict per evaluation: step, eval_loss."""
+    unigram_entropy: float | None = None
+
+
+class Trainer:
+    """Owns the mesh, the sharded state, the jitted steps and the data iterators of one run."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.mesh = build_mesh(config.mesh)
+        self.rules = DEFAULT_RULES
+        check_shapes(config, self.mesh, self.rules)
+        self.watchdog = StepWatchdog.from_env()  # exits non-zero when a step hangs (LITESPARK_STEP_TIMEOUT_S)
+        self.tokenizer = data_lib.build_tokenizer(config.data)
+        if self.tokenizer.vocab_size > config.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({self.tokenizer.vocab_size}, {self.tokenizer.name})"
+            )
+        t = config.train
+        self.optimizer = build_optimizer(config.optim, t.steps)
+        self.schedule = learning_rate_schedule(config.optim, t.steps)
+        self.graphdef, abstract_params = abstract_model(config.model)
+        params_sharding = param_shardings(abstract_params, self.mesh, self.rules)
+        self.state_sharding = TrainState(
+            step=NamedSharding(self.mesh, PartitionSpec()),
+            params=params_sharding,
+            opt_state=opt_state_shardings(self.optimizer, abstract_params, params_sharding, self.mesh),
+        )
+        self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        with self._sharding_context():
+            self._train_step = jax.jit(
+                make_train_step(config, self.graphdef, self.optimizer, self.schedule),
+                in_shardings=(self.state_sharding, self.batch_sharding),
+                out_shardings=(self.state_sharding, None),
+                donate_argnums=0,
+            )
+            self._eval_step = jax.jit(make_eval_step(config, self.graphdef),
+                                      in_shardings=(params_sharding, self.batch_sharding))
+        self.flops_per_token = model_flops_per_token(config.model, t.seq_len, causal=True)
+        self.peak_tflops = peak_tflops_per_device(t.peak_tflops_per_device)
+
+    def _sharding_context(self):
+        return use_rules(self.mesh, self.rules)
+
+    def init_state(self) -> TrainState:
+        cfg, seed = self.config, self.config.train.seed
+
+        def init():
+            _, params = init_model(cfg.model, seed)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+
+        with self._sharding_context():
+            return jax.jit(init, out_shardings=self.state_sharding)()
+
+    def train_iterator(self):
+        t = self.config.train
+        return data_lib.make_train_iterator(self.config.data, self.tokenizer, seq_len=t.seq_len,
+                                            global_batch_size=t.global_batch_size, seed=t.seed)
+
+    def global_batch(self, local_batch: dict) -> dict:
+        return data_lib.to_global_arrays(local_batch, self.batch_sharding)
+
+    def train_step(self, state: TrainState, local_batch: dict):
+        with self._sharding_context():
+            out = self._train_step(state, self.global_batch(local_batch))
+        self.watchdog.beat()
+        return out
+
+    def evaluate(self, params) -> float:
+        """Mean NLL per token over ``train.eval_batches`` validation batches."""
+        t = self.config.train
+        iterator = data_lib.make_eval_iterator(self.config.data, self.tokenizer, seq_len=t.seq_len,
+                                               global_batch_size=t.global_batch_size, max_batches=t.eval_batches)
+        total, count = 0.0, 0.0
+        with self._sharding_context():
+            for local_batch in iterator:
+                loss_sum, n = self._eval_step(params, self.global_batch(local_batch))
+                total, count = total + float(loss_sum), count + float(n)
+        return total / max(count, 1.0)
+
+
+def train(config: Config, *, callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run ``config.train.steps`` optimizer steps and return the final state and the metric history."""
+    trainer = Trainer(config)
+    t, lc = config.train, config.log
+    checkpoints = RunCheckpoints(trainer)
+    state, data_state, start_step = checkpoints.restore_or_init()
+    iterator = trainer.train_iterator()
+    if data_state is not None:
+        iterator.set_state(data_state)
+    writer = MetricsWriter(t.run_dir, jsonl=lc.jsonl, tensorboard=lc.tensorboard)
+    history, eval_history = [], []
+    tokens_per_step = t.global_batch_size * t.seq_len
+    bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
+               disable=not lc.progress_bar or jax.process_index() != 0, dynamic_ncols=True)
+    interval_start, interval_steps, step = None, 0, start_step
+    preemption = PreemptionHandler().__enter__()
+    try:
+        for step in range(start_step + 1, t.steps + 1):
+            state, metrics = trainer.train_step(state, next(iterator))
+            interval_steps += 1
+            if interval_start is None:
+                # The first step includes compilation; throughput is measured from its end.
+                jax.block_until_ready(metrics["loss"])
+                interval_start, interval_steps = time.perf_counter(), 0
+            if step % lc.every == 0 or step == t.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - interval_start
+                if interval_steps:
+                    tps = interval_steps * tokens_per_step / elapsed
+                    metrics["tokens_per_second"] = tps
+                    metrics["mfu"] = mfu(tps, trainer.flops_per_token, trainer.peak_tflops, jax.device_count())
+                interval_start, interval_steps = time.perf_counter(), 0
+                _check_finite(metrics, step)
+                history.append({"step": step, **metrics})
+                writer.write(step, metrics)
+                bar.set_postfix_str(_postfix(metrics), refresh=False)
+                if callback:
+                    callback(step, metrics)
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                eval_loss = trainer.evaluate(state.params)
+                eval_history.append({"step": step, "eval_loss": eval_loss})
+                writer.write(step, {"eval_loss": eval_loss})
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+            bar.update(1)
+            if checkpoints.should_save(step) or preemption.requested or checkpoints.preemption_reached(step):
+                checkpoints.save(step, state, iterator)
+            if preemption.requested:
+                bar.write(f"preempted: saved step {step} to {checkpoints.directory}; exiting")
+                break
+    finally:
+        preemption.__exit__()
+        trainer.watchdog.stop()
+        bar.close()
+        writer.close()
+        checkpoints.close()
+    return TrainResult(state=state, history=history, eval_history=eval_history)
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
+
+
+def _postfix(metrics: dict) -> str:
+    parts = [f"loss {metrics['loss']:.3f}"]
+    if "tokens_per_second" in metrics:
+        parts.append(f"{metrics['tokens_per_second']:,.0f} tok/s")
+    if metrics.get("mfu") is not None:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    return " | ".join(parts)

@@ -1,0 +1,130 @@
+"""Multi-process start-up: ``jax.distributed.initialize`` from SLURM, Kubernetes JobSet or explicit variables.
+
+One process per node drives all of that node's GPUs. ``initialize_from_env()`` reads, in order:
+
+* explicit: ``LITESPARK_COORDINATOR`` (host:port of process 0), ``LITESPARK_NUM_PROCESSES``, ``LITESPARK_PROCESS_ID``;
+* SLURM (``srun``, one task per node): ``SLURM_NTASKS``, ``SLURM_PROCID``, the first host of ``SLURM_JOB_NODELIST``
+  (or ``SLURM_STEP_NODELIST``) as coordinator on port ``LITESPARK_COORDINATOR_PORT`` (default 12355);
+* Kubernetes JobSet: ``JOBSET_NAME``, ``REPLICATED_JOB_NAME``, ``JOB_COMPLETION_INDEX`` and ``LITESPARK_NUM_PROCESSES``
+  (the manifest sets it to the replica count); the coordinator is pod 0's stable DNS name
+  ``<jobset>-<replicated job>-0-0.<jobset>``.
+
+With none of them (or a single process) it does nothing: a one-process run needs no coordinator. The rendezvous
+waits ``LITESPARK_INIT_TIMEOUT_S`` seconds (default 300) and then fails with a message naming the coordinator, the
+process and what to check, instead of hanging until the scheduler's wall clock. On CPU the cross-process
+collectives use gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+
+import jax
+
+from litespark_jax.errors import UserError
+
+log = logging.getLogger("litespark_jax")
+DEFAULT_PORT = 12355
+
+
+class DistributedError(UserError):
+    """The processes of a multi-process run could not find each other."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    coordinator: str
+    num_processes: int
+    process_id: int
+    source: str
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """``node[01-03,07],gpu5`` -> [node01, node02, node03, node07, gpu5] (SLURM's compressed host list)."""
+    hosts = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(prefix + part)
+    return hosts
+
+
+def _int(env, key) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise DistributedError(f"environment variable {key}={env[key]!r} must be an integer") from None
+
+
+def detect(env=None) -> ProcessSpec | None:
+    """The process layout from the environment, or None for a single-process run."""
+    env = os.environ if env is None else env
+    port = int(env.get("LITESPARK_COORDINATOR_PORT", DEFAULT_PORT))
+    if "LITESPARK_COORDINATOR" in env:
+        missing = [k for k in ("LITESPARK_NUM_PROCESSES", "LITESPARK_PROCESS_ID") if k not in env]
+        if missing:
+            raise DistributedError(f"LITESPARK_COORDINATOR is set but {', '.join(missing)} is not")
+        coordinator = env["LITESPARK_COORDINATOR"]
+        if ":" not in coordinator:
+            coordinator = f"{coordinator}:{port}"
+        spec = ProcessSpec(coordinator, _int(env, "LITESPARK_NUM_PROCESSES"), _int(env, "LITESPARK_PROCESS_ID"),
+                           "explicit")
+    elif "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise DistributedError("SLURM_JOB_NODELIST is not set; launch the job step with srun")
+        spec = ProcessSpec(f"{expand_nodelist(nodelist)[0]}:{port}", _int(env, "SLURM_NTASKS"),
+                           _int(env, "SLURM_PROCID"), "slurm")
+    elif "JOBSET_NAME" in env and "JOB_COMPLETION_INDEX" in env:
+        if "LITESPARK_NUM_PROCESSES" not in env:
+            raise DistributedError("JobSet run: set LITESPARK_NUM_PROCESSES to the number of pods (see "
+                                   "launch/jobset.yaml)")
+        jobset, rjob = env["JOBSET_NAME"], env.get("REPLICATED_JOB_NAME", "workers")
+        spec = ProcessSpec(f"{jobset}-{rjob}-0-0.{jobset}:{port}", _int(env, "LITESPARK_NUM_PROCESSES"),
+                           _int(env, "JOB_COMPLETION_INDEX"), "jobset")
+    else:
+        return None
+    if spec.num_processes < 1 or not 0 <= spec.process_id < spec.num_processes:
+        raise DistributedError(f"process id {spec.process_id} is not within 0..{spec.num_processes - 1} "
+                               f"({spec.source} variables)")
+    return None if spec.num_processes == 1 else spec
+
+
+def initialize_from_env(env=None, timeout_s: int | None = None) -> ProcessSpec | None:
+    """Join the multi-process run described by the environment (no-op for one process)."""
+    env = os.environ if env is None else env
+    spec = detect(env)
+    if spec is None:
+        return None
+    if timeout_s is None:
+        timeout_s = int(env.get("LITESPARK_INIT_TIMEOUT_S", 300))
+    platforms = env.get("JAX_PLATFORMS", "")
+    if platforms.startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    log.info("process %d/%d joining %s (from %s variables, timeout %ds)", spec.process_id, spec.num_processes,
+             spec.coordinator, spec.source, timeout_s)
+    try:
+        jax.distributed.initialize(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
+                                   process_id=spec.process_id, initialization_timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - XLA raises plain RuntimeError/XlaRuntimeError variants
+        first = " ".join(str(e).split())[:300]
+        raise DistributedError(
+            f"process {spec.process_id} of {spec.num_processes} could not rendezvous with the coordinator "
+            f"{spec.coordinator} within {timeout_s}s ({spec.source} variables): check that all "
+            f"{spec.num_processes} processes were started, that process 0 runs on that host and the port is open "
+            f"between nodes (LITESPARK_COORDINATOR_PORT); raise LITESPARK_INIT_TIMEOUT_S for slow starts. "
+            f"[{type(e).__name__}: {first}]"
+        ) from None
+    log.info("process %d: %d local / %d global devices", jax.process_index(), jax.local_device_count(),
+             jax.device_count())
+    return spec

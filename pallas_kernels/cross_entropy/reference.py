@@ -1,0 +1,21 @@
+"""Reference linear cross-entropy in plain JAX: vocabulary projection, log-softmax and NLL.
+
+``x`` [..., d_model] (the final-norm output), ``w`` [d_model, vocab], ``targets`` [...] int. Returns the per-token
+loss [...] in float32: ``logsumexp(logits) - logits[target] + z_loss_weight * logsumexp(logits)**2``. The caller
+applies the loss mask and reduces. This materializes the full logits, which the fused kernels avoid.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(x, w, targets, *, z_loss_weight: float = 0.0):
+    logits = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    loss = lse - target_logit
+    if z_loss_weight:
+        loss = loss + z_loss_weight * jnp.square(lse)
+    return loss

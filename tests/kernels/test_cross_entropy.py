@@ -1,0 +1,126 @@
+"""Linear cross-entropy: every registered impl against an independent float64 numpy computation.
+
+Forward loss and the gradients of ``sum(g * loss)`` with respect to ``x`` and ``w``, where ``g`` is a per-token
+cotangent with masked (zero) tokens, with and without z-loss, on fresh random inputs of several shapes, including
+vocabularies that do not divide into chunks. GPU-only tests run the bf16 shapes of a real model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.cross_entropy import chunked, cross_entropy, registry
+
+gpu = pytest.mark.gpu  # tests/conftest.py skips these without a GPU (LITESPARK_TEST_GPU=1 runs them)
+_seed = iter(range(10_000))
+
+
+def _np_ce(x, w, t, g, z):
+    """float64 loss [N] and the gradients of sum(g * loss) wrt x [N, d] and w [d, V]."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    logits = x @ w
+    m = logits.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[:, 0]
+    loss = lse - logits[np.arange(len(t)), t] + z * lse**2
+    p = np.exp(logits - lse[:, None])
+    dlog = (g * (1 + 2 * z * lse))[:, None] * p
+    dlog[np.arange(len(t)), t] -= g
+    return loss, dlog @ w.T, x.T @ dlog
+
+
+def _inputs(lead, d, v, dtype):
+    rng = np.random.default_rng(next(_seed))
+    x = rng.standard_normal((*lead, d))
+    w = rng.standard_normal((d, v)) / np.sqrt(d) * 2.0
+    t = rng.integers(0, v, lead)
+    g = rng.standard_normal(lead) * (rng.random(lead) > 0.3)  # ~30% masked tokens
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(t, jnp.int32), jnp.asarray(g, jnp.float32)
+
+
+def _rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _check(fn, lead, d, v, z, dtype, tol):
+    x, w, t, g = _inputs(lead, d, v, dtype)
+
+    def total(x, w):
+        return jnp.sum(g * fn(x, w, t, z_loss_weight=z))
+
+    loss = jax.jit(lambda x, w: fn(x, w, t, z_loss_weight=z))(x, w)
+    dx, dw = jax.jit(jax.grad(total, (0, 1)))(x, w)
+    n = int(np.prod(lead))
+    ref_loss, ref_dx, ref_dw = _np_ce(
+        np.asarray(x, np.float64).reshape(n, d), np.asarray(w, np.float64), np.asarray(t).reshape(n),
+        np.asarray(g, np.float64).reshape(n), z,
+    )
+    assert loss.shape == lead and loss.dtype == jnp.float32
+    assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == w.shape and dw.dtype == w.dtype
+    for got, want in ((loss.reshape(n), ref_loss), (dx.reshape(n, d), ref_dx), (dw, ref_dw)):
+        assert np.all(np.isfinite(np.asarray(got, np.float32)))
+        assert _rel(got, want) < tol, (_rel(got, want), tol)
+    # Masked tokens get exactly zero gradient.
+    masked = np.asarray(g).reshape(n) == 0
+    assert np.all(np.asarray(dx, np.float32).reshape(n, d)[masked] == 0)
+
+
+IMPLS = ["auto", *registry.names()]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lead,d,v", [((37,), 16, 250), ((2, 24), 32, 1000)])
+@pytest.mark.parametrize("z", [0.0, 1e-2])
+def test_float32(impl, lead, d, v, z):
+    _check(lambda *a, **k: cross_entropy(*a, impl=impl, **k), lead, d, v, z, jnp.float32, 1e-5)
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 333, 1000, 4096])
+def test_chunked_chunk_widths(chunk):
+    """Chunk widths that divide V, that don't (clamped, overlapping last chunk), equal to and wider than V."""
+    _check(lambda *a, **k: chunked.cross_entropy(*a, vocab_chunk=chunk, **k), (48,), 24, 1000, 1e-3, jnp.float32,
+           1e-5)
+
+
+@pytest.mark.parametrize("impl", registry.names())
+def test_bfloat16(impl):
+    _check(lambda *a, **k: cross_entropy(*a, impl=impl, **k), (4, 32), 64, 3000, 1e-4, jnp.bfloat16, 2e-2)
+
+
+def test_chunked_never_materializes_logits():
+    n, d, v = 256, 16, 4000
+    x, w, t, g = _inputs((n,), d, v, jnp.float32)
+    f = lambda x, w: jnp.sum(g * chunked.cross_entropy(x, w, t, vocab_chunk=500))
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(f, (0, 1)))(x, w)
+
+    def sizes(jx):
+        for eqn in jx.eqns:
+            for var in eqn.outvars:
+                yield int(np.prod(getattr(var.aval, "shape", ())))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from sizes(sub)
+
+    assert max(sizes(jaxpr.jaxpr)) < n * v // 4
+
+
+def test_auto_choice():
+    assert registry.resolve("auto", x_shape=(4, 4096, 3072), w_shape=(3072, 128256))[0] == "chunked"
+    assert registry.resolve("auto", x_shape=(8, 16), w_shape=(16, 100))[0] == "reference"
+    assert chunked.default_vocab_chunk(16384, 128256) == 8016
+
+
+@gpu
+@pytest.mark.parametrize("impl", registry.names())
+@pytest.mark.parametrize("z", [0.0, 1e-4])
+def test_gpu_bfloat16(impl, z):
+    _check(lambda *a, **k: cross_entropy(*a, impl=impl, **k), (2, 2048), 512, 32000, z, jnp.bfloat16, 2e-2)
+
+
+@gpu
+def test_gpu_llama_vocab_chunked():
+    _check(chunked.cross_entropy, (1024,), 256, 128256, 1e-4, jnp.bfloat16, 2e-2)

@@ -124,9 +124,13 @@ class Trainer:
         return total / max(count, 1.0)
 
 
-def train(config: Config, *, callback: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run ``config.train.steps`` optimizer steps and return the final state and the metric history."""
-    trainer = Trainer(config)
+def train(config: Config, *, callback: Callable[[int, dict], None] | None = None,
+          trainer: Trainer | None = None) -> TrainResult:
+    """Run ``config.train.steps`` optimizer steps and return the final state and the metric history.
+
+    ``trainer``: a ready ``Trainer`` (or subclass with its own data, init and step, e.g. post-training's
+    ``SFTTrainer``/``DPOTrainer``) built from ``config``; None builds the pretraining one."""
+    trainer = trainer if trainer is not None else Trainer(config)
     t, lc = config.train, config.log
     checkpoints = RunCheckpoints(trainer)
     state, data_state, start_step = checkpoints.restore_or_init()

@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -199,6 +200,7 @@ class CheckpointManager:
             raise self._save_error(self._pending, e) from e
 
     def _save_error(self, step, error: BaseException) -> CheckpointError:
+        self._remove_partial_saves()
         previous = [s for s in finalized_steps(self.directory) if step is None or s < step]
         kept = f"; the previous checkpoint {self.directory}/{previous[-1]} is intact" if previous else ""
         if _is_no_space(error):
@@ -206,6 +208,14 @@ class CheckpointManager:
                                    f"{self.directory}{kept}")
         return CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: "
                                f"{_one_line(error)}{kept}")
+
+    def _remove_partial_saves(self) -> None:
+        """Delete unfinalized step directories of a failed save (never restored; they only hold disk space)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if ".orbax-checkpoint-tmp" in name and name.split(".")[0].isdigit():
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def reached_preemption(self, step: int) -> bool:
         """True when JAX's multi-host preemption notice says every process should save at ``step``."""

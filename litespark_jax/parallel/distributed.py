@@ -21,6 +21,8 @@ import dataclasses
 import logging
 import os
 import re
+import sys
+import threading
 
 import jax
 
@@ -28,6 +30,9 @@ from litespark_jax.errors import UserError
 
 log = logging.getLogger("litespark_jax")
 DEFAULT_PORT = 12355
+
+
+RENDEZVOUS_EXIT_CODE = 75  # EX_TEMPFAIL, as the step watchdog: the scheduler may retry
 
 
 class DistributedError(UserError):
@@ -57,6 +62,11 @@ def expand_nodelist(nodelist: str) -> list[str]:
             else:
                 hosts.append(prefix + part)
     return hosts
+
+
+def _give_up(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(RENDEZVOUS_EXIT_CODE)
 
 
 def _int(env, key) -> int:
@@ -113,18 +123,25 @@ def initialize_from_env(env=None, timeout_s: int | None = None) -> ProcessSpec |
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("process %d/%d joining %s (from %s variables, timeout %ds)", spec.process_id, spec.num_processes,
              spec.coordinator, spec.source, timeout_s)
+    message = (
+        f"process {spec.process_id} of {spec.num_processes} could not rendezvous with the coordinator "
+        f"{spec.coordinator} within {timeout_s}s ({spec.source} variables): check that all {spec.num_processes} "
+        f"processes were started, that process 0 runs on that host and the port is open between nodes "
+        f"(LITESPARK_COORDINATOR_PORT); raise LITESPARK_INIT_TIMEOUT_S for slow starts."
+    )
+    # XLA aborts the process (a C++ CHECK, no Python exception) when its own deadline passes; our timer fires
+    # first with a message that says what to check, and exits non-zero so the scheduler can retry.
+    timer = threading.Timer(timeout_s, _give_up, args=(message,))
+    timer.daemon = True
+    timer.start()
     try:
         jax.distributed.initialize(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
-                                   process_id=spec.process_id, initialization_timeout=timeout_s)
+                                   process_id=spec.process_id, initialization_timeout=timeout_s + 30)
     except Exception as e:  # noqa: BLE001 - XLA raises plain RuntimeError/XlaRuntimeError variants
         first = " ".join(str(e).split())[:300]
-        raise DistributedError(
-            f"process {spec.process_id} of {spec.num_processes} could not rendezvous with the coordinator "
-            f"{spec.coordinator} within {timeout_s}s ({spec.source} variables): check that all "
-            f"{spec.num_processes} processes were started, that process 0 runs on that host and the port is open "
-            f"between nodes (LITESPARK_COORDINATOR_PORT); raise LITESPARK_INIT_TIMEOUT_S for slow starts. "
-            f"[{type(e).__name__}: {first}]"
-        ) from None
+        raise DistributedError(f"{message} [{type(e).__name__}: {first}]") from None
+    finally:
+        timer.cancel()
     log.info("process %d: %d local / %d global devices", jax.process_index(), jax.local_device_count(),
              jax.device_count())
     return spec

@@ -1,0 +1,60 @@
+"""Process layout from SLURM / JobSet / explicit variables, and the step watchdog."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from litespark_jax.parallel.distributed import DistributedError, detect, expand_nodelist
+from litespark_jax.parallel.watchdog import EXIT_CODE, StepWatchdog
+
+
+def test_expand_slurm_nodelist():
+    assert expand_nodelist("gpu[01-03,07],head") == ["gpu01", "gpu02", "gpu03", "gpu07", "head"]
+    assert expand_nodelist("node7") == ["node7"]
+
+
+def test_detect_slurm():
+    spec = detect({"SLURM_JOB_ID": "9", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
+                   "SLURM_JOB_NODELIST": "h100-[12-15]"})
+    assert (spec.coordinator, spec.num_processes, spec.process_id, spec.source) == ("h100-12:12355", 4, 3, "slurm")
+
+
+def test_detect_jobset():
+    spec = detect({"JOBSET_NAME": "llama", "REPLICATED_JOB_NAME": "workers", "JOB_COMPLETION_INDEX": "1",
+                   "LITESPARK_NUM_PROCESSES": "2", "LITESPARK_COORDINATOR_PORT": "5000"})
+    assert (spec.coordinator, spec.num_processes, spec.process_id) == ("llama-workers-0-0.llama:5000", 2, 1)
+
+
+def test_detect_explicit_and_single_process():
+    spec = detect({"LITESPARK_COORDINATOR": "10.0.0.1:1234", "LITESPARK_NUM_PROCESSES": "2",
+                   "LITESPARK_PROCESS_ID": "0"})
+    assert spec.coordinator == "10.0.0.1:1234" and spec.num_processes == 2
+    assert detect({}) is None
+    assert detect({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+    with pytest.raises(DistributedError, match="LITESPARK_PROCESS_ID"):
+        detect({"LITESPARK_COORDINATOR": "x:1", "LITESPARK_NUM_PROCESSES": "2"})
+    with pytest.raises(DistributedError, match="not within 0..1"):
+        detect({"LITESPARK_COORDINATOR": "x:1", "LITESPARK_NUM_PROCESSES": "2", "LITESPARK_PROCESS_ID": "2"})
+
+
+def test_watchdog_fires_when_steps_stop():
+    codes = []
+    dog = StepWatchdog(0.3, exit_fn=codes.append, poll_s=0.05)
+    for _ in range(3):
+        dog.beat()
+        time.sleep(0.1)
+    assert codes == []
+    time.sleep(0.8)
+    assert codes == [EXIT_CODE]
+
+
+def test_watchdog_stops_and_can_be_disabled():
+    codes = []
+    dog = StepWatchdog(0.2, exit_fn=codes.append, poll_s=0.05)
+    dog.beat()
+    dog.stop()
+    time.sleep(0.5)
+    assert codes == []
+    assert not StepWatchdog.from_env({"LITESPARK_STEP_TIMEOUT_S": "0"}).enabled

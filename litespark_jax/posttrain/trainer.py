@@ -1,0 +1,288 @@
+"""SFT and DPO trainers: the pretraining ``Trainer`` (mesh, shardings, optimizer, checkpoints, metrics) with
+post-training data, starting weights and, for DPO, another step.
+
+Both are passed to ``litespark_jax.train.loop.train(config, trainer=...)``, so logging, tokens/s, MFU, eval,
+checkpointing, resume and preemption are the pretraining loop's. ``train.resume=auto`` resumes a post-training run
+from its own checkpoints; a fresh run starts from ``posttrain.init_from``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from litespark_jax.config import Config
+from litespark_jax.errors import CheckpointError, ConfigError
+from litespark_jax.posttrain import dpo_data, sft_data
+from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_step, token_logps
+from litespark_jax.posttrain.template import TemplateTokens, get_template
+from litespark_jax.train.loop import Trainer
+from litespark_jax.train.state import TrainState, abstract_model
+
+log = logging.getLogger("litespark_jax")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+BUNDLED = {"sft": ("sft_train.jsonl", "sft_eval.jsonl"), "dpo": ("dpo_train.jsonl", "dpo_eval.jsonl")}
+
+
+def data_files(config: Config, kind: str) -> tuple[str, str | None]:
+    """(train file, eval file or None): the configured ones, or the bundled examples."""
+    p = config.posttrain
+    if p.train_file is None:
+        train, evaluation = BUNDLED[kind]
+        return str(EXAMPLES_DIR / train), p.eval_file or str(EXAMPLES_DIR / evaluation)
+    return p.train_file, p.eval_file
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Starting weights
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        name.endswith(".safetensors") for name in os.listdir(path))
+
+
+def load_hf_params(path: str, model_cfg) -> dict:
+    """A Hugging Face Llama directory as our pure parameter dict (numpy); ConfigError when its shape differs."""
+    from safetensors.numpy import load_file
+
+    from litespark_jax import hf
+
+    with open(os.path.join(path, "config.json")) as f:
+        theirs = json.load(f)
+    ours = hf.hf_config(model_cfg)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings"):
+        if key in theirs and theirs[key] != ours[key]:
+            raise ConfigError(f"posttrain.init_from: {path}/config.json has {key}={theirs[key]} but the model config "
+                              f"gives {ours[key]}; make the model section match the checkpoint")
+    tensors = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(path, name)))
+    try:
+        return hf.from_hf_state_dict({k: np.asarray(v, np.float32) for k, v in tensors.items()}, model_cfg)
+    except KeyError as e:
+        raise CheckpointError(f"posttrain.init_from: {path} has no tensor {e.args[0]}") from None
+
+
+class _PosttrainMixin:
+    """Template, starting weights and batching shared by SFT and DPO."""
+
+    kind = "sft"
+
+    def _setup_posttrain(self, config: Config):
+        p = config.posttrain
+        p.validate()
+        self.template_tokens = TemplateTokens(get_template(p.template), self.tokenizer, p.system_prompt)
+        self.template_tokens.check_vocab(config.model.vocab_size)
+        self.train_file, self.eval_file = data_files(config, self.kind)
+        self._initial = None
+        n = jax.process_count()
+        if config.train.global_batch_size % n:
+            raise ConfigError(f"train.global_batch_size ({config.train.global_batch_size}) must be divisible by the "
+                              f"process count ({n})")
+        self.local_rows = config.train.global_batch_size // n
+
+    def initial_params(self):
+        """The starting weights (``posttrain.init_from``, else the seeded random init) on the parameter shardings."""
+        if self._initial is not None:
+            return self._initial
+        source = self.config.posttrain.init_from
+        params_sharding = self.state_sharding.params
+        if source is None:
+            params = super().init_state().params
+        elif os.path.isdir(source) and is_hf_dir(source):
+            pure = load_hf_params(source, self.config.model)
+            _, abstract = abstract_model(self.config.model)
+            dtype = jnp.dtype(self.config.model.param_dtype)
+            nnx.replace_by_pure_dict(abstract, jax.tree.map(lambda a: np.asarray(a, dtype), pure))
+            params = jax.device_put(abstract, params_sharding)
+        else:
+            params = self._load_checkpoint_params(source)
+        log.info("starting weights: %s", source or f"random init (seed {self.config.train.seed})")
+        self._initial = params
+        return params
+
+    def _load_checkpoint_params(self, source: str):
+        from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_shardings, \
+            split_checkpoint_path
+
+        root, step = split_checkpoint_path(source)
+        shapes = jax.eval_shape(super().init_state)
+        manager = CheckpointManager(root, self.config.checkpoint, read_only=True)
+        try:
+            with self._sharding_context():
+                restored = manager.restore(abstract_with_shardings(shapes, self.state_sharding), step)
+        finally:
+            manager.close()
+        return restored.state.params
+
+    def init_state(self) -> TrainState:
+        """Step 0 at the starting weights with a fresh optimizer (copied, so donating it keeps ``initial_params``)."""
+        params = self.initial_params()
+
+        def init(p):
+            p = jax.tree.map(jnp.copy, p)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.optimizer.init(p))
+
+        with self._sharding_context():
+            return jax.jit(init, out_shardings=self.state_sharding)(params)
+
+    def _pad_rows(self, batch: dict) -> dict:
+        """A short final eval batch padded with empty rows (no loss) to the batch size."""
+        rows = next(iter(batch.values())).shape[0]
+        if rows == self.local_rows:
+            return batch
+        return {k: np.concatenate([v, np.zeros((self.local_rows - rows, *v.shape[1:]), v.dtype)]) for k, v in
+                batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SFT
+
+
+class SFTTrainer(_PosttrainMixin, Trainer):
+    """Pretraining's step on SFT batches: the loss is the mean over assistant tokens of the global batch."""
+
+    kind = "sft"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self._setup_posttrain(config)
+        p, t = config.posttrain, config.train
+        self.examples, self.stats = sft_data.prepare_sft(self.train_file, self.template_tokens, t.seq_len,
+                                                         p.truncation)
+        self.eval_examples, self.eval_stats = (None, None)
+        if self.eval_file:
+            self.eval_examples, self.eval_stats = sft_data.prepare_sft(self.eval_file, self.template_tokens,
+                                                                       t.seq_len, p.truncation)
+
+    def _dataset(self, examples, repeat: bool):
+        p, t = self.config.posttrain, self.config.train
+        return sft_data.sft_dataset(examples, seq_len=t.seq_len, batch_size=self.local_rows, seed=t.seed,
+                                    pack=p.pack, packing_bins=p.packing_bins, repeat=repeat,
+                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+
+    def train_iterator(self):
+        return iter(self._dataset(self.examples, repeat=True))
+
+    def evaluate(self, params) -> float:
+        """Mean NLL per assistant token over the whole eval file (the train file when there is none)."""
+        total, count = 0.0, 0.0
+        with self._sharding_context():
+            for local_batch in self._dataset(self.eval_examples or self.examples, repeat=False):
+                loss_sum, n = self._eval_step(params, self.global_batch(self._pad_rows(local_batch)))
+                total, count = total + float(loss_sum), count + float(n)
+        return total / max(count, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPO
+
+
+class DPOTrainer(_PosttrainMixin, Trainer):
+    """The DPO step on (chosen, rejected) rows; ``train.global_batch_size`` counts sequences (2 per pair)."""
+
+    kind = "dpo"
+
+    def __init__(self, config: Config):
+        t = config.train
+        if t.global_batch_size % 2 or (t.global_batch_size // t.grad_accum_steps) % 2:
+            raise ConfigError(f"DPO: train.global_batch_size ({t.global_batch_size}) counts sequences, two per pair; "
+                              f"it and its micro-batches (/ train.grad_accum_steps) must be even")
+        super().__init__(config)
+        self._setup_posttrain(config)
+        p = config.posttrain
+        self.pairs, self.stats = dpo_data.prepare_dpo(self.train_file, self.template_tokens, t.seq_len, p.truncation)
+        self.eval_pairs, self.eval_stats = (None, None)
+        if self.eval_file:
+            self.eval_pairs, self.eval_stats = dpo_data.prepare_dpo(self.eval_file, self.template_tokens, t.seq_len,
+                                                                    p.truncation)
+        params_sharding = self.state_sharding.params
+        with self._sharding_context():
+            self._train_step = jax.jit(
+                make_dpo_step(p, config.model, t.grad_accum_steps, self.graphdef, self.optimizer, self.schedule),
+                in_shardings=(self.state_sharding, self.batch_sharding),
+                out_shardings=(self.state_sharding, None), donate_argnums=0)
+            self._dpo_eval = jax.jit(make_dpo_eval(p, config.model, self.graphdef),
+                                     in_shardings=(params_sharding, self.batch_sharding))
+            self._token_logps = jax.jit(
+                lambda params, batch: token_logps(params, self.graphdef, batch, impl=config.model.cross_entropy_impl),
+                in_shardings=(params_sharding, self.batch_sharding), out_shardings=self.batch_sharding)
+        self._precomputed = False
+        self.last_eval: dict = {}
+
+    # Reference log-probs -------------------------------------------------------------------------------------
+    def reference_logps(self, global_batch: dict):
+        with self._sharding_context():
+            return self._token_logps(self.initial_params(), global_batch)
+
+    def precompute_reference(self) -> None:
+        """One pass of the reference (the starting weights) over every train and eval pair; stored in the pairs."""
+        if self._precomputed:
+            return
+        for pairs in (self.pairs, self.eval_pairs or []):
+            for start in range(0, len(pairs), self.local_rows // 2):
+                chunk = pairs[start:start + self.local_rows // 2]
+                batch = self._pad_rows(dpo_data.interleave({side: {k: np.stack([p[side][k] for p in chunk])
+                                                                   for k in chunk[0][side]}
+                                                            for side in ("chosen", "rejected")}))
+                logps = np.asarray(jax.device_get(self.reference_logps(self.global_batch(batch))))
+                for i, pair in enumerate(chunk):
+                    pair["chosen"]["ref_logps"] = logps[2 * i].astype(np.float32)
+                    pair["rejected"]["ref_logps"] = logps[2 * i + 1].astype(np.float32)
+        self._precomputed = True
+        if self.config.posttrain.reference == "precomputed":
+            self._initial = None  # the reference weights are no longer needed
+
+    def _with_reference(self, local_batch: dict) -> dict:
+        batch = self.global_batch(local_batch)
+        if self.config.posttrain.reference == "model":
+            batch = {**batch, "ref_logps": self.reference_logps(batch)}
+        return batch
+
+    # Trainer hooks -------------------------------------------------------------------------------------------
+    def _dataset(self, pairs, repeat: bool):
+        t = self.config.train
+        return dpo_data.dpo_dataset(pairs, pairs_per_batch=self.local_rows // 2, seed=t.seed, repeat=repeat,
+                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+
+    def train_iterator(self):
+        if self.config.posttrain.reference == "precomputed":
+            self.precompute_reference()
+        return iter(self._dataset(self.pairs, repeat=True))
+
+    def train_step(self, state: TrainState, local_batch: dict):
+        with self._sharding_context():
+            return self._train_step(state, self._with_reference(local_batch))
+
+    def evaluate_pairs(self, params, pairs=None) -> dict:
+        """DPO loss, reward accuracy / margin, chosen / rejected rewards and KL proxy over all ``pairs`` (default:
+        the eval pairs, else the train pairs)."""
+        if self.config.posttrain.reference == "precomputed":
+            self.precompute_reference()
+        pairs = pairs if pairs is not None else (self.eval_pairs or self.pairs)
+        loss_sum, sums = 0.0, {}
+        with self._sharding_context():
+            for local_batch in self._dataset(pairs, repeat=False):
+                batch = self._with_reference(self._pad_rows(local_batch))
+                loss, stats = jax.device_get(self._dpo_eval(params, batch))
+                loss_sum += float(loss)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        n = max(sums.get("pairs", 0.0), 1.0)
+        return {"loss": loss_sum / n, **{k: v / n for k, v in sums.items() if k not in ("pairs", "tokens")},
+                "pairs": sums.get("pairs", 0.0)}
+
+    def evaluate(self, params) -> float:
+        self.last_eval = self.evaluate_pairs(params)
+        return self.last_eval["loss"]

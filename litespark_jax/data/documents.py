@@ -44,6 +44,7 @@ class TextDocumentStore:
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_docs = cache_docs
         self._lock = threading.Lock()
+        self._dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32  # halves the cache for most vocabs
 
     def __len__(self) -> int:
         return len(self.corpus.texts)
@@ -68,7 +69,7 @@ class TextDocumentStore:
             if cached is not None:
                 self._cache.move_to_end(doc_id)
                 return cached
-        ids = encode_array(self.tokenizer, self.corpus.texts[doc_id])
+        ids = encode_array(self.tokenizer, self.corpus.texts[doc_id]).astype(self._dtype)
         with self._lock:
             self._lengths[doc_id] = len(ids)
             self._cache[doc_id] = ids
@@ -78,8 +79,20 @@ class TextDocumentStore:
 
     def lengths(self, doc_ids: np.ndarray) -> np.ndarray:
         doc_ids = np.asarray(doc_ids, dtype=np.int64)
-        for doc_id in doc_ids[self._lengths[doc_ids] < 0]:
-            self.tokens(doc_id)
+        missing = [int(d) for d in dict.fromkeys(doc_ids[self._lengths[doc_ids] < 0].tolist())]
+        encode_batch = getattr(self.tokenizer, "encode_batch", None)
+        if encode_batch is not None and len(missing) > 1:
+            # The packer asks for lengths a chunk of documents ahead: tokenize them in one Rust-parallel call.
+            encoded = encode_batch([self.corpus.texts[d] for d in missing])
+            with self._lock:
+                for doc_id, ids in zip(missing, encoded):
+                    self._lengths[doc_id] = len(ids)
+                    self._cache[doc_id] = ids.astype(self._dtype)
+                while len(self._cache) > self._cache_docs:
+                    self._cache.popitem(last=False)
+        else:
+            for doc_id in missing:
+                self.tokens(doc_id)
         return self._lengths[doc_ids]
 
     def read(self, requests: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:

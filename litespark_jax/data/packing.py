@@ -53,7 +53,7 @@ class DocStream:
     window before the retained history restarts from the beginning (only happens after `set_state` to an earlier step).
     """
 
-    CHUNK = 256
+    CHUNK = 128
     HISTORY_WINDOWS = 64
 
     def __init__(self, doc_ids: Callable[[int, int], np.ndarray], lengths: Callable[[np.ndarray], np.ndarray],

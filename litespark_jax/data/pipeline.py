@@ -171,6 +171,10 @@ class BatchIterator(grain.DatasetIterator):
         stop = self._num_steps if self._num_steps is not None else 1 << 62
         dataset = grain.MapDataset.range(self._step, max(self._step, stop)).map(self.builder)
         if self._num_workers:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's worker pool reads absl flags; we are not an absl app
+                flags.FLAGS.mark_as_parsed()
             iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self._num_workers, per_worker_buffer_size=max(1, self._prefetch)))

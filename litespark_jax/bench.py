@@ -128,11 +128,11 @@ def _pct(value):
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'variant':<10} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU(nc)':>7} {'step s':>7} "
+    header = (f"{'variant':<12} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU(nc)':>7} {'step s':>7} "
               f"{'mem GiB':>8} {'compile':>7} {'W':>6} {'J/tok':>7} {'loss':>7}")
     print(header)
     for r in rows:
-        print(f"{r['variant']:<10} {r['tokens_per_s']:>10,.0f} {r['tflops_per_device']:>8.1f} "
+        print(f"{r['variant']:<12} {r['tokens_per_s']:>10,.0f} {r['tflops_per_device']:>8.1f} "
               f"{_pct(r['mfu_causal']):>6} {_pct(r['mfu_noncausal']):>7} {r['step_s']:>7.3f} "
               f"{_fmt(r['compiled_memory_gib'], '>8.2f')} {r['compile_s']:>6.1f}s {_fmt(r['avg_power_w'], '>6.0f')} "
               f"{_fmt(r['joules_per_token'], '>7.4f')} {r['final_loss']:>7.3f}")
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     parser.add_argument("--litespark", nargs="*", default=[], metavar="section.key=value",
                         help="overrides applied to the LiteSpark variant only")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,key=value",
+                        help="an extra named LiteSpark variant (repeatable), e.g. accum2:train.grad_accum_steps=2")
     parser.add_argument("--jsonl", default=None, help="append result rows to this JSONL file")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
     args = parser.parse_args(argv)
@@ -154,6 +156,9 @@ def main(argv=None) -> int:
     if args.baseline:
         variants.append(("baseline", load_config(args.config, [*args.overrides, *BASELINE_OVERRIDES])))
     variants.append(("litespark", load_config(args.config, [*args.overrides, *args.litespark])))
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        variants.append((name, load_config(args.config, [*args.overrides, *filter(None, overrides.split(","))])))
     batch = synthetic_batch(variants[0][1])
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}", flush=True)
     rows = []
@@ -164,12 +169,13 @@ def main(argv=None) -> int:
               f"{config.train.seq_len} accum={config.train.grad_accum_steps}", flush=True)
         rows.append(measure(name, config, batch, args.steps, args.warmup))
     print_table(rows)
-    if len(rows) == 2:
-        base, ours = rows
-        print(f"ratios litespark/baseline: tokens/s {ours['tokens_per_s'] / base['tokens_per_s']:.3f}x", end="")
-        if base["joules_per_token"] and ours["joules_per_token"]:
-            print(f", joules/token {ours['joules_per_token'] / base['joules_per_token']:.3f}x", end="")
-        print()
+    if args.baseline:
+        base = rows[0]
+        for ours in rows[1:]:
+            line = f"ratios {ours['variant']}/baseline: tokens/s {ours['tokens_per_s'] / base['tokens_per_s']:.3f}x"
+            if base["joules_per_token"] and ours["joules_per_token"]:
+                line += f", joules/token {ours['joules_per_token'] / base['joules_per_token']:.3f}x"
+            print(line)
     if args.jsonl:
         with open(args.jsonl, "a") as f:
             for row in rows:

@@ -1,0 +1,69 @@
+"""The prepared (offline-tokenized) path yields exactly the batches of the on-the-fly path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from litespark_jax.data import build_tokenizer, make_eval_iterator, make_train_iterator
+from litespark_jax.data.bpe_train import train_bpe
+from litespark_jax.errors import DataError
+from litespark_jax.prepare import main as prepare_cli
+
+
+def batches(cfg, tok, steps, **kw):
+    it = make_train_iterator(cfg, tok, seq_len=24, global_batch_size=4, seed=3, process_index=0, process_count=1, **kw)
+    return [next(it) for _ in range(steps)]
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepared_byte_corpus_gives_identical_batches(corpus, byte_tokenizer, tmp_path, workers):
+    out = tmp_path / "prepared"
+    assert prepare_cli(["--files", corpus["cfg"].train_files, "--out", str(out), "--workers", str(workers),
+                        "--no-progress"]) == 0
+    prepared_cfg = dataclasses.replace(corpus["cfg"], train_files=str(out))
+    assert_same(batches(corpus["cfg"], byte_tokenizer, 40), batches(prepared_cfg, byte_tokenizer, 40))
+    explicit = dataclasses.replace(prepared_cfg, format="prepared")
+    assert_same(batches(corpus["cfg"], byte_tokenizer, 3), batches(explicit, byte_tokenizer, 3))
+
+
+def test_prepared_bpe_corpus_train_and_eval(corpus, tmp_path):
+    tok_path = train_bpe(corpus["cfg"].train_files, str(tmp_path / "tok"), vocab_size=320, progress=False)
+    cfg = dataclasses.replace(corpus["cfg"], tokenizer=tok_path)
+    tok = build_tokenizer(cfg)
+    assert prepare_cli(["--files", cfg.train_files, "--tokenizer", tok_path, "--out", str(tmp_path / "tr"),
+                        "--no-progress"]) == 0
+    assert prepare_cli(["--files", cfg.validation_files, "--tokenizer", tok_path, "--out", str(tmp_path / "va"),
+                        "--no-progress"]) == 0
+    prepared = dataclasses.replace(cfg, train_files=str(tmp_path / "tr"), validation_files=str(tmp_path / "va"))
+    assert_same(batches(cfg, tok, 20), batches(prepared, tok, 20))
+    kw = dict(seq_len=16, global_batch_size=2, process_index=0, process_count=1)
+    assert_same(list(make_eval_iterator(cfg, tok, **kw)), list(make_eval_iterator(prepared, tok, **kw)))
+
+
+def test_prepared_with_another_tokenizer_is_refused(corpus, byte_tokenizer, tmp_path):
+    out = tmp_path / "prepared"
+    assert prepare_cli(["--files", corpus["cfg"].train_files, "--out", str(out), "--no-progress"]) == 0
+    tok_path = train_bpe(corpus["cfg"].train_files, str(tmp_path / "tok"), vocab_size=300, progress=False)
+    cfg = dataclasses.replace(corpus["cfg"], train_files=str(out), tokenizer=tok_path)
+    with pytest.raises(DataError, match="prepared with tokenizer byte"):
+        batches(cfg, build_tokenizer(cfg), 1)
+
+
+def test_prepare_refuses_to_overwrite_and_reports_bad_data(corpus, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert prepare_cli(["--files", corpus["cfg"].train_files, "--out", str(out), "--no-progress"]) == 0
+    assert prepare_cli(["--files", corpus["cfg"].train_files, "--out", str(out), "--no-progress"]) == 2
+    assert "already holds a prepared corpus" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    assert prepare_cli(["--files", str(bad), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err

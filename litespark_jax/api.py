@@ -1,0 +1,253 @@
+"""The Python API for notebooks and scripts: everything the CLIs do, as plain functions.
+
+Each function is a thin layer over the module that owns the work (config, model, train loop, checkpoints, Hugging
+Face conversion, generation, plots); nothing is implemented twice.
+
+    from litespark_jax import api
+
+    config = api.load_config("tiny", ["train.steps=100"])      # a preset name, a YAML path, or None (defaults)
+    model = api.build_model(config)                              # random init (seed train.seed)
+    tok = api.tokenizer(config)
+    print(api.generate_text(model, tok, "def main():", max_new_tokens=40))
+    result = api.train(config, callback=lambda step, m: print(step, m["loss"]))
+    model = api.model_from_state(config, result.state)
+    print(api.evaluate(config, model))                           # validation NLL, nats/token
+    fig = api.plot_history(result)                               # loss / eval loss / tokens/s, inline
+    api.save_checkpoint(config, result.state, "ckpt/")           # (train() already saves into checkpoint.dir)
+    model, config = api.load_checkpoint("ckpt/")                 # newest good step, or "ckpt/<step>"
+    api.export_hf(model, config, "hf_out/")                      # LlamaForCausalLM directory
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import jax
+from flax import nnx
+
+from litespark_jax import config as config_lib
+from litespark_jax import generation
+from litespark_jax.config import Config
+from litespark_jax.errors import ConfigError
+from litespark_jax.generation import SamplingConfig
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+__all__ = [
+    "SamplingConfig", "build_model", "evaluate", "export_hf", "generate", "generate_text", "import_hf",
+    "latest_checkpoint", "load_checkpoint", "load_config", "model_from_state", "override", "plot_history",
+    "plot_runs", "save_checkpoint", "tokenizer", "train",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """A validated Config from a preset name in ``configs/`` (``"tiny"``), a YAML path, or None (the built-in
+    defaults), with ``section.key=value`` overrides applied."""
+    path = preset
+    if preset is not None and not os.path.exists(preset):
+        candidate = os.path.join(CONFIGS_DIR, f"{preset}.yaml")
+        if os.path.isfile(candidate):
+            path = candidate
+    return config_lib.load_config(path, list(overrides))
+
+
+def override(config: Config, *overrides: str) -> Config:
+    """A copy of ``config`` with ``section.key=value`` overrides applied (validated again)."""
+    raw = config.to_dict()
+    for item in overrides:
+        config_lib._apply_override(raw, item)
+    new = config_lib.from_dict(raw, "override")
+    config_lib.validate(new)
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(config: Config | config_lib.ModelConfig, seed: int | None = None):
+    """A freshly initialized ``Llama`` (an nnx Module; call it with tokens for float32 logits). The seed defaults
+    to ``train.seed``, which gives the same weights as the start of ``train(config)``."""
+    from litespark_jax.train.state import init_model
+
+    model_cfg = config.model if isinstance(config, Config) else config
+    if seed is None:
+        seed = config.train.seed if isinstance(config, Config) else 0
+    graphdef, params = init_model(model_cfg, seed)
+    return nnx.merge(graphdef, params)
+
+
+def model_from_state(config: Config, state_or_params):
+    """The ``Llama`` holding the parameters of a ``TrainState`` (e.g. ``train(...).state``) or of a params tree
+    (an ``nnx.State`` or a pure dict as ``nnx.to_pure_dict`` gives)."""
+    from litespark_jax.train.state import abstract_model
+
+    params = getattr(state_or_params, "params", state_or_params)
+    graphdef, abstract = abstract_model(config.model)
+    if not isinstance(params, nnx.State):
+        nnx.replace_by_pure_dict(abstract, params)
+        params = abstract
+    return nnx.merge(graphdef, params)
+
+
+def tokenizer(config: Config):
+    """The tokenizer named by ``data.tokenizer`` (``encode``, ``decode``, ``bos_id``, ``eos_id``)."""
+    from litespark_jax.data import build_tokenizer
+
+    return build_tokenizer(config.data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def train(config: Config, *, steps: int | None = None, callback: Callable[[int, dict], None] | None = None):
+    """Run the training loop (``litespark_jax.train.loop.train``) and return its ``TrainResult`` (``state``,
+    ``history``, ``eval_history``). ``callback(step, metrics)`` is called at every logged step (``log.every``).
+    Checkpoints go to ``checkpoint.dir`` and metrics to ``train.run_dir/metrics.jsonl``, as with the CLI."""
+    from litespark_jax.train.loop import train as train_loop
+
+    if steps is not None:
+        config = override(config, f"train.steps={steps}")
+    return train_loop(config, callback=callback)
+
+
+def evaluate(config: Config, model_or_params) -> float:
+    """Mean validation NLL (nats/token) over ``train.eval_batches`` batches of the validation split."""
+    from litespark_jax.train.loop import Trainer
+
+    params = model_or_params
+    if isinstance(model_or_params, nnx.Module):
+        params = nnx.state(model_or_params)
+    params = getattr(params, "params", params)
+    trainer = Trainer(config)
+    params = jax.device_put(params, trainer.state_sharding.params)
+    return trainer.evaluate(params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(config: Config, state, directory: str | None = None, step: int | None = None) -> str:
+    """Save a ``TrainState`` as an orbax checkpoint (the format training resumes from) and wait until it is
+    finalized; returns the step directory. ``directory`` defaults to ``checkpoint.dir`` (RUN_DIR/checkpoints)."""
+    from litespark_jax.checkpoint.manager import CheckpointManager
+    from litespark_jax.checkpoint.session import checkpoint_dir
+
+    directory = os.path.abspath(directory or checkpoint_dir(config))
+    step = int(jax.device_get(state.step)) if step is None else step
+    manager = CheckpointManager(directory, config.checkpoint)
+    try:
+        manager.save(step, state, config=config.to_dict(), seed=config.train.seed, force=True)
+    finally:
+        manager.close()
+    return os.path.join(directory, str(step))
+
+
+def latest_checkpoint(config_or_directory) -> str | None:
+    """The newest finalized step directory of a checkpoint directory (or of a config's ``checkpoint.dir``)."""
+    from litespark_jax.checkpoint.manager import finalized_steps
+    from litespark_jax.checkpoint.session import checkpoint_dir
+
+    directory = config_or_directory
+    if isinstance(config_or_directory, Config):
+        directory = checkpoint_dir(config_or_directory)
+    steps = finalized_steps(directory)
+    return os.path.join(directory, str(steps[-1])) if steps else None
+
+
+def load_checkpoint(path: str, overrides: Sequence[str] = (), *, with_state: bool = False):
+    """``(model, config)`` from a checkpoint directory (its newest good step) or one step directory. The config is
+    the one saved with the checkpoint, with ``overrides`` applied (e.g. a data path on this machine).
+    ``with_state=True`` returns ``(model, config, train_state)`` to continue training from it."""
+    from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_shardings, split_checkpoint_path
+    from litespark_jax.train.loop import Trainer
+
+    root, step = split_checkpoint_path(path)
+    manager = CheckpointManager(root, read_only=True)
+    try:
+        raw = manager.read_config(step)
+        if not raw:
+            raise ConfigError(f"checkpoint {path} carries no config; build the config and use model_from_state")
+        config = override(config_lib.from_dict(raw, f"{path} (saved config)"), *overrides)
+        trainer = Trainer(config)
+        shapes = jax.eval_shape(trainer.init_state)
+        with trainer._sharding_context():
+            restored = manager.restore(abstract_with_shardings(shapes, trainer.state_sharding), step)
+    finally:
+        manager.close()
+    model = model_from_state(config, restored.state)
+    return (model, config, restored.state) if with_state else (model, config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def export_hf(model, config: Config, out_dir: str, **kwargs) -> str:
+    """Write a ``LlamaForCausalLM`` directory (config.json + safetensors, and the tokenizer) that
+    ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads (``litespark_jax.convert.export_hf``)."""
+    from litespark_jax import convert
+
+    return convert.export_hf(_params(model), config, out_dir, **kwargs)
+
+
+def import_hf(hf_dir: str, config: Config | None = None, **kwargs):
+    """``(model, config)`` from a Hugging Face Llama directory (``litespark_jax.convert.import_hf``)."""
+    from litespark_jax import convert
+
+    imported = convert.import_hf(hf_dir, config, **kwargs)
+    params, config = imported if isinstance(imported, tuple) else (imported, config)
+    return model_from_state(config, params), config
+
+
+def _params(model):
+    return nnx.state(model) if isinstance(model, nnx.Module) else getattr(model, "params", model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig()) -> list[list[int]]:
+    """New token ids for each prompt (KV-cache decoding, ``litespark_jax.generation.generate``)."""
+    return generation.generate(model, prompts, sampling)
+
+
+def generate_text(model, tok, prompt: str | Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                  add_bos: bool = True) -> str | list[str]:
+    """The continuation of ``prompt`` (a string, or a list of them for a batch) as text. Greedy when
+    ``temperature`` is 0; otherwise sampled with optional top-k / top-p. Training frames every document as
+    BOS ... EOS, so the prompt starts with BOS and generation stops at EOS."""
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids = [([tok.bos_id] if add_bos else []) + list(tok.encode(t)) for t in texts]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, eos_id=tok.eos_id if stop_at_eos else None)
+    outs = generation.generate(model, ids, sampling)
+    decoded = [tok.decode([i for i in out if i != tok.eos_id]) for out in outs]
+    return decoded[0] if isinstance(prompt, str) else decoded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_history(result, label: str = "run"):
+    """A matplotlib Figure of an in-memory ``TrainResult`` (loss, validation loss, tokens/s, MFU when known)."""
+    from litespark_jax import plot
+
+    return plot.overview_figure([plot.runs_from_history(result.history, result.eval_history, label)])
+
+
+def plot_runs(run_dirs: Sequence[str], out_dir: str | None = None, labels: Sequence[str] | None = None) -> list[str]:
+    """PNG plots comparing the ``metrics.jsonl`` of several runs (``python -m litespark_jax.plot``)."""
+    from litespark_jax import plot
+
+    return plot.plot_runs(list(run_dirs), out_dir, list(labels) if labels else None)

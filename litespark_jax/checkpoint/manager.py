@@ -245,14 +245,28 @@ class CheckpointManager:
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"{self.directory} is not a checkpoint directory: it holds no finalized steps")
+        return self._newest_good(lambda candidate: self._restore_step(abstract_state, candidate), step)
+
+    def restore_arrays(self, prefix: str = "params.", step: int | None = None) -> Restored:
+        """Only the arrays whose names start with ``prefix`` (e.g. the parameters, for export), on one device, as a
+        flat ``{name without prefix: array}``; same fallback and checksum checks as ``restore``."""
+        return self._newest_good(lambda candidate: self._restore_subset(prefix, candidate), step)
+
+    def _newest_good(self, restore_step, step: int | None) -> Restored:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory} is not a checkpoint directory: it holds no finalized steps")
         if step is not None:
             if step not in steps:
                 raise CheckpointError(f"checkpoint step {step} not found in {self.directory} (have {steps})")
-            return self._restore_step(abstract_state, step)
+            try:
+                return restore_step(step)
+            except _Corrupted as e:
+                raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable: {e}") from None
         failures = []
         for candidate in reversed(steps):
             try:
-                restored = self._restore_step(abstract_state, candidate)
+                restored = restore_step(candidate)
             except _Corrupted as e:
                 log.warning("warning: checkpoint %s/%d is unreadable (%s); falling back to the previous one",
                             self.directory, candidate, e)
@@ -261,9 +275,8 @@ class CheckpointManager:
             return restored
         raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
 
-    def _restore_step(self, abstract_state, step: int) -> Restored:
+    def _read_meta(self, step: int) -> tuple[dict, dict]:
         path = os.path.join(self.directory, str(step))
-        target, _ = flatten(abstract_state)
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             metadata = self._manager.item_metadata(step)["state"]
@@ -272,6 +285,32 @@ class CheckpointManager:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
             raise _Corrupted(f"{path}/meta is not a LiteSpark checkpoint of format {FORMAT_VERSION}")
         saved = getattr(metadata, "tree", metadata)
+        if not isinstance(saved, dict):
+            raise _Corrupted(f"{path}/state has no readable metadata")
+        return meta, saved
+
+    def _restore_subset(self, prefix: str, step: int) -> Restored:
+        path = os.path.join(self.directory, str(step))
+        meta, saved = self._read_meta(step)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = {name: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
+                  for name, m in saved.items() if name.startswith(prefix)}
+        if not target:
+            raise CheckpointError(f"checkpoint {path} holds no arrays named {prefix}*")
+        try:
+            flat = ocp.PyTreeCheckpointer().restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+            config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception as e:  # noqa: BLE001
+            raise _Corrupted(_one_line(e)) from e
+        _verify_checksums(flat, meta)
+        return Restored(step=step, state={k[len(prefix):]: v for k, v in flat.items()}, data_state=None,
+                        config=config or {}, meta=meta, path=path)
+
+    def _restore_step(self, abstract_state, step: int) -> Restored:
+        path = os.path.join(self.directory, str(step))
+        target, _ = flatten(abstract_state)
+        meta, saved = self._read_meta(step)
         _check_compatible(saved, target, path)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -282,11 +321,7 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001
             raise _Corrupted(_one_line(e)) from e
         flat = restored["state"]
-        expected = meta.get("checksums", {})
-        actual = checksums(flat)
-        bad = [name for name in target if expected.get(name) != actual[name]]
-        if bad:
-            raise _Corrupted(f"checksum mismatch in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+        _verify_checksums(flat, meta)
         data = restored["data"] or {}
         return Restored(step=step, state=unflatten(flat, abstract_state), data_state=data.get("iterator"),
                         config=restored["config"] or {}, meta=meta, path=path)
@@ -298,6 +333,14 @@ class CheckpointManager:
 
 class _Corrupted(Exception):
     """A checkpoint step whose files cannot be read back as written."""
+
+
+def _verify_checksums(flat: dict, meta: dict) -> None:
+    expected = meta.get("checksums", {})
+    actual = checksums(flat)
+    bad = [name for name in flat if expected.get(name) != actual[name]]
+    if bad:
+        raise _Corrupted(f"checksum mismatch in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
 
 
 def _check_compatible(saved: dict, target: dict, path: str) -> None:

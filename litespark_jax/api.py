@@ -15,7 +15,8 @@ Face conversion, generation, plots); nothing is implemented twice.
     fig = api.plot_history(result)                               # loss / eval loss / tokens/s, inline
     api.save_checkpoint(config, result.state, "ckpt/")           # (train() already saves into checkpoint.dir)
     model, config = api.load_checkpoint("ckpt/")                 # newest good step, or "ckpt/<step>"
-    api.export_hf(model, config, "hf_out/")                      # LlamaForCausalLM directory
+    api.export_hf(api.latest_checkpoint(config), "hf_out/")      # LlamaForCausalLM directory
+    model, config = api.import_hf("hf_out/", config)
 """
 
 from __future__ import annotations
@@ -190,21 +191,46 @@ def load_checkpoint(path: str, overrides: Sequence[str] = (), *, with_state: boo
 # Hugging Face
 
 
-def export_hf(model, config: Config, out_dir: str, **kwargs) -> str:
-    """Write a ``LlamaForCausalLM`` directory (config.json + safetensors, and the tokenizer) that
-    ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads (``litespark_jax.convert.export_hf``)."""
+def export_hf(source, out_dir: str, config: Config | None = None, **kwargs) -> str:
+    """Write a ``LlamaForCausalLM`` directory (config.json, safetensors, the tokenizer) that
+    ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads, via ``litespark_jax.convert.export_hf``.
+
+    ``source``: a checkpoint directory or step directory (e.g. ``latest_checkpoint(config)``), or an in-memory
+    model / ``TrainState`` together with its ``config`` (saved to a temporary checkpoint first, then exported).
+    ``kwargs`` go to ``convert.export_hf`` (``dtype="bfloat16"``, ``max_shard_size``, ``tokenizer``)."""
+    import tempfile
+
     from litespark_jax import convert
 
-    return convert.export_hf(_params(model), config, out_dir, **kwargs)
+    if isinstance(source, (str, os.PathLike)):
+        return convert.export_hf(os.fspath(source), out_dir, **kwargs)
+    if config is None:
+        raise ConfigError("export_hf of an in-memory model needs its config: export_hf(model, out_dir, config)")
+    state = source if hasattr(source, "opt_state") else _fresh_state(config, _params(source))
+    with tempfile.TemporaryDirectory(prefix="litespark_export_") as tmp:
+        step_dir = save_checkpoint(config, state, tmp)
+        return convert.export_hf(step_dir, out_dir, **kwargs)
 
 
-def import_hf(hf_dir: str, config: Config | None = None, **kwargs):
-    """``(model, config)`` from a Hugging Face Llama directory (``litespark_jax.convert.import_hf``)."""
+def import_hf(hf_dir: str, config: Config | None = None, out: str | None = None):
+    """``(model, config)`` from a local Hugging Face Llama directory (``litespark_jax.convert.import_hf``): the
+    config takes the HF model shape, everything else from ``config`` (default: the defaults). With ``out``, a
+    step-0 checkpoint is also written there that ``train.resume=<out>`` continues from."""
     from litespark_jax import convert
 
-    imported = convert.import_hf(hf_dir, config, **kwargs)
-    params, config = imported if isinstance(imported, tuple) else (imported, config)
+    config, params = convert.import_hf(hf_dir, out, config=config)
     return model_from_state(config, params), config
+
+
+def _fresh_state(config: Config, params):
+    """A step-0 ``TrainState`` around ``params`` with a fresh optimizer state (the checkpoint format wants one)."""
+    import jax.numpy as jnp
+
+    from litespark_jax.train.optimizer import build_optimizer
+    from litespark_jax.train.state import TrainState
+
+    optimizer = build_optimizer(config.optim, config.train.steps)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
 def _params(model):

@@ -96,3 +96,38 @@ def test_bad_requests_are_refused(model):
         g.generate(model, [[1]], g.SamplingConfig(top_p=0.0))
     with pytest.raises(ValueError, match="at least one token"):
         g.generate(model, [[]], g.SamplingConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The API and the CLI around generation (checkpoint -> text, in-memory model -> HF directory -> model)
+
+SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=64",
+         "model.init_std=0.3", "model.vocab_size=260", "train.seq_len=32", "log.tensorboard=false"]
+
+
+def test_cli_generates_from_a_checkpoint_like_the_api(tmp_path, capsys):
+    from litespark_jax import api, generate
+
+    config = api.load_config(None, SMALL + [f"train.run_dir={tmp_path}"])
+    model = api.build_model(config)
+    step_dir = api.save_checkpoint(config, api._fresh_state(config, nnx.state(model)), str(tmp_path / "ckpt"))
+    expected = api.generate_text(model, api.tokenizer(config), "def f(x):", max_new_tokens=12, stop_at_eos=False)
+    assert generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def f(x):", "--max-new-tokens", "12",
+                          "--no-stop"]) == 0
+    assert capsys.readouterr().out == f"def f(x):{expected}\n"
+    loaded, loaded_config = api.load_checkpoint(step_dir)
+    assert loaded_config.model == config.model
+    assert g.generate(loaded, [[1, 2, 3]], g.SamplingConfig(max_new_tokens=8)) == \
+        g.generate(model, [[1, 2, 3]], g.SamplingConfig(max_new_tokens=8))
+
+
+def test_export_in_memory_model_to_hf_and_back(tmp_path):
+    from litespark_jax import api
+
+    config = api.load_config(None, SMALL)
+    model = api.build_model(config, seed=5)
+    api.export_hf(model, str(tmp_path / "hf"), config)
+    imported, imported_config = api.import_hf(str(tmp_path / "hf"), config)
+    assert imported_config.model.num_layers == config.model.num_layers
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(imported))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

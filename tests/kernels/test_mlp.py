@@ -21,16 +21,18 @@ _seed = iter(range(10_000))
 def _np_mlp(x, wgu, wd, dy):
     """float64 output and gradients (dx, dw_gate_up, dw_down) of sum(dy * out)."""
     x, wgu, wd, dy = (np.asarray(a, np.float64) for a in (x, wgu, wd, dy))
-    gu = np.einsum("nd,dtf->ntf", x, wgu)
-    g, u = gu[:, 0], gu[:, 1]
+    d, _, f = wgu.shape
+    w1 = wgu.reshape(d, 2 * f)  # plain matmuls (BLAS), not np.einsum, which is slow at the GPU test's sizes
+    gu = x @ w1
+    g, u = gu[:, :f], gu[:, f:]
     sig = 1 / (1 + np.exp(-g))
     h = g * sig * u
     out = h @ wd
     dh = dy @ wd.T
     dg = dh * u * (sig + g * sig * (1 - sig))
     du = dh * g * sig
-    dgu = np.stack([dg, du], axis=1)
-    return out, np.einsum("ntf,dtf->nd", dgu, wgu), np.einsum("nd,ntf->dtf", x, dgu), h.T @ dy
+    dgu = np.concatenate([dg, du], axis=1)
+    return out, dgu @ w1.T, (x.T @ dgu).reshape(d, 2, f), h.T @ dy
 
 
 def _rel(a, b):

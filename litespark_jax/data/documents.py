@@ -8,13 +8,24 @@ sit in an LRU), so a run on raw jsonl starts in about the time it takes to parse
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import os
 import threading
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from litespark_jax.data.sources import TextCorpus
-from litespark_jax.data.tokenizers import Tokenizer, encode_array
+from litespark_jax.data.tokenizers import ByteTokenizer, Tokenizer, encode_array
+
+_POOL = None
+
+
+def _encoder_pool():
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="tokenize")
+    return _POOL
 
 
 class DocumentStore(Protocol):
@@ -80,10 +91,9 @@ class TextDocumentStore:
     def lengths(self, doc_ids: np.ndarray) -> np.ndarray:
         doc_ids = np.asarray(doc_ids, dtype=np.int64)
         missing = [int(d) for d in dict.fromkeys(doc_ids[self._lengths[doc_ids] < 0].tolist())]
-        encode_batch = getattr(self.tokenizer, "encode_batch", None)
-        if encode_batch is not None and len(missing) > 1:
-            # The packer asks for lengths a chunk of documents ahead: tokenize them in one Rust-parallel call.
-            encoded = encode_batch([self.corpus.texts[d] for d in missing])
+        if len(missing) > 1 and not isinstance(self.tokenizer, ByteTokenizer):
+            # Tokenizer libraries release the GIL: encode a chunk of documents on all cores.
+            encoded = list(_encoder_pool().map(lambda d: encode_array(self.tokenizer, self.corpus.texts[d]), missing))
             with self._lock:
                 for doc_id, ids in zip(missing, encoded):
                     self._lengths[doc_id] = len(ids)

@@ -69,17 +69,24 @@ class DocStream:
         self._ids = np.empty(0, dtype=np.int64)
         self._ends = np.empty(0, dtype=np.int64)  # stream offset one past each framed document
         self._exhausted = False
+        self._seen_tokens = 0
+        self._seen_docs = 0
 
-    def _extend(self) -> bool:
+    def _extend(self, need: int = 1) -> bool:
+        """Append enough documents to cover about `need` more tokens (lengths may mean tokenizing: don't overshoot)."""
         if self._exhausted:
             return False
         k = self._k0 + len(self._ids)
-        ids = np.asarray(self._doc_ids(k, k + self.CHUNK), dtype=np.int64)
-        if len(ids) < self.CHUNK:
+        average = self._seen_tokens / self._seen_docs if self._seen_docs else float(need)
+        count = int(min(self.CHUNK, max(1, -(-need // max(1, int(average))) + 1)))
+        ids = np.asarray(self._doc_ids(k, k + count), dtype=np.int64)
+        if len(ids) < count:
             self._exhausted = True
         if not len(ids):
             return False
         framed = self._lengths(ids).astype(np.int64) + 2
+        self._seen_tokens += int(framed.sum())
+        self._seen_docs += len(ids)
         start = self._ends[-1] if len(self._ends) else self._base
         self._ids = np.concatenate([self._ids, ids])
         self._ends = np.concatenate([self._ends, start + np.cumsum(framed)])
@@ -95,7 +102,7 @@ class DocStream:
 
     def total_tokens(self) -> int:
         """Length of a finite stream (extends to its end)."""
-        while self._extend():
+        while self._extend(1 << 40):
             pass
         return int(self._ends[-1]) if len(self._ends) else self._base
 
@@ -107,11 +114,11 @@ class DocStream:
             self._restart()
         keep_from = max(0, a - self.HISTORY_WINDOWS * self._seq_len)
         while not len(self._ends) or self._ends[-1] <= a:
-            if not self._extend():
+            if not self._extend(b - (int(self._ends[-1]) if len(self._ends) else self._base)):
                 break
             self._drop_before(keep_from)
         self._drop_before(keep_from)
-        while len(self._ends) and self._ends[-1] < b and self._extend():
+        while len(self._ends) and self._ends[-1] < b and self._extend(b - int(self._ends[-1])):
             pass
         first = int(np.searchsorted(self._ends, a, side="right"))
         pieces = []

@@ -116,6 +116,38 @@ def _mma(acc, a, b, interpret, extra=None):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+def segment_block_ranges(seg, tile: int, block: int):
+    """For each row tile of ``tile`` positions: the [lo, hi) range, in units of ``block``, of positions that share a
+    segment id with some position of the tile. Works for any ids (not only contiguous runs). Returns two int32
+    arrays [B, S // tile]. Attention is symmetric in this respect, so the same ranges serve queries (kv blocks to
+    visit) and keys (q blocks to visit)."""
+    b, s = seg.shape
+    order = jnp.argsort(seg, axis=1, stable=True)
+    ids = jnp.take_along_axis(seg, order, axis=1)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    new = ids[:, 1:] != ids[:, :-1]
+    is_start = jnp.concatenate([jnp.ones((b, 1), bool), new], axis=1)
+    is_end = jnp.concatenate([new, jnp.ones((b, 1), bool)], axis=1)
+    grp_start = lax.cummax(jnp.where(is_start, pos, 0), axis=1)
+    grp_end = lax.cummin(jnp.where(is_end, pos, s - 1), axis=1, reverse=True)
+    first_sorted = jnp.take_along_axis(order, grp_start, axis=1)  # stable sort: first position of the id
+    last_sorted = jnp.take_along_axis(order, grp_end, axis=1)
+    rows = jnp.arange(b)[:, None]
+    first = jnp.zeros((b, s), jnp.int32).at[rows, order].set(first_sorted.astype(jnp.int32))
+    last = jnp.zeros((b, s), jnp.int32).at[rows, order].set(last_sorted.astype(jnp.int32))
+    lo = first.reshape(b, s // tile, tile).min(-1) // block
+    hi = (last.reshape(b, s // tile, tile).max(-1) + block) // block
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _seg_inputs(seg, batch_size, seq_len, tile, block):
+    if seg is None:
+        dummy = jnp.zeros((batch_size, seq_len // tile), jnp.int32)
+        return jnp.zeros((batch_size, seq_len), jnp.float32), dummy, dummy
+    lo, hi = segment_block_ranges(seg, tile, block)
+    return seg.astype(jnp.float32), lo, hi
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,10 +162,14 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
     c = scale * LOG2E  # scores -> base-2 logits
     compute_wgs = 2
 
-    def kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, out_ref, lse_ref, scoped):
+    num_q_tiles = seq_len // (2 * block_q)
+
+    def kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, out_ref, lse_ref, scoped):
         batch = lax.axis_index("batch")
         q_head = lax.axis_index("heads")
         wg_idx = lax.axis_index("wg")
+        # Heaviest causal tiles first (the grid launches q tiles in order), for a shorter tail.
+        q_tile = num_q_tiles - 1 - lax.axis_index("q_seq")
         smem_buffers, buffer_barriers, consumed_barriers, schedule_barrier = scoped
         qo_smem2, k_smem, v_smem, lse_smem2, segq_smem2, segk_smem = smem_buffers
         k_barriers, v_barriers, q_barriers, segk_barriers, segq_barriers = buffer_barriers
@@ -144,20 +180,26 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
             plgpu.barrier_wait(schedule_barrier)
 
         if causal:
-            block_q_end = (lax.axis_index("q_seq") + 1) * (2 * block_q)
+            block_q_end = (q_tile + 1) * (2 * block_q)
             block_max_kv_steps = pl.cdiv(block_q_end, jnp.array(block_kv, jnp.int32))
         else:
-            block_max_kv_steps = seq_len // block_kv
+            block_max_kv_steps = jnp.int32(seq_len // block_kv)
+        if has_seg:  # only the kv blocks that hold keys of this tile's documents
+            lo = lo_ref[batch, q_tile]
+            block_max_kv_steps = jnp.minimum(block_max_kv_steps, hi_ref[batch, q_tile])
+        else:
+            lo = jnp.int32(0)
 
         @pl.when(wg_idx < 2)
         def _compute_wg():
             plgpu.set_max_registers(232, action="increase")
             qo_smem = qo_smem2.at[wg_idx]
             lse_smem = lse_smem2.at[wg_idx]
-            q_seq_base = lax.axis_index("q_seq") * (2 * block_q) + wg_idx * block_q
+            q_seq_base = q_tile * (2 * block_q) + wg_idx * block_q
 
             if causal:
-                kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
+                kv_steps = jnp.minimum(pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32)),
+                                       block_max_kv_steps)
             else:
                 kv_steps = block_max_kv_steps
 
@@ -176,7 +218,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
             l_i = plgpu.layout_cast(jnp.full((block_q,), 0, dtype=jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
 
-            @pl.when(kv_steps > 0)
+            @pl.when(kv_steps > lo)
             def _():
                 plgpu.barrier_wait(k_barriers.at[0])
 
@@ -184,7 +226,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
 
             def kv_loop(kv_step, carry, causal_mask: bool = False):
                 acc, m_i, l_i = carry
-                slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
 
                 def compute_qk(acc_ref):
                     plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -232,7 +274,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
 
                 def wait_next_k():
                     wait_step = kv_step + 1
-                    wait_slot = lax.rem(wait_step, jnp.array(max_steps, kv_step.dtype))
+                    wait_slot = lax.rem(wait_step - lo, jnp.array(max_steps, kv_step.dtype))
 
                     @pl.when(wait_step < kv_steps)
                     def _wait():
@@ -243,11 +285,11 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                 return acc, m_i, l_i
 
             if not causal:
-                acc, m_i, l_i = lax.fori_loop(0, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
+                acc, m_i, l_i = lax.fori_loop(lo, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
             else:
                 def epilogue_kv_loop(kv_step, _):
                     # Flush the pipelined K/V this warpgroup does not need (its causal range ended earlier).
-                    slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                    slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
                     plgpu.barrier_wait(k_barriers.at[slot])
                     plgpu.barrier_wait(v_barriers.at[slot])
                     if has_seg:
@@ -257,10 +299,14 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                     perform_schedule_barrier()
                     perform_schedule_barrier()
 
-                full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
-                acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
-                acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps,
-                                              functools.partial(kv_loop, causal_mask=True), (acc, m_i, l_i))
+                if has_seg:  # every block is masked anyway: one loop, causal mask included
+                    acc, m_i, l_i = lax.fori_loop(lo, kv_steps, functools.partial(kv_loop, causal_mask=True),
+                                                  (acc, m_i, l_i))
+                else:
+                    full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+                    acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
+                    acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps,
+                                                  functools.partial(kv_loop, causal_mask=True), (acc, m_i, l_i))
                 lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
             pl.when(wg_idx == 0)(perform_schedule_barrier)
 
@@ -286,12 +332,12 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                 plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[slot], v_barriers.at[slot])
 
             for i in range(max_steps):
-                pl.when(i < block_max_kv_steps)(functools.partial(load, i, i))
+                pl.when(lo + i < block_max_kv_steps)(functools.partial(load, lo + i, i))
 
-            @pl.loop(0, block_max_kv_steps - max_steps)
-            def _kv_loop(kv_step):
-                tma_step = kv_step + max_steps
-                tma_slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+            @pl.loop(0, block_max_kv_steps - lo - max_steps)
+            def _kv_loop(j):
+                tma_step = lo + j + max_steps
+                tma_slot = lax.rem(j, jnp.array(max_steps, j.dtype))
                 s = (batch, pl.ds(tma_step * block_kv, block_kv), kv_head)
                 plgpu.barrier_wait(k_consumed_barriers.at[tma_slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[tma_slot], k_barriers.at[tma_slot])
@@ -302,13 +348,13 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                 plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[tma_slot], v_barriers.at[tma_slot])
 
             # Drain: observe the last consumptions so every barrier phase is seen before the CTA exits.
-            @pl.loop(jnp.maximum(block_max_kv_steps - max_steps, 0), block_max_kv_steps)
+            @pl.loop(jnp.maximum(block_max_kv_steps - max_steps, lo), block_max_kv_steps)
             def _drain(kv_step):
-                slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
                 plgpu.barrier_wait(k_consumed_barriers.at[slot])
                 plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
-    def entry(q_ref, k_ref, v_ref, segq_ref, segk_ref, out_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, out_ref, lse_ref):
         scratch = [
             _smem((compute_wgs, block_q, head_dim), dtype),
             _smem((max_steps, block_kv, head_dim), dtype),
@@ -318,7 +364,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
             plgpu.SMEM((max_steps, block_kv), jnp.float32) if has_seg else None,
         ]
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, out_ref, lse_ref, args),
+            lambda *args: kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, out_ref, lse_ref, args),
             scratch,
             (
                 plgpu.Barrier(num_barriers=max_steps),
@@ -332,9 +378,8 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
             collective_axes="wg",
         )
 
-    num_q_tiles = seq_len // (2 * block_q)
     out_shape = [q, jax.ShapeDtypeStruct((batch_size, num_q_heads, seq_len), jnp.float32)]
-    segf = seg.astype(jnp.float32) if has_seg else jnp.zeros((batch_size, seq_len), jnp.float32)
+    segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_q, block_kv)
     out, lse = plgpu.kernel(
         entry,
         out_type=out_shape,
@@ -344,7 +389,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interp(interpret),
-    )(q, k, v, segf, segf)
+    )(q, k, v, segf, segf, lo, hi)
     return out, lse
 
 
@@ -362,18 +407,25 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
     c = scale * LOG2E
     compute_wgs = 2
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, dq_ref,
+    num_q_tiles = seq_len // (2 * block_q)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, dq_ref,
                smem, own_barriers, kv_barriers, consumed):
         q_smem2, do_smem2, lse_smem2, delta_smem2, segq_smem2, k_smem, v_smem, segk_smem = smem
         k_barriers, v_barriers, segk_barriers = kv_barriers
         batch = lax.axis_index("batch")
         q_head = lax.axis_index("heads")
         wg_idx = lax.axis_index("wg")
-        q_tile = lax.axis_index("q_seq")
+        q_tile = num_q_tiles - 1 - lax.axis_index("q_seq")  # heaviest causal tiles first
         if causal:
             max_kv_steps = pl.cdiv((q_tile + 1) * (2 * block_q), jnp.array(block_kv, jnp.int32))
         else:
-            max_kv_steps = seq_len // block_kv
+            max_kv_steps = jnp.int32(seq_len // block_kv)
+        if has_seg:
+            lo = lo_ref[batch, q_tile]
+            max_kv_steps = jnp.minimum(max_kv_steps, hi_ref[batch, q_tile])
+        else:
+            lo = jnp.int32(0)
 
         @pl.when(wg_idx < 2)
         def _compute_wg():
@@ -396,12 +448,12 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
             segq = plgpu.load(segq_smem2.at[wg_idx], layout=plgpu.Layout.WGMMA.reduce(1)) if has_seg else None
 
             if causal:
-                kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
+                kv_steps = jnp.minimum(pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32)), max_kv_steps)
             else:
                 kv_steps = max_kv_steps
 
             def kv_loop(kv_step, dq_acc, causal_mask: bool = False):
-                slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
                 plgpu.barrier_wait(k_barriers.at[slot])
                 plgpu.barrier_wait(v_barriers.at[slot])
 
@@ -433,15 +485,19 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
 
             dq_acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
             if not causal:
-                dq_acc = lax.fori_loop(0, kv_steps, kv_loop, dq_acc)
+                dq_acc = lax.fori_loop(lo, kv_steps, kv_loop, dq_acc)
             else:
-                full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
-                dq_acc = lax.fori_loop(0, full_kv_steps, kv_loop, dq_acc)
-                dq_acc = lax.fori_loop(full_kv_steps, kv_steps, functools.partial(kv_loop, causal_mask=True), dq_acc)
+                if has_seg:
+                    dq_acc = lax.fori_loop(lo, kv_steps, functools.partial(kv_loop, causal_mask=True), dq_acc)
+                else:
+                    full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+                    dq_acc = lax.fori_loop(0, full_kv_steps, kv_loop, dq_acc)
+                    dq_acc = lax.fori_loop(full_kv_steps, kv_steps, functools.partial(kv_loop, causal_mask=True),
+                                           dq_acc)
 
                 @pl.loop(kv_steps, max_kv_steps)
                 def _epilogue(kv_step):
-                    slot = lax.rem(kv_step, jnp.array(max_steps, kv_step.dtype))
+                    slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
                     plgpu.barrier_wait(k_barriers.at[slot])
                     plgpu.barrier_wait(v_barriers.at[slot])
                     if has_seg:
@@ -467,17 +523,17 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
                                             segk_smem.at[slot], segk_barriers.at[slot])
 
             for i in range(max_steps):
-                pl.when(i < max_kv_steps)(functools.partial(load, i, i))
+                pl.when(lo + i < max_kv_steps)(functools.partial(load, lo + i, i))
 
-            @pl.loop(max_steps, max_kv_steps)
+            @pl.loop(lo + max_steps, max_kv_steps)
             def _loop(step):
-                slot = lax.rem(step, jnp.array(max_steps, step.dtype))
+                slot = lax.rem(step - lo, jnp.array(max_steps, step.dtype))
                 plgpu.barrier_wait(consumed.at[slot])
                 load(step, slot)
 
-            @pl.loop(jnp.maximum(max_kv_steps - max_steps, 0), max_kv_steps)
+            @pl.loop(jnp.maximum(max_kv_steps - max_steps, lo), max_kv_steps)
             def _drain(step):
-                plgpu.barrier_wait(consumed.at[lax.rem(step, jnp.array(max_steps, step.dtype))])
+                plgpu.barrier_wait(consumed.at[lax.rem(step - lo, jnp.array(max_steps, step.dtype))])
 
     n_own = 5 if has_seg else 4
     scratch = [
@@ -496,7 +552,7 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
          plgpu.Barrier(num_barriers=max_steps) if has_seg else None),
         plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_steps),
     ]
-    segf = seg.astype(jnp.float32) if has_seg else jnp.zeros((batch_size, seq_len), jnp.float32)
+    segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_q, block_kv)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
@@ -507,7 +563,7 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interp(interpret),
-    )(q, k, v, do, lse, delta, segf, segf)
+    )(q, k, v, do, lse, delta, segf, segf, lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,7 +581,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
     c = scale * LOG2E
     compute_wgs = 2
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, dk_ref, dv_ref,
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, dk_ref, dv_ref,
                smem, own_barriers, q_barriers, consumed):
         k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem = smem
         batch = lax.axis_index("batch")
@@ -537,7 +593,12 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
             start_min = lax.div(tile_base, jnp.array(block_q, jnp.int32))
         else:
             start_min = jnp.int32(0)
-        n_per = num_q_blocks - start_min  # q blocks visited per query head
+        if has_seg:  # only the q blocks that hold queries of this tile's documents
+            start_min = jnp.maximum(start_min, lo_ref[batch, kv_tile])
+            q_end = jnp.minimum(hi_ref[batch, kv_tile], num_q_blocks)
+        else:
+            q_end = jnp.int32(num_q_blocks)
+        n_per = q_end - start_min  # q blocks visited per query head
         total = n_per * group
 
         @pl.when(wg_idx < 2)
@@ -557,11 +618,13 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
 
             if causal:
                 start = lax.div(kv_base, jnp.array(block_q, jnp.int32))
-                full_start = jnp.minimum(pl.cdiv(kv_base + block_kv, jnp.array(block_q, jnp.int32)),
-                                         num_q_blocks)
+                full_start = jnp.minimum(pl.cdiv(kv_base + block_kv, jnp.array(block_q, jnp.int32)), q_end)
             else:
-                start = jnp.int32(0)
-                full_start = jnp.int32(0)
+                start = start_min
+                full_start = start_min
+            if has_seg:  # all blocks masked: one loop over [start, q_end)
+                start = jnp.minimum(jnp.maximum(start, start_min), q_end)
+                full_start = q_end
 
             def wait_inputs(slot):
                 for j in range(5 if has_seg else 4):
@@ -625,7 +688,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                     plgpu.barrier_arrive(consumed.at[slot])
 
                 carry = lax.fori_loop(start, full_start, lambda i, cr: step(g, i, cr, causal_mask=causal), carry)
-                carry = lax.fori_loop(full_start, num_q_blocks, lambda i, cr: step(g, i, cr), carry)
+                carry = lax.fori_loop(full_start, q_end, lambda i, cr: step(g, i, cr), carry)
                 return carry
 
             zeros = plgpu.layout_cast(jnp.full((block_kv, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
@@ -684,7 +747,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
         plgpu.Barrier(num_barriers=(n_in, max_steps)),
         plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_steps),
     ]
-    segf = seg.astype(jnp.float32) if has_seg else jnp.zeros((batch_size, seq_len), jnp.float32)
+    segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_kv, block_q)
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
     return plgpu.kernel(
         kernel,
@@ -696,7 +759,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interp(interpret),
-    )(q, k, v, do, lse, delta, segf, segf)
+    )(q, k, v, do, lse, delta, segf, segf, lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def run(args) -> list[dict]:
 
     quick = getattr(args, "quick", False)
     only = os.environ.get("ATTN_BENCH_SHAPES")
-    iters = 5 if quick else 10
+    iters = 3 if quick else 5
+    rounds = 2 if quick else 3
     device = jax.devices()[0].device_kind
     rows = []
     for name, b, s, h, kvh, d, causal, docs in SHAPES:
@@ -104,6 +105,9 @@ def run(args) -> list[dict]:
             ref_out = ref_grads = None
         del ref_fn
 
+        # Compile and warm every implementation, then time them round-robin (``rounds`` x ``iters`` calls each) so
+        # that clock drift over the run hits all of them alike; report the median of all timed calls.
+        cases = []
         for impl in _impls():
             row = dict(kernel="attention", shape=name, impl=impl, B=b, S=s, H=h, KV=kvh, D=d, causal=causal,
                        docs=docs, device=device)
@@ -116,22 +120,28 @@ def run(args) -> list[dict]:
                 return out, vjp(do)
 
             fwd_bwd = jax.jit(fwd_bwd)
-            try:
-                t_f = _time(fwd, (q, k, v, seg), iters)
-                row["fwd_ms"] = round(t_f * 1e3, 3)
-                row["fwd_tflops"] = round(fwd_flops / t_f / 1e12, 1)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"fwd {type(e).__name__}: {str(e)[:160]}"
-                rows.append(row)
-                print(row, flush=True)
-                continue
-            try:
-                t_fb = _time(fwd_bwd, (q, k, v, seg, do), iters)
-                row["fwdbwd_ms"] = round(t_fb * 1e3, 3)
-                row["fwdbwd_tflops"] = round(3.5 * fwd_flops / t_fb / 1e12, 1)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"fwd+bwd {type(e).__name__}: {str(e)[:160]}"
-            if ref_out is not None:
+            fns = {}
+            for key, fn, fargs in (("fwd", fwd, (q, k, v, seg)), ("fwdbwd", fwd_bwd, (q, k, v, seg, do))):
+                try:
+                    _time(fn, fargs, 1, warmup=2)
+                    fns[key] = (fn, fargs)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{key} {type(e).__name__}: {str(e)[:160]}"
+                    break
+            cases.append((row, fns, fwd_bwd))
+        times = {(id(row), key): [] for row, fns, _ in cases for key in fns}
+        for _ in range(rounds):
+            for row, fns, _ in cases:
+                for key, (fn, fargs) in fns.items():
+                    for _ in range(iters):
+                        times[(id(row), key)].append(_time(fn, fargs, 1, warmup=0))
+        for row, fns, fwd_bwd in cases:
+            for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
+                if key in fns:
+                    t = statistics.median(times[(id(row), key)])
+                    row[f"{key}_ms"] = round(t * 1e3, 3)
+                    row[f"{key}_tflops"] = round(mult * fwd_flops / t / 1e12, 1)
+            if ref_out is not None and "fwdbwd" in fns:
                 try:
                     out, grads = fwd_bwd(q[:1], k[:1], v[:1], seg1, do[:1])
                     row["err_out"] = f"{_rel(out, ref_out):.1e}"
@@ -141,7 +151,7 @@ def run(args) -> list[dict]:
                     row["err_out"] = f"failed: {type(e).__name__}"
             rows.append(row)
             print("  ".join(f"{k_}={v_}" for k_, v_ in row.items()), flush=True)
-            del fwd, fwd_bwd
+        del cases
         del ref_out, ref_grads
     return rows
 

@@ -38,6 +38,35 @@ def _ragged_segments(rng, batch, seq, with_padding=True):
     return jnp.asarray(out)
 
 
+def _shuffled_segments(rng, batch, seq, n_ids=3):
+    """Runs of random length with ids drawn from a small set: the same id comes back (non-contiguous segments)."""
+    out = np.zeros((batch, seq), np.int32)
+    for b in range(batch):
+        pos = 0
+        while pos < seq:
+            n = int(rng.integers(8, 96))
+            out[b, pos:pos + n] = int(rng.integers(0, n_ids))
+            pos += n
+    return jnp.asarray(out)
+
+
+def _segments(kind, rng, batch, seq):
+    if kind is None:
+        return None
+    if kind == "shuffled":
+        return _shuffled_segments(rng, batch, seq)
+    if kind == "short":  # many short documents: most blocks skipped
+        out = np.zeros((batch, seq), np.int32)
+        for b in range(batch):
+            pos, doc = 0, 1
+            while pos < seq:
+                n = int(rng.integers(16, max(17, seq // 6)))
+                out[b, pos:pos + n] = doc
+                pos, doc = pos + n, doc + 1
+        return jnp.asarray(out)
+    return _ragged_segments(rng, batch, seq)
+
+
 def _numpy_attention(q, k, v, segment_ids, causal, scale):
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, s, h, d = q.shape
@@ -134,8 +163,10 @@ INTERPRET_CASES = [
     # (batch, seq, heads, kv_heads, head_dim, causal, segments)
     pytest.param(1, 256, 4, 2, 64, True, None, id="causal-gqa2-d64"),
     pytest.param(1, 256, 2, 1, 64, False, "ragged", id="full-gqa2-ragged"),
-    pytest.param(2, 256, 4, 1, 64, True, "ragged", id="causal-gqa4-ragged-b2"),
+    pytest.param(2, 128, 4, 1, 64, True, "ragged", id="causal-gqa4-ragged-b2"),
     pytest.param(1, 128, 2, 2, 128, True, "ragged", id="causal-mha-d128-ragged"),
+    pytest.param(1, 256, 2, 1, 64, True, "short", id="causal-gqa2-short-docs-skipping"),
+    pytest.param(1, 256, 2, 1, 64, False, "shuffled", id="full-gqa2-noncontiguous-ids"),
 ]
 
 
@@ -143,7 +174,7 @@ INTERPRET_CASES = [
 @pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", INTERPRET_CASES)
 def test_pallas_interpret(b, s, h, kvh, d, causal, segments):
     q, k, v, do = _inputs(b * 100 + s + h + d, b, s, h, kvh, d, jnp.bfloat16)
-    seg = _ragged_segments(np.random.default_rng(s + d), b, s) if segments else None
+    seg = _segments(segments, np.random.default_rng(s + d), b, s)
 
     def fn(q, k, v, **kw):
         return mosaic_gpu.attention(q, k, v, config=_SMALL, interpret=True, **kw)
@@ -161,6 +192,18 @@ def test_pallas_interpret_lse():
     logits = np.where(np.tril(np.ones((s, s), bool)), logits, -np.inf)
     want = np.log2(np.exp(logits).sum(-1))  # base-2 log-sum-exp, [b, h, q]
     np.testing.assert_allclose(np.asarray(lse), want, rtol=0, atol=2e-2)
+
+
+def test_segment_block_ranges():
+    rng = np.random.default_rng(3)
+    for seg in (_shuffled_segments(rng, 2, 256), _segments("short", rng, 2, 256), _ragged_segments(rng, 2, 256)):
+        lo, hi = mosaic_gpu.segment_block_ranges(seg, 32, 16)
+        s = np.asarray(seg)
+        for b in range(2):
+            for t in range(256 // 32):
+                rows = s[b, t * 32:(t + 1) * 32]
+                cols = np.nonzero(np.isin(s[b], rows))[0]
+                assert lo[b, t] == cols.min() // 16 and hi[b, t] == cols.max() // 16 + 1
 
 
 def test_pallas_supports():
@@ -188,27 +231,36 @@ GPU_CASES = [
     pytest.param(2, 1024, 8, 8, 64, True, None, id="causal-mha-d64"),
     pytest.param(2, 2048, 12, 4, 128, True, "ragged", id="causal-gqa3-d128-ragged"),
     pytest.param(1, 1024, 4, 1, 64, False, "ragged", id="full-gqa4-d64-ragged"),
+    pytest.param(2, 2048, 8, 2, 128, True, "short", id="causal-gqa4-d128-short-docs"),
+    pytest.param(1, 2048, 8, 2, 128, True, "shuffled", id="causal-gqa4-d128-noncontiguous"),
 ]
 
 
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", GPU_CASES)
-@pytest.mark.parametrize("impl", ["pallas", "cudnn", "cudnn-mask", "auto"])
+@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
 def test_gpu_against_reference(impl, b, s, h, kvh, d, causal, segments):
     from pallas_kernels._dispatch import is_hopper
-    from pallas_kernels.attention import cudnn
 
     if impl == "pallas" and not is_hopper():
         pytest.skip("Pallas Mosaic GPU kernel needs Hopper")
-    if impl == "cudnn-mask" and segments is None:
-        pytest.skip("mask mode only differs with segments")
     q, k, v, do = _inputs(s + h + d, b, s, h, kvh, d, jnp.bfloat16)
-    seg = _ragged_segments(np.random.default_rng(s + d), b, s) if segments else None
-    if impl == "cudnn-mask":
-        fn = lambda q, k, v, **kw: cudnn.attention(q, k, v, mode="mask", **kw)
-    else:
-        fn = lambda q, k, v, **kw: dispatch_attention(q, k, v, impl=impl, **kw)
+    seg = _segments(segments, np.random.default_rng(s + d), b, s)
+    fn = lambda q, k, v, **kw: dispatch_attention(q, k, v, impl=impl, **kw)
     errs = _check_against_reference(jax.jit(fn, static_argnames=("causal",)), q, k, v, do, tol=1e-2,
                                     segment_ids=seg, causal=causal)
     print(impl, errs)
+
+
+@gpu
+@needs_gpu
+def test_gpu_auto_dispatch():
+    from pallas_kernels.attention import registry
+
+    name, _ = registry.resolve("auto", q_shape=(4, 4096, 32, 128), kv_shape=(4, 4096, 8, 128), dtype=jnp.bfloat16,
+                               causal=True)
+    assert name in ("pallas", "cudnn")
+    q, k, v, do = _inputs(5, 1, 1024, 8, 2, 128, jnp.bfloat16)
+    _check_against_reference(jax.jit(lambda q, k, v, **kw: dispatch_attention(q, k, v, **kw),
+                                     static_argnames=("causal",)), q, k, v, do, tol=1e-2, causal=True)

@@ -8,24 +8,13 @@ sit in an LRU), so a run on raw jsonl starts in about the time it takes to parse
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import os
 import threading
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from litespark_jax.data.sources import TextCorpus
-from litespark_jax.data.tokenizers import ByteTokenizer, Tokenizer, encode_array
-
-_POOL = None
-
-
-def _encoder_pool():
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="tokenize")
-    return _POOL
+from litespark_jax.data.tokenizers import Tokenizer, encode_array
 
 
 class DocumentStore(Protocol):
@@ -91,19 +80,14 @@ class TextDocumentStore:
     def lengths(self, doc_ids: np.ndarray) -> np.ndarray:
         doc_ids = np.asarray(doc_ids, dtype=np.int64)
         missing = [int(d) for d in dict.fromkeys(doc_ids[self._lengths[doc_ids] < 0].tolist())]
-        if len(missing) > 1 and not isinstance(self.tokenizer, ByteTokenizer):
-            # Tokenizer libraries release the GIL: encode a chunk of documents on all cores.
-            encoded = list(_encoder_pool().map(lambda d: encode_array(self.tokenizer, self.corpus.texts[d]), missing))
-            with self._lock:
-                for doc_id, ids in zip(missing, encoded):
-                    self._lengths[doc_id] = len(ids)
-                    self._cache[doc_id] = ids.astype(self._dtype)
-                while len(self._cache) > self._cache_docs:
-                    self._cache.popitem(last=False)
-        else:
-            for doc_id in missing:
-                self.tokens(doc_id)
+        for doc_id in missing:
+            self.tokens(doc_id)
         return self._lengths[doc_ids]
+
+    @property
+    def tokenizes_slowly(self) -> bool:
+        """True when building rows in parallel threads pays off (a real tokenizer; byte encoding is a memcpy)."""
+        return self.tokenizer.name != "byte"
 
     def read(self, requests: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
         return [self.tokens(doc_id)[lo:hi] for doc_id, lo, hi in requests]

@@ -9,6 +9,7 @@ still O(1) and vectorised. This is grain's shuffle -> repeat -> mix, written wit
 from __future__ import annotations
 
 import collections
+import threading
 
 import numpy as np
 
@@ -43,6 +44,16 @@ class DocumentOrder:
         self._perms: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
         self._blocks: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self._counts_before = [np.zeros(len(self.members), dtype=np.int64)]
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _perm(self, set_id: int, epoch: int) -> np.ndarray:
         key = (set_id, epoch)
@@ -82,7 +93,11 @@ class DocumentOrder:
         return rng.choice(len(self.members), size=BLOCK, p=self.weights)
 
     def doc_ids(self, slots: np.ndarray) -> np.ndarray:
-        """Document id at each global slot."""
+        """Document id at each global slot (thread-safe: rows are built in parallel threads)."""
+        with self._lock:
+            return self._doc_ids(slots)
+
+    def _doc_ids(self, slots: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64)
         if len(self.members) == 1:
             sets = np.zeros_like(slots)

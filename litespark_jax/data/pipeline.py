@@ -13,6 +13,7 @@ thread (or `mp_prefetch` worker processes), wrapped in a `grain.DatasetIterator`
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import math
 import os
 import threading
@@ -71,6 +72,21 @@ def _process_layout(global_batch_size: int, process_index: int | None, process_c
     return range(process_index * local, (process_index + 1) * local)
 
 
+_ROW_POOL = None
+
+
+def _row_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _ROW_POOL
+    if _ROW_POOL is None:
+        _ROW_POOL = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="litespark-rows")
+    return _ROW_POOL
+
+
+def _requests_of(row_window):
+    stream, window = row_window
+    return stream.window_requests(window) if stream is not None else []
+
+
 class _BatchBuilder:
     """Builds this process's rows of the global batch at a step; thread-safe, picklable for grain workers."""
 
@@ -94,8 +110,12 @@ class _BatchBuilder:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         with self._lock:
-            requests = [stream.window_requests(window) if stream is not None else []
-                        for stream, window in self._row_windows(int(step))]
+            row_windows = self._row_windows(int(step))
+            if getattr(self.store, "tokenizes_slowly", False) and len(row_windows) > 1:
+                # Each row stream is independent and the tokenizer releases the GIL: tokenize rows on all cores.
+                requests = list(_row_pool().map(_requests_of, row_windows))
+            else:
+                requests = [_requests_of(row_window) for row_window in row_windows]
             flat = [(doc, lo, hi) for row in requests for doc, lo, hi, _, _ in row]
             slices = self.store.read(flat)
         rows, i = [], 0

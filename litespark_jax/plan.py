@@ -1,0 +1,453 @@
+"""Cluster planner: per-device memory, FLOPs, collective bytes, predicted step time and MFU for each candidate mesh.
+
+    python -m litespark_jax.plan --config configs/llama-30b.yaml --nodes 4 --gpus-per-node 8 --gpu h200
+    python -m litespark_jax.plan --config configs/llama-3.2-3b.yaml --nodes 1 --gpus-per-node 1 --gpu h100
+    python -m litespark_jax.plan --config configs/tiny.yaml --nodes 1 --gpus-per-node 8 --xla-check
+
+The memory model counts, per device: parameters, Adam moments and gradients (each array's shard, from the same
+logical-axis rules the trainer uses), the activations each layer keeps for the backward under the remat policy,
+the working set of one layer's backward, the loss head (chunked cross-entropy or full logits), and the all-gathered
+weights of the layer being computed. ``--xla-check`` compiles the real train step for the mesh ahead of time on CPU
+host devices and compares with XLA's own ``memory_analysis()`` (arguments + outputs - aliased + temporaries); on CPU
+the attention is the reference (materialized scores), so the check models that too.
+
+The time model: compute = model FLOPs (plus remat recompute) / (peak x achievable efficiency); FSDP all-gathers and
+reduce-scatters and the data-parallel all-reduce overlap with compute (XLA's latency-hiding scheduler), tensor- and
+context-parallel collectives sit on the critical path. A collective over an axis that spans nodes runs at the
+inter-node (InfiniBand) rate, otherwise at the NVLink rate. All constants are in ``GPUS`` and ``EFFICIENCY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import os
+import sys
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_tflops: float  # dense bf16
+    hbm_gib: float  # usable by XLA (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 of the card's memory; see launch/)
+    nvlink_gbps: float  # per-GPU unidirectional NVLink bandwidth, GB/s
+    ib_gbps: float  # per-GPU inter-node bandwidth (one 400 Gb/s NIC per GPU), GB/s
+
+
+GPUS = {
+    "h100": GPU("H100 SXM 80GB", 989.0, 0.9 * 80e9 / GiB, 450.0, 50.0),
+    "h200": GPU("H200 SXM 141GB", 989.0, 0.9 * 141e9 / GiB, 450.0, 50.0),
+}
+EFFICIENCY = {
+    "matmul": 0.72,  # fraction of peak reached by the model's matmuls (cuBLAS bf16, large shapes)
+    "nvlink": 0.80,  # NCCL bus bandwidth / link bandwidth
+    "ib": 0.80,
+    "overlap": 0.85,  # fraction of compute time that can hide FSDP/DP collectives
+    "launch_s": 20e-6,  # per collective latency
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclasses.dataclass
+class Plan:
+    mesh: dict
+    inter: dict
+    grad_accum: int
+    micro_batch: int  # sequences per device per micro-batch
+    memory: dict  # component -> bytes per device
+    flops_per_device: float
+    collectives: dict  # kind -> bytes per device per step
+    times: dict  # component -> seconds
+    step_s: float
+    mfu: float
+    fits: bool
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    def name(self) -> str:
+        return "x".join(str(self.mesh[a]) for a in ("data", "fsdp", "tensor", "context"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def param_shard_bytes(cfg, sizes: dict, rules=None, dtype_bytes: int | None = None) -> tuple[float, float, float]:
+    """(bytes of this device's parameter shards, bytes of one layer's params after the fsdp all-gather, total params)
+    from the model's abstract parameters and their logical axes."""
+    from litespark_jax.parallel.logical import logical_to_spec
+    from litespark_jax.parallel.mesh import DEFAULT_RULES
+
+    rules = rules or DEFAULT_RULES
+    shapes = _param_shapes(cfg)
+    b = dtype_bytes or DTYPE_BYTES[cfg.param_dtype]
+    sharded = gathered_layer = total = 0.0
+    for shape, axes in shapes:
+        spec = logical_to_spec(axes, rules)
+        split = 1
+        tensor_split = 1
+        for part in spec:
+            for a in (part,) if isinstance(part, str) else (part or ()):
+                split *= sizes[a]
+                if a != "fsdp":
+                    tensor_split *= sizes[a]
+        n = math.prod(shape)
+        total += n
+        sharded += n * b / split
+        if axes and axes[0] == "layers":
+            gathered_layer += n / shape[0] / tensor_split
+    return sharded, gathered_layer, total
+
+
+def _param_shapes(cfg):
+    """[(shape, logical axes)] of every parameter, without building the model."""
+    d, f, h, kv, hd, L, V = (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                             cfg.num_layers, cfg.vocab_size)
+    shapes = [((V, d), ("vocab", "embed")), ((d,), ("embed",))]
+    if not cfg.tie_embeddings:
+        shapes.append(((d, V), ("embed", "vocab")))
+    shapes += [
+        ((L, d), ("layers", "embed")), ((L, d), ("layers", "embed")),
+        ((L, d, h, hd), ("layers", "embed", "heads", "head_dim")),
+        ((L, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        ((L, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        ((L, h, hd, d), ("layers", "heads", "head_dim", "embed")),
+        ((L, d, 2, f), ("layers", "embed", None, "mlp")),
+        ((L, f, d), ("layers", "mlp", "embed")),
+    ]
+    return shapes
+
+
+def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention: str, cross_entropy: str,
+                     mlp: str = "fused") -> dict:
+    """Activation memory per device: kept for the backward (all layers), one layer's backward working set, and the
+    loss head."""
+    from pallas_kernels.cross_entropy.chunked import default_vocab_chunk
+
+    a = DTYPE_BYTES[cfg.dtype]
+    t, c = sizes["tensor"], sizes["context"]
+    b, s, s_full = micro_batch, seq_len // c, seq_len
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    h, kv, f = cfg.num_heads / t, cfg.num_kv_heads / t, cfg.d_ff / t
+    T = b * s
+    x = T * d * a
+    q, kvb, attn_out = T * h * hd * a, 2 * T * kv * hd * a, T * h * hd * a
+    if attention == "reference":
+        # float32 scores and probabilities [b, h, s, s] and the mask. With a context axis, XLA's automatic
+        # partitioning of the reference attention does not split the scores by context (measured on CPU), so they
+        # cover the whole sequence.
+        scores = b * h * s_full * s_full * (4 + 4) + b * s_full * s_full
+    else:
+        scores = b * h * s * 4  # flash attention keeps the logsumexp
+    if mlp == "fused":
+        mlp_act = T * 2 * f * a  # the [N, 2, f] pre-activation only
+    else:
+        mlp_act = T * 2 * f * 4 + T * f * 4 + T * f * a  # float32 gate/up, SiLU, product
+    layer_all = x * 5 + q + kvb + attn_out + scores + mlp_act  # inputs, norms, q/k/v, attention, MLP, residuals
+    policy = cfg.remat_policy
+    if policy == "none":
+        kept = layer_all
+    elif policy == "full":
+        kept = x
+    elif policy == "save_attention":
+        kept = x + attn_out
+    elif policy == "save_matmuls":
+        kept = x + q + kvb + x + mlp_act + x
+    else:  # names
+        named = {"attention_in": x, "query": q, "key": kvb / 2, "value": kvb / 2, "attention_out": attn_out,
+                 "attention_proj": x, "mlp_in": x, "mlp_out": x}
+        kept = x + sum(named.get(n, 0) for n in cfg.remat_save_names)
+    L = cfg.num_layers
+    # Backward of one layer: its (recomputed) activations stay live while their cotangents are formed; the
+    # attention scores/probabilities (reference attention) get float32 cotangents of their own; plus the float32
+    # cotangent of the residual stream carried between layers.
+    working = layer_all + (scores if attention == "reference" else 0) + T * d * 4
+    V = cfg.vocab_size / t
+    if cross_entropy == "reference":
+        head = T * V * 4 * 3  # float32 logits, softmax, gradient
+    else:
+        chunk = default_vocab_chunk(int(T), int(V))
+        head = T * min(chunk, V) * (4 + 4 + 2) + T * d * 4
+    embed_out = T * d * 4  # gathered embedding rows / its gradient
+    return {"activations_kept": L * kept, "layer_backward": working, "loss_head": head + embed_out}
+
+
+def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cross_entropy: str,
+                 mlp: str = "fused", state_dtype: str = "float32") -> dict:
+    params, gathered_layer, _ = param_shard_bytes(cfg, sizes)
+    grads = params * 4 / DTYPE_BYTES[cfg.param_dtype]
+    opt = 2 * params * DTYPE_BYTES[state_dtype] / DTYPE_BYTES[cfg.param_dtype]
+    memory = {"params": params, "optimizer": opt, "gradients": grads}
+    if train.grad_accum_steps > 1:
+        memory["grad_accumulator"] = grads
+    memory.update(activation_bytes(cfg, micro_batch, train.seq_len, sizes, attention, cross_entropy, mlp))
+    a = DTYPE_BYTES[cfg.dtype]
+    # The layer being computed needs its weights whole along fsdp, in the compute dtype.
+    gathered = sizes["fsdp"] > 1 or a != DTYPE_BYTES[cfg.param_dtype]
+    memory["gathered_weights"] = gathered_layer * a if gathered else 0.0
+    return memory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs, collectives, time
+
+
+def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, attention: str = "flash",
+              cross_entropy: str = "chunked", mlp: str = "fused") -> Plan:
+    from litespark_jax.metrics import model_flops_per_token
+
+    n_dev = math.prod(sizes.values())
+    batch_split = sizes["data"] * sizes["fsdp"]
+    micro_batch = train.global_batch_size // grad_accum // batch_split
+    memory = memory_model(cfg, dataclasses.replace(train, grad_accum_steps=grad_accum), sizes, micro_batch,
+                          attention, cross_entropy, mlp)
+    tokens = train.global_batch_size * train.seq_len
+    model_flops = model_flops_per_token(cfg, train.seq_len) * tokens
+    layer_flops = model_flops - 6 * tokens * cfg.d_model * cfg.vocab_size  # without the output head
+    recompute = {"none": 0.0, "full": 1 / 3, "save_attention": 0.28, "save_matmuls": 0.03}.get(cfg.remat_policy, 0.15)
+    flops = (model_flops + recompute * layer_flops) / n_dev
+    compute_s = flops / (gpu.peak_tflops * 1e12 * EFFICIENCY["matmul"])
+
+    a = DTYPE_BYTES[cfg.dtype]
+    params_total = cfg.num_params()
+    fs, t, c, d = sizes["fsdp"], sizes["tensor"], sizes["context"], sizes["data"]
+    regather = 2 if cfg.remat_policy != "none" else 1  # the backward of a rematerialized scan gathers again
+    coll = {}
+    coll["fsdp_all_gather"] = grad_accum * (1 + regather) * (fs - 1) / fs * params_total / t * a if fs > 1 else 0.0
+    coll["fsdp_reduce_scatter"] = grad_accum * (fs - 1) / fs * params_total / t * 4 if fs > 1 else 0.0
+    coll["data_all_reduce"] = 2 * (d - 1) / d * params_total / (fs * t) * 4 if d > 1 else 0.0
+    T = micro_batch * train.seq_len / c
+    tp_per_layer = (4 + 2 * (cfg.remat_policy != "none")) * 2 * (t - 1) / t * T * cfg.d_model * a
+    coll["tensor_all_reduce"] = grad_accum * cfg.num_layers * tp_per_layer if t > 1 else 0.0
+    kv_bytes = micro_batch * train.seq_len * 2 * cfg.num_kv_heads / t * cfg.resolved_head_dim * a
+    qo_bytes = 2 * micro_batch * train.seq_len * cfg.num_heads / t * cfg.resolved_head_dim * a
+    cp_per_layer = (2 + regather) * (c - 1) / c * (kv_bytes + qo_bytes) / c
+    coll["context_all_to_all"] = grad_accum * cfg.num_layers * cp_per_layer if c > 1 else 0.0
+
+    def rate(axes):  # bytes/s for a collective over these mesh axes
+        crosses = any(inter[x] > 1 for x in axes)
+        return 1e9 * (gpu.ib_gbps * EFFICIENCY["ib"] if crosses else gpu.nvlink_gbps * EFFICIENCY["nvlink"])
+
+    times = {"compute": compute_s}
+    hidden = (coll["fsdp_all_gather"] + coll["fsdp_reduce_scatter"]) / rate(["fsdp"]) + \
+        coll["data_all_reduce"] / rate(["data"])
+    times["fsdp_dp_comm"] = hidden
+    times["tensor_comm"] = coll["tensor_all_reduce"] / rate(["tensor"]) + \
+        (grad_accum * cfg.num_layers * 6 * EFFICIENCY["launch_s"] if t > 1 else 0)
+    times["context_comm"] = coll["context_all_to_all"] / rate(["context"])
+    exposed = max(0.0, hidden - EFFICIENCY["overlap"] * compute_s)
+    step_s = compute_s + times["tensor_comm"] + times["context_comm"] + exposed
+    mfu = model_flops / (step_s * gpu.peak_tflops * 1e12 * n_dev)
+    fits = sum(memory.values()) <= gpu.hbm_gib * GiB
+    return Plan(sizes, inter, grad_accum, micro_batch, memory, flops, coll, times, step_s, mfu, fits)
+
+
+def candidate_meshes(cfg, train, nodes: int, gpus_per_node: int):
+    from litespark_jax.config import MeshConfig
+    from litespark_jax.parallel.mesh import inter_node_shape
+
+    n = nodes * gpus_per_node
+    for t in (1, 2, 4, 8):
+        if t > gpus_per_node or gpus_per_node % t or cfg.num_kv_heads % t or cfg.num_heads % t or cfg.d_ff % t:
+            continue
+        for c in (1, 2, 4):
+            if train.seq_len % c or cfg.num_heads % (t * c) or t * c > gpus_per_node or (c > 1 and train.seq_len < 8192):
+                continue
+            rest = n // (t * c)
+            if n % (t * c):
+                continue
+            for d in (x for x in range(1, rest + 1) if rest % x == 0):
+                fs = rest // d
+                if cfg.d_model % fs:
+                    continue
+                sizes = {"data": d, "fsdp": fs, "tensor": t, "context": c}
+                try:
+                    inter = inter_node_shape(MeshConfig(**{k: v for k, v in sizes.items()}), sizes, nodes)
+                except Exception:  # noqa: BLE001 - this mesh cannot be laid out over the nodes
+                    continue
+                if inter["tensor"] > 1 or inter["context"] > 1:
+                    continue
+                yield sizes, inter
+
+
+def plan_all(cfg, train, gpu: GPU, nodes: int, gpus_per_node: int, **kw) -> list[Plan]:
+    plans = []
+    for sizes, inter in candidate_meshes(cfg, train, nodes, gpus_per_node):
+        split = sizes["data"] * sizes["fsdp"]
+        best = None
+        for accum in (a for a in range(1, train.global_batch_size + 1) if train.global_batch_size % (a * split) == 0):
+            p = plan_mesh(cfg, train, gpu, sizes, inter, accum, **kw)
+            best = best or p
+            if p.fits:
+                best = p
+                break
+        if best is not None:
+            plans.append(best)
+    plans.sort(key=lambda p: (not p.fits, -p.mfu))
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# XLA's figure
+
+
+def xla_memory(config, sizes: dict) -> dict:
+    """Compile the train step for this mesh on CPU host devices (ahead of time, nothing allocated) and return XLA's
+    memory analysis per device. The process must have been started with enough host devices."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from litespark_jax.config import MeshConfig
+    from litespark_jax.parallel.logical import use_rules
+    from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
+    from litespark_jax.parallel.sharding import opt_state_shardings, param_shardings
+    from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
+    from litespark_jax.train.state import TrainState, abstract_model, init_model
+    from litespark_jax.train.step import make_train_step
+
+    n = math.prod(sizes.values())
+    mesh = build_mesh(MeshConfig(**sizes), jax.devices()[:n])
+    optimizer = build_optimizer(config.optim, config.train.steps)
+    graphdef, abstract = abstract_model(config.model)
+    p_sharding = param_shardings(abstract, mesh)
+    state_sharding = TrainState(step=NamedSharding(mesh, PartitionSpec()), params=p_sharding,
+                                opt_state=opt_state_shardings(optimizer, abstract, p_sharding, mesh))
+    b_sharding = batch_sharding(mesh)
+
+    def init():
+        _, params = init_model(config.model, 0)
+        return TrainState(step=jax.numpy.zeros((), "int32"), params=params, opt_state=optimizer.init(params))
+
+    state_shapes = jax.eval_shape(init)
+    state_in = state_shapes  # the jit's in_shardings place them
+    B, S = config.train.global_batch_size, config.train.seq_len
+    batch = {k: jax.ShapeDtypeStruct((B, S), dt) for k, dt in
+             (("inputs", "int32"), ("targets", "int32"), ("positions", "int32"), ("segment_ids", "int32"),
+              ("loss_mask", "float32"))}
+    with use_rules(mesh, DEFAULT_RULES):
+        step = jax.jit(make_train_step(config, graphdef, optimizer, learning_rate_schedule(config.optim, 10)),
+                       in_shardings=(state_sharding, b_sharding), out_shardings=(state_sharding, None),
+                       donate_argnums=0)
+        compiled = step.lower(state_in, batch).compile()
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "total": total}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def describe(plan: Plan, gpu: GPU) -> str:
+    lines = [f"mesh data={plan.mesh['data']} fsdp={plan.mesh['fsdp']} tensor={plan.mesh['tensor']} "
+             f"context={plan.mesh['context']}  (inter-node: {', '.join(f'{k}={v}' for k, v in plan.inter.items() if v > 1) or 'none'})"
+             f", grad_accum={plan.grad_accum}, {plan.micro_batch} sequence(s) per device per micro-batch"]
+    lines.append(f"  memory per device (GiB, of {gpu.hbm_gib:.1f} usable):")
+    for k, v in plan.memory.items():
+        lines.append(f"    {k:<18} {_gib(v):>8}")
+    lines.append(f"    {'total':<18} {_gib(plan.total_bytes):>8}  {'fits' if plan.fits else 'DOES NOT FIT'}")
+    lines.append(f"  FLOPs per device per step: {plan.flops_per_device / 1e12:.1f} TFLOP")
+    lines.append("  collective bytes per device per step (GB): " + ", ".join(
+        f"{k} {v / 1e9:.2f}" for k, v in plan.collectives.items() if v))
+    lines.append("  time (s): " + ", ".join(f"{k} {v:.3f}" for k, v in plan.times.items()) +
+                 f" -> step {plan.step_s:.3f} s, MFU {100 * plan.mfu:.1f}%")
+    return "\n".join(lines)
+
+
+def limiter(plan: Plan) -> str:
+    t = plan.times
+    exposed = max(0.0, t["fsdp_dp_comm"] - EFFICIENCY["overlap"] * t["compute"])
+    parts = {"matmul efficiency (compute bound)": t["compute"], "exposed FSDP/DP collectives": exposed,
+             "tensor-parallel all-reduces": t["tensor_comm"], "context-parallel all-to-alls": t["context_comm"]}
+    return max(parts, key=parts.get)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m litespark_jax.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    parser.add_argument("--mesh", default=None, help="only this mesh, DATAxFSDPxTENSORxCONTEXT (e.g. 2x16x2x1)")
+    parser.add_argument("--top", type=int, default=10, help="rows of the candidate table")
+    parser.add_argument("--attention", choices=("flash", "reference"), default=None,
+                        help="attention memory model (default: flash on GPU plans, reference with --xla-check)")
+    parser.add_argument("--xla-check", action="store_true",
+                        help="compile the step on CPU host devices and compare with XLA's memory analysis")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    n = args.nodes * args.gpus_per_node
+    if args.xla_check:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    from litespark_jax.config import load_config
+    from litespark_jax.errors import UserError
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg, train, gpu = config.model, config.train, GPUS[args.gpu]
+    attention = args.attention or ("reference" if args.xla_check else "flash")
+    ce = _resolved_ce(cfg, train, n)
+    kw = dict(attention=attention, cross_entropy=ce, mlp="reference" if cfg.mlp_impl == "reference" else "fused")
+    print(f"{args.config or 'defaults'}: {cfg.num_params() / 1e9:.2f}B parameters, global batch "
+          f"{train.global_batch_size} x {train.seq_len} tokens, remat={cfg.remat_policy}, dtype={cfg.dtype}; "
+          f"{args.nodes} node(s) x {args.gpus_per_node} {gpu.name} (attention model: {attention}, loss: {ce})")
+    if args.mesh:
+        from litespark_jax.config import MeshConfig
+        from litespark_jax.parallel.mesh import inter_node_shape
+
+        sizes = dict(zip(("data", "fsdp", "tensor", "context"), (int(x) for x in args.mesh.split("x"))))
+        inter = inter_node_shape(MeshConfig(**sizes), sizes, args.nodes)
+        plans = [plan_mesh(cfg, train, gpu, sizes, inter, train.grad_accum_steps, **kw)]
+    else:
+        plans = plan_all(cfg, train, gpu, args.nodes, args.gpus_per_node, **kw)
+    if not plans:
+        print("no mesh divides this model and batch over these devices")
+        return 1
+    print(f"\n{'mesh DxFxTxC':<14}{'accum':>6}{'mem GiB':>9}{'fits':>6}{'step s':>9}{'MFU %':>7}  limited by")
+    for p in plans[:args.top]:
+        print(f"{p.name():<14}{p.grad_accum:>6}{_gib(p.total_bytes):>9}{'yes' if p.fits else 'no':>6}"
+              f"{p.step_s:>9.3f}{100 * p.mfu:>7.1f}  {limiter(p)}")
+    best = plans[0]
+    print(f"\nrecommended: mesh.data={best.mesh['data']} mesh.fsdp={best.mesh['fsdp']} "
+          f"mesh.tensor={best.mesh['tensor']} mesh.context={best.mesh['context']}"
+          + (f" train.grad_accum_steps={best.grad_accum}" if best.grad_accum != train.grad_accum_steps else ""))
+    print(describe(best, gpu))
+    if args.xla_check:
+        figure = xla_memory(dataclasses.replace(config, train=dataclasses.replace(train, grad_accum_steps=best.grad_accum)),
+                            best.mesh)
+        predicted = best.total_bytes
+        error = (predicted - figure["total"]) / figure["total"]
+        print(f"\nXLA (CPU) compiled memory per device: {_gib(figure['total'])} GiB (arguments {_gib(figure['arguments'])}, "
+              f"outputs {_gib(figure['outputs'])}, aliased {_gib(figure['aliased'])}, temp {_gib(figure['temp'])}); "
+              f"predicted {_gib(predicted)} GiB: {100 * error:+.1f}%")
+    return 0
+
+
+def _resolved_ce(cfg, train, n_devices: int) -> str:
+    if cfg.cross_entropy_impl in ("reference", "chunked"):
+        return cfg.cross_entropy_impl
+    from pallas_kernels.cross_entropy import _CHUNKED_MIN_LOGIT_BYTES
+
+    tokens = train.global_batch_size // train.grad_accum_steps * train.seq_len  # upper bound per device
+    return "chunked" if 4 * tokens * cfg.vocab_size >= _CHUNKED_MIN_LOGIT_BYTES else "reference"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

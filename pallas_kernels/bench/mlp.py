@@ -88,15 +88,21 @@ def run(args) -> list[dict]:
         f32 = lambda a: a.astype(jnp.float32)
         with jax.default_matmul_precision("highest"):
             ref = jax.block_until_ready(loss_grad(reference.mlp)(f32(x), f32(wgu), f32(wd), f32(dy)))
-        impls = [(i, registry.resolve(i)[1]) for i in sorted(registry.names(), key=lambda s: s != "reference")]
+        impls = [(i, registry.resolve(i)[1]) for i in sorted(registry.names(), key=lambda s: s != "reference")
+                 if registry.available(i)]
         impls.append(("fused[bf16-gate-up]", functools.partial(fused.mlp, gate_up_f32=False)))
         for impl, fn_ in impls:
             fn = lambda x, wgu, wd, fn_=fn_: fn_(x, wgu, wd)
             fwd = jax.jit(fn)
             fb = loss_grad(fn)
-            t_f = time_ms(fwd, x, wgu, wd, iters=iters)
-            t_fb = time_ms(fb, x, wgu, wd, dy, iters=iters)
-            outs = fb(x, wgu, wd, dy)
+            try:
+                t_f = time_ms(fwd, x, wgu, wd, iters=iters)
+                t_fb = time_ms(fb, x, wgu, wd, dy, iters=iters)
+                outs = fb(x, wgu, wd, dy)
+            except Exception as e:  # noqa: BLE001 - report a kernel that fails to build and go on
+                rows.append(dict(kernel="mlp", shape=name, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                print(rows[-1], flush=True)
+                continue
             errs = [rel_err(a, b) for a, b in zip(outs, ref)]
             rows.append(dict(
                 kernel="mlp", shape=name, impl=impl,

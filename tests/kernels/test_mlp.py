@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.mlp import fused, mlp, registry
+from pallas_kernels.mlp import fused, mlp, mosaic_gpu, registry
 
 gpu = pytest.mark.gpu  # tests/conftest.py skips these without a GPU (LITESPARK_TEST_GPU=1 runs them)
 _seed = iter(range(10_000))
@@ -65,13 +65,16 @@ def _check(fn, lead, d, f, dtype, tol):
     assert np.all(dx[~keep.reshape(n)] == 0)
 
 
-@pytest.mark.parametrize("impl", ["auto", *registry.names()])
+AVAILABLE = [name for name in registry.names() if registry.available(name)]
+
+
+@pytest.mark.parametrize("impl", ["auto", *AVAILABLE])
 @pytest.mark.parametrize("lead,d,f", [((3, 16), 32, 48), ((64,), 64, 128), ((1, 5, 7), 24, 40)])
 def test_float32(impl, lead, d, f):
     _check(lambda *a: mlp(*a, impl=impl), lead, d, f, jnp.float32, 1e-5)
 
 
-@pytest.mark.parametrize("impl", registry.names())
+@pytest.mark.parametrize("impl", AVAILABLE)
 def test_bfloat16(impl):
     _check(lambda *a: mlp(*a, impl=impl), (2, 64), 128, 256, jnp.bfloat16, 2e-2)
 
@@ -82,6 +85,29 @@ def test_fused_bf16_gate_up_variant():
 
 def test_auto_choice():
     assert registry.resolve("auto", x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16)[0] == "fused"
+
+
+def test_mosaic_gpu_interpret():
+    """The Pallas Mosaic GPU SwiGLU kernel in GPU interpret mode on the CPU (small tiles; 2 x 3 CTA tiles, 2 k-steps),
+    forward and all gradients through its custom VJP."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    config = mosaic_gpu.SwiGLUConfig(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64,
+                                     grid_tile_width=2)
+    fn = lambda x, wgu, wd: mosaic_gpu.mlp(x, wgu, wd, config=config, interpret=plgpu.InterpretGPUParams())
+    _check(fn, (2, 128), 128, 192, jnp.bfloat16, 2e-2)
+
+
+def test_mosaic_gpu_falls_back_on_untiled_shapes():
+    _check(lambda *a: mosaic_gpu.mlp(*a), (5, 7), 24, 40, jnp.float32, 1e-5)
+
+
+def test_interleave():
+    w = jnp.arange(3 * 2 * 8).reshape(3, 2, 8)
+    il = np.asarray(mosaic_gpu.interleave(w, 4))
+    assert il[:, :4].tolist() == np.asarray(w)[:, 0, :4].tolist()
+    assert il[:, 4:8].tolist() == np.asarray(w)[:, 1, :4].tolist()
+    assert il[:, 8:12].tolist() == np.asarray(w)[:, 0, 4:].tolist()
 
 
 @gpu

@@ -1,0 +1,205 @@
+"""SwiGLU MLP whose gate/up matmul is a Pallas Mosaic GPU (Hopper wgmma + TMA) kernel with the SiLU(gate)*up epilogue.
+
+STATUS: correct in Mosaic GPU interpret mode on the CPU (tests/kernels/test_mlp.py); NOT yet compiled or timed on an
+H100 (the session that wrote it had no device time left), so it is registered by name only and ``auto`` never picks
+it. Next step: run ``python3 -m pallas_kernels.bench --only mlp`` on the device, tune ``SwiGLUConfig``, and make it
+``auto`` only where it beats ``fused``.
+
+The kernel is adapted from jax's ``jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py`` (Apache 2.0, The JAX
+Authors): a persistent, warp-specialized pipeline (one memory warpgroup issuing TMA loads, two compute warpgroups
+issuing wgmma, each on half of the CTA's rows). The change is the epilogue: the [d, 2, f] weight is first
+interleaved into [d, f/h, 2, h] blocks (h = half a CTA column tile), so one accumulator tile holds matching gate
+columns (left half) and up columns (right half); the epilogue computes ``silu(gate) * up`` in float32 and writes
+``h`` [N, f], and also writes the rounded gate and up tiles into the [N, 2, f] pre-activation that the backward
+needs. The down projection and the whole backward are the XLA ones of ``fused.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.mlp import fused
+
+
+@dataclasses.dataclass(frozen=True)
+class SwiGLUConfig:
+    tile_m: int = 128  # rows per compute warpgroup (the CTA covers 2 * tile_m rows)
+    tile_n: int = 128  # accumulator columns: tile_n / 2 gate columns next to the matching tile_n / 2 up columns
+    tile_k: int = 64
+    max_concurrent_steps: int = 3
+    epi_tile_m: int = 64
+    grid_tile_width: int = 8
+
+
+def _num_sms() -> int:
+    try:
+        return jax.devices()[0].core_count
+    except Exception:  # noqa: BLE001 - CPU devices in interpret mode
+        return 4
+
+
+def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    dtype = x_gmem.dtype
+    m, k = x_gmem.shape
+    f = h_gmem.shape[1]
+    tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+    half = tile_n // 2
+    epi_m = config.epi_tile_m
+    cta_tile_m = 2 * tile_m
+    m_iters, n_iters, k_iters = m // cta_tile_m, f // half, k // tile_k
+
+    swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
+    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+    out_swizzle = plgpu.find_swizzle(half * jnp.dtype(dtype).itemsize * 8)
+    out_transforms = (
+        plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(out_swizzle),
+    )
+
+    def get_pipeline(pipeline_body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            pipeline_body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cta_tile_m, tile_k), lambda kk: (0, kk), transforms=transforms,
+                                memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=transforms,
+                                memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=config.max_concurrent_steps,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+        # per compute warpgroup: one staging tile each for h, gate and up
+        out_smem=plgpu.SMEM((2, 3, epi_m, half), dtype, transforms=out_transforms),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg_idx = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
+        def _mn_loop(loop_info):
+            (lin_idx,) = loop_info.index
+            m_idx, n_idx = plgpu.planar_snake(
+                lin_idx, (m_iters, n_iters), 1, config.grid_tile_width  # 1: N is the grid's minor dimension
+            )
+            cta_m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
+            cta_n_slice = pl.ds(n_idx * tile_n, tile_n)  # in the interleaved weight
+            wg_m_slice = pl.ds(wg_idx * tile_m, tile_m)
+
+            def compute_context(eval_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                def _acc_scope(acc_ref):
+                    eval_pipeline(acc_ref)
+                    acc = acc_ref[...]
+                    for epi_mi in range(tile_m // epi_m):
+                        rows = slice(epi_mi * epi_m, (epi_mi + 1) * epi_m)
+                        gate = acc[rows, :half]
+                        up = acc[rows, half:]
+                        hidden = gate / (1.0 + jnp.exp(-gate)) * up
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem[wg_idx, 0] = hidden.astype(dtype)
+                        out_smem[wg_idx, 1] = gate.astype(dtype)
+                        out_smem[wg_idx, 2] = up.astype(dtype)
+                        plgpu.commit_smem()
+                        g_rows = pl.ds(m_idx * cta_tile_m + wg_idx * tile_m + epi_mi * epi_m, epi_m)
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 0], h_gmem.at[g_rows, pl.ds(n_idx * half, half)])
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 1], gu_gmem.at[g_rows, pl.ds(n_idx * half, half)])
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg_idx, 2], gu_gmem.at[g_rows, pl.ds(f + n_idx * half, half)]
+                        )
+
+            def mma_body(_, x_smem, w_smem, acc_ref):
+                plgpu.wgmma(acc_ref, x_smem.at[wg_m_slice], w_smem)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            get_pipeline(mma_body, compute_context)(
+                x_gmem.at[cta_m_slice, :], w_gmem.at[:, cta_n_slice], allocations=pipeline_allocs
+            )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def supported(m: int, k: int, f: int, config: SwiGLUConfig = SwiGLUConfig()) -> bool:
+    return (
+        m % (2 * config.tile_m) == 0
+        and f % (config.tile_n // 2) == 0
+        and k % config.tile_k == 0
+        and config.tile_m % config.epi_tile_m == 0
+    )
+
+
+def interleave(w_gate_up, half: int):
+    """[d, 2, f] -> [d, 2f] with columns in blocks [gate j*half:(j+1)*half | up j*half:(j+1)*half] for each j."""
+    d, two, f = w_gate_up.shape
+    return w_gate_up.reshape(d, two, f // half, half).transpose(0, 2, 1, 3).reshape(d, two * f)
+
+
+def swiglu_gate_up(x2, w_gate_up, *, config: SwiGLUConfig = SwiGLUConfig(), interpret=None):
+    """(h [N, f], gate_up [N, 2, f]) for x2 [N, d] and w_gate_up [d, 2, f], both in x2's dtype."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = x2.shape
+    _, _, f = w_gate_up.shape
+    if not supported(m, k, f, config):
+        raise ValueError(f"mlp/mosaic_gpu: shape N={m}, d={k}, f={f} does not tile with {config}")
+    w_il = interleave(w_gate_up.astype(x2.dtype), config.tile_n // 2)
+    call = plgpu.kernel(
+        functools.partial(_kernel, config=config),
+        out_type=(jax.ShapeDtypeStruct((m, f), x2.dtype), jax.ShapeDtypeStruct((m, 2 * f), x2.dtype)),
+        grid=(_num_sms(),),
+        grid_names=("cluster_grid",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({"interpret": interpret} if interpret is not None else {}),
+    )
+    h, gu = call(x2, w_il)
+    return h, gu.reshape(m, 2, f)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _mlp(x2, w_gate_up, w_down, config, interpret):
+    h, _ = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
+    return jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
+def _mlp_fwd(x2, w_gate_up, w_down, config, interpret):
+    h, gu = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
+    out = jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
+    return out, (x2, gu, w_gate_up, w_down)
+
+
+def _mlp_bwd(config, interpret, res, dy):
+    return fused._mlp_bwd(False, res, dy)
+
+
+_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+def mlp(x, w_gate_up, w_down, *, config: SwiGLUConfig = SwiGLUConfig(), interpret=None):
+    """Same contract as ``reference.mlp``; shapes that don't tile with ``config`` fall back to ``fused``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not supported(x2.shape[0], x2.shape[1], w_gate_up.shape[2], config):
+        return fused.mlp(x, w_gate_up, w_down)
+    out = _mlp(x2, w_gate_up, w_down, config, interpret)
+    return out.reshape(*lead, w_down.shape[1])

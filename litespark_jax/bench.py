@@ -54,7 +54,7 @@ def synthetic_batch(config: Config, seed: int = 0) -> dict:
             "loss_mask": np.ones((t.global_batch_size, t.seq_len), np.float32)}
 
 
-def measure(name: str, config: Config, batch: dict, steps: int, warmup: int) -> dict:
+def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, compile_only: bool = False) -> dict:
     """Compile and time ``steps`` optimizer steps of ``config`` on ``batch``."""
     mesh, rules = build_mesh(config.mesh), DEFAULT_RULES
     optimizer = build_optimizer(config.optim, config.train.steps)
@@ -77,6 +77,14 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int) -> 
         compiled = step_fn.lower(state, device_batch).compile()
         compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    if compile_only:
+        gib = lambda b: round(b / 2**30, 2)
+        row = {"variant": name, "compile_s": round(compile_seconds, 1),
+               "argument_gib": gib(memory.argument_size_in_bytes), "output_gib": gib(memory.output_size_in_bytes),
+               "alias_gib": gib(memory.alias_size_in_bytes), "temp_gib": gib(memory.temp_size_in_bytes)}
+        row["total_gib"] = round(row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"], 2)
+        print(row, flush=True)
+        return row
     for _ in range(warmup):
         state, metrics = compiled(state, device_batch)
     jax.block_until_ready(metrics["loss"])
@@ -149,6 +157,8 @@ def main(argv=None) -> int:
                         help="overrides applied to the LiteSpark variant only")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,key=value",
                         help="an extra named LiteSpark variant (repeatable), e.g. accum2:train.grad_accum_steps=2")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only compile each variant and print XLA's memory analysis")
     parser.add_argument("--jsonl", default=None, help="append result rows to this JSONL file")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
     args = parser.parse_args(argv)
@@ -167,7 +177,9 @@ def main(argv=None) -> int:
         print(f"# {name}: attention={m.attention_impl} mlp={m.mlp_impl} loss={m.cross_entropy_impl} "
               f"norm={m.rms_norm_impl} remat={m.remat_policy} batch={config.train.global_batch_size}x"
               f"{config.train.seq_len} accum={config.train.grad_accum_steps}", flush=True)
-        rows.append(measure(name, config, batch, args.steps, args.warmup))
+        rows.append(measure(name, config, batch, args.steps, args.warmup, args.compile_only))
+    if args.compile_only:
+        return 0
     print_table(rows)
     if args.baseline:
         base = rows[0]

@@ -100,10 +100,11 @@ class DocStream:
             self._ids = self._ids[n:]
             self._ends = self._ends[n:]
 
-    def total_tokens(self) -> int:
-        """Length of a finite stream (extends to its end)."""
-        while self._extend(1 << 40):
-            pass
+    def total_tokens(self, limit: int | None = None) -> int:
+        """Length of a finite stream, or a value >= `limit` once the stream is known to be at least that long."""
+        while limit is None or not len(self._ends) or self._ends[-1] < limit:
+            if not self._extend(1 << 40 if limit is None else limit - (int(self._ends[-1]) if len(self._ends) else 0)):
+                break
         return int(self._ends[-1]) if len(self._ends) else self._base
 
     def window_requests(self, window: int) -> list[tuple[int, int, int, bool, bool]]:

@@ -160,7 +160,8 @@ class EvalBatchBuilder(_BatchBuilder):
         n = len(store)
         self.stream = DocStream(lambda k0, k1: np.arange(min(k0, n), min(k1, n), dtype=np.int64), store.lengths,
                                 seq_len)
-        total = self.stream.total_tokens()
+        limit = None if max_batches is None else max_batches * global_batch_size * seq_len + 1
+        total = self.stream.total_tokens(limit)  # with max_batches, tokenize no further than needed
         self.num_windows = max(1, math.ceil((total - 1) / seq_len))
         self.num_batches = math.ceil(self.num_windows / global_batch_size)
         if max_batches is not None:

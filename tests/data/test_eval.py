@@ -43,7 +43,11 @@ def test_eval_is_repeatable_finite_and_process_count_independent(corpus, byte_to
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
             np.testing.assert_array_equal(x[key], z[key])
-    assert len(eval_batches(corpus["cfg"], byte_tokenizer, max_batches=2)) == 2
+    limited = eval_batches(corpus["cfg"], byte_tokenizer, max_batches=2)
+    assert len(limited) == 2
+    for x, y in zip(limited, a[:2]):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_unigram_entropy_matches_direct_count(corpus, byte_tokenizer):

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from litespark_jax import data as data_lib
+from litespark_jax.data.global_batch import to_global_arrays
 from litespark_jax.checkpoint.preemption import PreemptionHandler
 from litespark_jax.checkpoint.session import RunCheckpoints
 from litespark_jax.config import Config
@@ -103,7 +104,7 @@ class Trainer:
                                             global_batch_size=t.global_batch_size, seed=t.seed)
 
     def global_batch(self, local_batch: dict) -> dict:
-        return data_lib.to_global_arrays(local_batch, self.batch_sharding)
+        return to_global_arrays(local_batch, self.batch_sharding)
 
     def train_step(self, state: TrainState, local_batch: dict):
         with self._sharding_context():

@@ -65,6 +65,7 @@ class Plan:
     step_s: float
     mfu: float
     fits: bool
+    remat: str = ""
 
     @property
     def total_bytes(self) -> float:
@@ -245,7 +246,8 @@ def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, a
     step_s = compute_s + times["tensor_comm"] + times["context_comm"] + exposed
     mfu = model_flops / (step_s * gpu.peak_tflops * 1e12 * n_dev)
     fits = sum(memory.values()) <= gpu.hbm_gib * GiB
-    return Plan(sizes, inter, grad_accum, micro_batch, memory, flops, coll, times, step_s, mfu, fits)
+    return Plan(sizes, inter, grad_accum, micro_batch, memory, flops, coll, times, step_s, mfu, fits,
+                cfg.remat_policy)
 
 
 def candidate_meshes(cfg, train, nodes: int, gpus_per_node: int):
@@ -276,20 +278,28 @@ def candidate_meshes(cfg, train, nodes: int, gpus_per_node: int):
                 yield sizes, inter
 
 
-def plan_all(cfg, train, gpu: GPU, nodes: int, gpus_per_node: int, **kw) -> list[Plan]:
+REMAT_CHOICES = ("none", "save_matmuls", "save_attention", "full")
+
+
+def plan_all(cfg, train, gpu: GPU, nodes: int, gpus_per_node: int, remat_policies=None, **kw) -> list[Plan]:
+    """The best plan per (mesh, remat policy): the fewest gradient-accumulation steps whose memory fits."""
     plans = []
-    for sizes, inter in candidate_meshes(cfg, train, nodes, gpus_per_node):
-        split = sizes["data"] * sizes["fsdp"]
-        best = None
-        for accum in (a for a in range(1, train.global_batch_size + 1) if train.global_batch_size % (a * split) == 0):
-            p = plan_mesh(cfg, train, gpu, sizes, inter, accum, **kw)
-            best = best or p
-            if p.fits:
-                best = p
-                break
-        if best is not None:
-            plans.append(best)
-    plans.sort(key=lambda p: (not p.fits, -p.mfu))
+    for policy in remat_policies or (cfg.remat_policy,):
+        pcfg = dataclasses.replace(cfg, remat_policy=policy)
+        for sizes, inter in candidate_meshes(pcfg, train, nodes, gpus_per_node):
+            split = sizes["data"] * sizes["fsdp"]
+            best = None
+            for accum in (a for a in range(1, train.global_batch_size + 1)
+                          if train.global_batch_size % (a * split) == 0):
+                p = plan_mesh(pcfg, train, gpu, sizes, inter, accum, **kw)
+                p.remat = policy
+                best = best or p
+                if p.fits:
+                    best = p
+                    break
+            if best is not None:
+                plans.append(best)
+    plans.sort(key=lambda p: (not p.fits, round(-p.mfu, 3), p.total_bytes))
     return plans
 
 
@@ -381,6 +391,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     parser.add_argument("--mesh", default=None, help="only this mesh, DATAxFSDPxTENSORxCONTEXT (e.g. 2x16x2x1)")
+    parser.add_argument("--remat", choices=("config", "all"), default="config",
+                        help="plan with the config's remat policy, or also try none/save_matmuls/save_attention/full")
     parser.add_argument("--top", type=int, default=10, help="rows of the candidate table")
     parser.add_argument("--attention", choices=("flash", "reference"), default=None,
                         help="attention memory model (default: flash on GPU plans, reference with --xla-check)")
@@ -416,22 +428,25 @@ def main(argv=None) -> int:
         inter = inter_node_shape(MeshConfig(**sizes), sizes, args.nodes)
         plans = [plan_mesh(cfg, train, gpu, sizes, inter, train.grad_accum_steps, **kw)]
     else:
-        plans = plan_all(cfg, train, gpu, args.nodes, args.gpus_per_node, **kw)
+        plans = plan_all(cfg, train, gpu, args.nodes, args.gpus_per_node,
+                         remat_policies=REMAT_CHOICES if args.remat == "all" else None, **kw)
     if not plans:
         print("no mesh divides this model and batch over these devices")
         return 1
-    print(f"\n{'mesh DxFxTxC':<14}{'accum':>6}{'mem GiB':>9}{'fits':>6}{'step s':>9}{'MFU %':>7}  limited by")
+    print(f"\n{'mesh DxFxTxC':<14}{'remat':>15}{'accum':>6}{'mem GiB':>9}{'fits':>6}{'step s':>9}{'MFU %':>7}  limited by")
     for p in plans[:args.top]:
-        print(f"{p.name():<14}{p.grad_accum:>6}{_gib(p.total_bytes):>9}{'yes' if p.fits else 'no':>6}"
+        print(f"{p.name():<14}{p.remat:>15}{p.grad_accum:>6}{_gib(p.total_bytes):>9}{'yes' if p.fits else 'no':>6}"
               f"{p.step_s:>9.3f}{100 * p.mfu:>7.1f}  {limiter(p)}")
     best = plans[0]
     print(f"\nrecommended: mesh.data={best.mesh['data']} mesh.fsdp={best.mesh['fsdp']} "
           f"mesh.tensor={best.mesh['tensor']} mesh.context={best.mesh['context']}"
-          + (f" train.grad_accum_steps={best.grad_accum}" if best.grad_accum != train.grad_accum_steps else ""))
+          + (f" train.grad_accum_steps={best.grad_accum}" if best.grad_accum != train.grad_accum_steps else "")
+          + (f" model.remat_policy={best.remat}" if best.remat != cfg.remat_policy else ""))
     print(describe(best, gpu))
     if args.xla_check:
-        figure = xla_memory(dataclasses.replace(config, train=dataclasses.replace(train, grad_accum_steps=best.grad_accum)),
-                            best.mesh)
+        checked = dataclasses.replace(config, train=dataclasses.replace(train, grad_accum_steps=best.grad_accum),
+                                      model=dataclasses.replace(cfg, remat_policy=best.remat))
+        figure = xla_memory(checked, best.mesh)
         predicted = best.total_bytes
         error = (predicted - figure["total"]) / figure["total"]
         print(f"\nXLA (CPU) compiled memory per device: {_gib(figure['total'])} GiB (arguments {_gib(figure['arguments'])}, "

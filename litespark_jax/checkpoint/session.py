@@ -61,7 +61,8 @@ class RunCheckpoints:
         if manager is not self.manager:
             manager.close()
         self.restored_from = restored.path
-        log.info("resumed from %s (step %d)", restored.path, restored.step)
+        if jax.process_index() == 0:
+            print(f"resumed from {restored.path} (step {restored.step})", flush=True)
         return restored.state, restored.data_state, restored.step
 
     def should_save(self, step: int) -> bool:

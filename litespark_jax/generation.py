@@ -156,9 +156,10 @@ def _jitted(kind: str, graphdef, fn, **static):
 
 
 _JIT_CACHE: dict = {}
+_PROMPT_BUCKET = 16
 
 
-def _generate_program(graphdef, state, prompt, pad, *, sampling: SamplingConfig):
+def _generate_program(graphdef, state, prompt, pad, seed, *, sampling: SamplingConfig):
     model = nnx.merge(graphdef, state)
     b, prompt_len = prompt.shape
     n = sampling.max_new_tokens
@@ -184,16 +185,17 @@ def _generate_program(graphdef, state, prompt, pad, *, sampling: SamplingConfig)
         logits, cache = forward_with_cache(model, token[:, None], cache, prompt_len + i, pad)
         return i + 1, cache, logits[:, 0], key, done, out
 
-    carry = (jnp.int32(0), cache, logits[:, -1], jax.random.key(sampling.seed), jnp.zeros((b,), bool), out)
+    carry = (jnp.int32(0), cache, logits[:, -1], jax.random.key(seed), jnp.zeros((b,), bool), out)
     i, *_, out = jax.lax.while_loop(cond, body, carry)
     return out, i
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
+    """[batch, width] int32 left-padded prompts (width a multiple of ``multiple``) and each row's padding."""
     lengths = [len(p) for p in prompts]
     if not prompts or min(lengths) == 0:
         raise ValueError("every prompt needs at least one token")
-    width = max(lengths)
+    width = -(-max(lengths) // multiple) * multiple
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for r, p in enumerate(prompts):
         tokens[r, width - len(p):] = np.asarray(p, np.int32)
@@ -212,13 +214,19 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
     if tokens.shape[1] + sampling.max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({sampling.max_new_tokens}) is longer "
                          f"than model.max_seq_len ({cfg.max_seq_len})")
+    # Pad prompts to a multiple of 16 tokens (padding is never attended to) so that new prompt lengths rarely
+    # compile a new program.
+    bucketed, bucketed_pad = _left_pad(prompts, multiple=_PROMPT_BUCKET)
+    if bucketed.shape[1] + sampling.max_new_tokens <= cfg.max_seq_len:
+        tokens, pad = bucketed, bucketed_pad
     if tokens.max() >= cfg.vocab_size:
         raise ValueError(f"prompt token id {int(tokens.max())} is outside the vocabulary ({cfg.vocab_size})")
     if sampling.max_new_tokens == 0:
         return [[] for _ in prompts]
     graphdef, state = nnx.split(model)
-    program = _jitted("generate", graphdef, _generate_program, sampling=sampling)
-    out, steps = jax.device_get(program(state, jnp.asarray(tokens), jnp.asarray(pad)))
+    # The seed is an argument, not a constant: a new seed does not recompile.
+    program = _jitted("generate", graphdef, _generate_program, sampling=dataclasses.replace(sampling, seed=0))
+    out, steps = jax.device_get(program(state, jnp.asarray(tokens), jnp.asarray(pad), jnp.uint32(sampling.seed)))
     results = []
     for row in out[:, : int(steps)].tolist():
         if sampling.eos_id is not None and sampling.eos_id in row:

@@ -1,0 +1,68 @@
+"""What ``python -m litespark_jax.sft`` / ``litespark_jax.dpo`` do: build the trainer, say what will run, run the
+pretraining loop with it, and summarize (loss, tokens/s, energy, and DPO's reward metrics before and after)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import yaml
+
+from litespark_jax.config import Config
+from litespark_jax.energy import EnergyWindow
+
+
+def run(kind: str, config: Config) -> dict:
+    from litespark_jax.posttrain.trainer import DPOTrainer, SFTTrainer
+    from litespark_jax.train.loop import train
+
+    m, t, p = config.model, config.train, config.posttrain
+    main_process = jax.process_index() == 0
+    trainer = (SFTTrainer if kind == "sft" else DPOTrainer)(config)
+    if main_process:
+        os.makedirs(t.run_dir, exist_ok=True)
+        with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        unit = "sequences (2 per pair)" if kind == "dpo" else "packed windows" if p.pack else "conversations"
+        print(f"{kind}: model {m.num_params() / 1e6:.2f}M params, {m.num_layers} layers, d_model {m.d_model}; "
+              f"{t.steps} steps x {t.global_batch_size} {unit} x {t.seq_len} tokens on {jax.device_count()} "
+              f"{jax.devices()[0].platform} device(s); run dir {t.run_dir}\n"
+              f"template {p.template}, tokenizer {trainer.tokenizer.name}, starting weights "
+              f"{p.init_from or 'random init'}\n"
+              f"train data {trainer.train_file}: {trainer.stats.summary()}"
+              + (f"\neval data {trainer.eval_file}: {trainer.eval_stats.summary()}" if trainer.eval_stats else "")
+              + (f"\nDPO: {p.loss_type} loss, beta {p.beta}, label smoothing {p.label_smoothing}, reference "
+                 f"{p.reference}" if kind == "dpo" else ""), flush=True)
+    summary: dict = {"kind": kind, "train_stats": vars(trainer.stats)}
+    if kind == "dpo":
+        summary["before"] = trainer.evaluate_pairs(trainer.initial_params())
+    energy = EnergyWindow()
+    energy.start()
+    result = train(config, trainer=trainer)
+    joules, watts = energy.stop()
+    final = result.history[-1] if result.history else {}
+    throughput = [h["tokens_per_second"] for h in result.history if "tokens_per_second" in h]
+    summary.update(final=final, eval=result.eval_history[-1] if result.eval_history else None,
+                   tokens_per_second=sum(throughput) / len(throughput) if throughput else None,
+                   energy_joules=joules, average_watts=watts)
+    if kind == "dpo":
+        summary["after"] = trainer.evaluate_pairs(result.state.params)
+    if main_process:
+        lines = [f"final train loss {final.get('loss', float('nan')):.4f}"]
+        if kind == "sft" and result.eval_history:
+            lines.append(f"eval loss {result.eval_history[-1]['eval_loss']:.4f} nats per assistant token")
+        if kind == "dpo":
+            b, a = summary["before"], summary["after"]
+            lines.append(f"eval pairs ({int(a['pairs'])}): reward accuracy {b['reward_accuracy']:.3f} -> "
+                         f"{a['reward_accuracy']:.3f}, margin {b['reward_margin']:.4f} -> {a['reward_margin']:.4f}, "
+                         f"KL proxy {a['kl_proxy']:.4f} nats/sequence, loss {b['loss']:.4f} -> {a['loss']:.4f}")
+        if summary["tokens_per_second"]:
+            lines.append(f"throughput {summary['tokens_per_second']:,.0f} tokens/s")
+        if joules is not None:
+            lines.append(f"energy {joules:.0f} J ({watts:.0f} W average)")
+        print("\n".join(lines), flush=True)
+        with open(os.path.join(t.run_dir, f"{kind}_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+    summary["result"] = result
+    return summary

@@ -17,6 +17,11 @@ overlapping columns are masked out of the logsumexp and of ``dx``, and the backw
 first so that the neighbour rewrites the overlap of ``dw`` with its correct values.
 
 Targets outside [0, V) contribute a target logit of 0 (the caller is expected to mask such tokens).
+
+Tensor parallelism: with ``w``'s vocabulary axis sharded (tensor > 1), GSPMD all-gathers ``w`` for the chunk loop
+(seen on a CPU 2x2 data x tensor mesh: results equal the reference's, but each tensor rank then does the whole
+vocabulary's work). A shard_map version (local chunks per vocabulary shard, lse combined with pmax/psum) is the fix;
+until then prefer ``impl="reference"`` when the vocabulary is tensor-sharded.
 """
 
 from __future__ import annotations

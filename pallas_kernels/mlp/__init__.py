@@ -2,8 +2,10 @@
 
 Implementations: ``reference`` (plain JAX, autodiff) and ``fused`` (one matmul against the fused [gate|up] weight,
 SwiGLU epilogue, down projection, and a hand-written VJP that keeps only ``x`` and the pre-activation in ``x``'s
-dtype), and ``mosaic_gpu`` (Hopper only: the gate/up matmul with the SwiGLU epilogue as a Pallas Mosaic GPU
-kernel, backward as ``fused``; verified in interpret mode only, never timed, so ``auto`` does not pick it).
+dtype), ``fused_tp`` (the same with 3-D einsums, so a tensor-parallel ``f`` axis stays sharded instead of the
+gate/up weight being all-gathered; untimed on a GPU), and ``mosaic_gpu`` (Hopper only: the gate/up matmul with
+the SwiGLU epilogue as a Pallas Mosaic GPU kernel, backward as ``fused``; verified in interpret mode only, never
+timed, so ``auto`` does not pick it).
 ``auto`` picks ``fused`` on every platform (pure JAX: the CPU runs the same code as the GPU); measured on an H100 it
 runs forward+backward 1.8x faster than autodiff of the reference (docs/perf/kernels.md).
 """
@@ -14,6 +16,7 @@ from pallas_kernels._dispatch import REFERENCE, Registry, is_hopper
 from pallas_kernels.mlp import fused, mosaic_gpu, reference
 
 FUSED = "fused"
+FUSED_TP = "fused_tp"
 MOSAIC_GPU = "mosaic_gpu"
 
 
@@ -24,6 +27,7 @@ def _auto(**_):
 registry = Registry("mlp", _auto)
 registry.register(REFERENCE)(reference.mlp)
 registry.register(FUSED)(fused.mlp)
+registry.register(FUSED_TP)(fused.mlp_tp)
 registry.register(MOSAIC_GPU, available=is_hopper)(mosaic_gpu.mlp)
 
 

@@ -8,6 +8,13 @@ the hidden activation from it elementwise in the backward (no extra matmul), and
 ``x``'s dtype with float32 accumulation (their outputs are rounded to ``x``'s dtype, as a cuBLAS bf16 training step
 does); the elementwise math is float32.
 
+Tensor parallelism: the reshape of ``w_gate_up`` to [d, 2f] merges the ``f`` axis, so when ``f`` is sharded GSPMD
+all-gathers the gate/up weight (seen on a CPU 2x2 data x tensor mesh; autodiff of the reference, with 3-D einsums,
+does not). ``tp_safe=True`` (registered as ``fused_tp``) uses 3-D einsums instead (upcast to float32 on the CPU only,
+whose backend has no standalone bf16 x bf16 -> f32 dot for them) and is all-gather-free on that mesh
+(tests/kernels/test_mlp.py), but it is untimed on a GPU, so ``auto`` keeps the measured reshape form; choose
+``fused_tp`` when tensor > 1.
+
 ``gate_up_f32=True`` (the default) takes the gate/up matmul's output in float32 for the forward epilogue, so the
 forward equals the reference's, and rounds only the saved residual; ``False`` rounds the matmul output itself.
 """
@@ -19,9 +26,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._dispatch import platform
 
-def _gate_up(x2, w_gate_up, out_dtype):
+
+def _gate_up(x2, w_gate_up, out_dtype, tp_safe):
     d, two, f = w_gate_up.shape
+    if tp_safe:  # 3-D einsum: no merge of the (possibly sharded) f axis
+        gu = jnp.einsum("nd,dtf->ntf", x2, w_gate_up, preferred_element_type=jnp.float32)
+        return gu.astype(out_dtype)
     gu = jnp.dot(x2, w_gate_up.reshape(d, two * f), preferred_element_type=jnp.float32)
     return gu.astype(out_dtype).reshape(x2.shape[0], two, f)
 
@@ -32,24 +44,24 @@ def _hidden(gu):
     return jax.nn.silu(g) * u
 
 
-def _forward(x2, w_gate_up, w_down, gate_up_f32):
-    gu = _gate_up(x2, w_gate_up, jnp.float32 if gate_up_f32 else x2.dtype)
+def _forward(x2, w_gate_up, w_down, gate_up_f32, tp_safe):
+    gu = _gate_up(x2, w_gate_up, jnp.float32 if gate_up_f32 else x2.dtype, tp_safe)
     h = _hidden(gu).astype(x2.dtype)
     out = jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
     return out, gu.astype(x2.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mlp(x2, w_gate_up, w_down, gate_up_f32):
-    return _forward(x2, w_gate_up, w_down, gate_up_f32)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _mlp(x2, w_gate_up, w_down, gate_up_f32, tp_safe):
+    return _forward(x2, w_gate_up, w_down, gate_up_f32, tp_safe)[0]
 
 
-def _mlp_fwd(x2, w_gate_up, w_down, gate_up_f32):
-    out, gu = _forward(x2, w_gate_up, w_down, gate_up_f32)
+def _mlp_fwd(x2, w_gate_up, w_down, gate_up_f32, tp_safe):
+    out, gu = _forward(x2, w_gate_up, w_down, gate_up_f32, tp_safe)
     return out, (x2, gu, w_gate_up, w_down)
 
 
-def _mlp_bwd(gate_up_f32, res, dy):
+def _mlp_bwd(gate_up_f32, tp_safe, res, dy):
     del gate_up_f32
     x2, gu, w_gate_up, w_down = res
     d, two, f = w_gate_up.shape
@@ -62,8 +74,15 @@ def _mlp_bwd(gate_up_f32, res, dy):
     h = (silu * u).astype(x2.dtype)
     dg = dh * u * (sig * (1.0 + g * (1.0 - sig)))
     du = dh * silu
-    dgu = jnp.stack([dg, du], axis=1).astype(x2.dtype).reshape(-1, two * f)  # [N, 2f]
     dw_down = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(w_down.dtype)
+    if tp_safe:
+        dgu = jnp.stack([dg, du], axis=1).astype(x2.dtype)  # [N, 2, f]
+        # XLA's CPU backend has no standalone bf16 x bf16 -> f32 dot for these: upcast there (CPU speed is moot).
+        up = (lambda a: a.astype(jnp.float32)) if platform() == "cpu" else (lambda a: a)
+        dx = jnp.einsum("ntf,dtf->nd", up(dgu), up(w_gate_up), preferred_element_type=jnp.float32)
+        dw_gu = jnp.einsum("nd,ntf->dtf", up(x2), up(dgu), preferred_element_type=jnp.float32)
+        return dx.astype(x2.dtype), dw_gu.astype(w_gate_up.dtype), dw_down
+    dgu = jnp.stack([dg, du], axis=1).astype(x2.dtype).reshape(-1, two * f)  # [N, 2f]
     dx = jnp.dot(dgu, w_gate_up.reshape(d, two * f).T, preferred_element_type=jnp.float32).astype(x2.dtype)
     dw_gu = jnp.dot(x2.T, dgu, preferred_element_type=jnp.float32).astype(w_gate_up.dtype).reshape(d, two, f)
     return dx, dw_gu, dw_down
@@ -72,7 +91,13 @@ def _mlp_bwd(gate_up_f32, res, dy):
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
-def mlp(x, w_gate_up, w_down, *, gate_up_f32: bool = True):
+def mlp(x, w_gate_up, w_down, *, gate_up_f32: bool = True, tp_safe: bool = False):
     lead = x.shape[:-1]
-    out = _mlp(x.reshape(-1, x.shape[-1]), w_gate_up, w_down, bool(gate_up_f32))
+    out = _mlp(x.reshape(-1, x.shape[-1]), w_gate_up, w_down, bool(gate_up_f32), bool(tp_safe))
     return out.reshape(*lead, w_down.shape[1])
+
+
+def mlp_tp(x, w_gate_up, w_down):
+    """``mlp`` with ``tp_safe=True``: 3-D einsums that keep a tensor-sharded ``f`` axis sharded (no weight
+    all-gather). Registered as ``fused_tp``; not yet timed on a GPU."""
+    return mlp(x, w_gate_up, w_down, tp_safe=True)

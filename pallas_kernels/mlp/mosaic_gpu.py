@@ -189,7 +189,7 @@ def _mlp_fwd(x2, w_gate_up, w_down, config, interpret):
 
 
 def _mlp_bwd(config, interpret, res, dy):
-    return fused._mlp_bwd(False, res, dy)
+    return fused._mlp_bwd(False, False, res, dy)
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)

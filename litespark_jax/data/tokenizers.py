@@ -108,10 +108,6 @@ class HuggingFaceTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Rust-parallel batch encode (used by `prepare`)."""
-        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 

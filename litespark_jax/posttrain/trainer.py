@@ -8,7 +8,6 @@ from its own checkpoints; a fresh run starts from ``posttrain.init_from``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from litespark_jax.config import Config
-from litespark_jax.errors import CheckpointError, ConfigError
+from litespark_jax.errors import ConfigError
 from litespark_jax.posttrain import dpo_data, sft_data
 from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_step, token_logps
 from litespark_jax.posttrain.template import TemplateTokens, get_template
@@ -46,32 +45,24 @@ def data_files(config: Config, kind: str) -> tuple[str, str | None]:
 
 
 def is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        name.endswith(".safetensors") for name in os.listdir(path))
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "resolved_head_dim", "d_ff",
+                "tie_embeddings", "rope_theta", "rope_scaling")
 
 
 def load_hf_params(path: str, model_cfg) -> dict:
-    """A Hugging Face Llama directory as our pure parameter dict (numpy); ConfigError when its shape differs."""
-    from safetensors.numpy import load_file
+    """A Hugging Face Llama directory as our pure parameter dict (``litespark_jax.convert``'s importer); the model
+    section must describe the same shape (ConfigError naming the first field that differs)."""
+    from litespark_jax.convert import load_hf_params as convert_load
 
-    from litespark_jax import hf
-
-    with open(os.path.join(path, "config.json")) as f:
-        theirs = json.load(f)
-    ours = hf.hf_config(model_cfg)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "tie_word_embeddings"):
-        if key in theirs and theirs[key] != ours[key]:
-            raise ConfigError(f"posttrain.init_from: {path}/config.json has {key}={theirs[key]} but the model config "
-                              f"gives {ours[key]}; make the model section match the checkpoint")
-    tensors = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(path, name)))
-    try:
-        return hf.from_hf_state_dict({k: np.asarray(v, np.float32) for k, v in tensors.items()}, model_cfg)
-    except KeyError as e:
-        raise CheckpointError(f"posttrain.init_from: {path} has no tensor {e.args[0]}") from None
+    theirs, params = convert_load(path, model_cfg)
+    for field in SHAPE_FIELDS:
+        if getattr(theirs, field) != getattr(model_cfg, field):
+            raise ConfigError(f"posttrain.init_from: {path}/config.json gives {field}={getattr(theirs, field)!r} but "
+                              f"model.{field} is {getattr(model_cfg, field)!r}; make the model section match")
+    return params
 
 
 class _PosttrainMixin:
@@ -100,7 +91,7 @@ class _PosttrainMixin:
         params_sharding = self.state_sharding.params
         if source is None:
             params = super().init_state().params
-        elif os.path.isdir(source) and is_hf_dir(source):
+        elif is_hf_dir(source):
             pure = load_hf_params(source, self.config.model)
             _, abstract = abstract_model(self.config.model)
             dtype = jnp.dtype(self.config.model.param_dtype)

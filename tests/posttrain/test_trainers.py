@@ -1,0 +1,85 @@
+"""Starting weights (a Hugging Face directory, our checkpoint), the CLIs' one-line errors, an SFT run end to end."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from litespark_jax.errors import ConfigError
+from litespark_jax.posttrain.trainer import SFTTrainer
+from tests.posttrain.conftest import tiny_config
+
+GOOD = {"prompt": "q", "completion": "a"}
+
+
+def _leaves_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_init_from_hugging_face_directory(tmp_path, jsonl):
+    from safetensors.numpy import save_file
+
+    from litespark_jax import hf
+    from litespark_jax.train.state import init_model
+
+    cfg = tiny_config(32, posttrain={"train_file": jsonl([GOOD])})
+    _, params = init_model(cfg.model, seed=7)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file(hf.to_hf_state_dict(nnx.to_pure_dict(params), cfg.model), str(hf_dir / "model.safetensors"))
+    (hf_dir / "config.json").write_text(json.dumps(hf.hf_config(cfg.model)))
+
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, posttrain=dataclasses.replace(cfg.posttrain, init_from=str(hf_dir)))
+    trainer = SFTTrainer(cfg)
+    _leaves_equal(trainer.initial_params(), params)
+    state = trainer.init_state()
+    assert int(state.step) == 0
+    _leaves_equal(state.params, params)
+
+    wrong = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_ff=96))
+    with pytest.raises(ConfigError, match="d_ff"):
+        SFTTrainer(wrong).initial_params()
+
+
+@pytest.mark.slow
+def test_sft_run_then_init_from_its_checkpoint(tmp_path):
+    from litespark_jax.train.loop import train
+
+    cfg = tiny_config(256, train={"steps": 3, "run_dir": str(tmp_path / "sft")}, checkpoint={"every": 0},
+                      posttrain={"pack": True})  # the bundled SFT examples
+    trainer = SFTTrainer(cfg)
+    assert trainer.stats.kept > 400 and trainer.stats.truncated > 0
+    result = train(cfg, trainer=trainer)
+    assert len(result.history) == 3 and np.isfinite(result.history[-1]["loss"])
+    assert result.history[-1]["tokens"] > 0 and "tokens_per_second" in result.history[-1]
+    assert result.eval_history and np.isfinite(result.eval_history[-1]["eval_loss"])
+
+    import dataclasses
+
+    follow = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, run_dir=str(tmp_path / "next")),
+        posttrain=dataclasses.replace(cfg.posttrain, init_from=str(tmp_path / "sft" / "checkpoints")))
+    _leaves_equal(SFTTrainer(follow).initial_params(), result.state.params)
+
+
+@pytest.mark.parametrize("module", ["sft", "dpo"])
+def test_cli_bad_input_is_one_line_exit_2(module, jsonl, capsys, tmp_path):
+    import importlib
+
+    from litespark_jax.cli import run_main
+
+    main = importlib.import_module(f"litespark_jax.{module}").main
+    bad = (jsonl([GOOD, {"messages": [{"role": "user", "content": "no answer"}]}]) if module == "sft"
+           else jsonl([{"prompt": "q", "chosen": "a", "rejected": ""}]))
+    small = ["model.d_model=32", "model.num_layers=1", "model.d_ff=64", "train.seq_len=32",
+             f"train.run_dir={tmp_path}"]
+    assert run_main(main, ["--config", f"configs/{module}-tiny.yaml", f"posttrain.train_file={bad}", *small]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and bad in err[0]
+    assert run_main(main, ["--config", f"configs/{module}-tiny.yaml", "posttrain.loss_type=hinge"]) == 2
+    assert "posttrain.loss_type must be one of sigmoid, ipo" in capsys.readouterr().err

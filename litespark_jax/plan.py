@@ -429,6 +429,15 @@ def main(argv=None) -> int:
 
         sizes = dict(zip(("data", "fsdp", "tensor", "context"), (int(x) for x in args.mesh.split("x"))))
         inter = inter_node_shape(MeshConfig(**sizes), sizes, args.nodes)
+        from types import SimpleNamespace
+
+        from litespark_jax.parallel.mesh import check_shapes
+
+        try:
+            check_shapes(config, SimpleNamespace(shape=sizes))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         plans = [plan_mesh(cfg, train, gpu, sizes, inter, train.grad_accum_steps, **kw)]
     else:
         plans = plan_all(cfg, train, gpu, args.nodes, args.gpus_per_node,

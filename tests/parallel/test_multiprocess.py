@@ -56,3 +56,38 @@ def test_rendezvous_timeout_names_the_coordinator():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 75  # EX_TEMPFAIL: the scheduler may retry
     assert "could not rendezvous with the coordinator 127.0.0.1:1 within 3s" in proc.stderr
+
+
+TINY = ["model.vocab_size=512", "model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.d_ff=64", "model.max_seq_len=32", "train.seq_len=16", "train.global_batch_size=8",
+        "train.eval_every=0", "train.eval_batches=1", "log.every=1", "log.progress_bar=false",
+        "log.tensorboard=false", "optim.warmup_steps=2", "optim.decay_steps=4", "mesh.data=2", "mesh.fsdp=-1"]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    import json
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_train_cli_two_processes_then_resume_on_one(tmp_path):
+    """``python -m litespark_jax.train`` (Trainer, data pipeline, checkpoints) on 2 processes x 4 devices, resumed
+    from its step-3 checkpoint with ``train.resume`` on 1 process x 8 devices: steps 4-6 give the same losses."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+                "--devices-per-process", "4", "--timeout", "600", "--"]
+    proc = subprocess.run(launcher + [sys.executable, "-m", "litespark_jax.train", *TINY, "train.steps=6",
+                                      "checkpoint.every=3", f"train.run_dir={two}"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert sorted(os.listdir(two / "checkpoints")) == ["3", "6"]
+    proc = subprocess.run([sys.executable, "-m", "litespark_jax.train", *TINY, "train.steps=6", "checkpoint.every=3",
+                           f"train.run_dir={one}", f"train.resume={two / 'checkpoints' / '3'}"],
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    full, resumed = _losses(two), _losses(one)
+    assert sorted(full) == [1, 2, 3, 4, 5, 6] and sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed[step], full[step])

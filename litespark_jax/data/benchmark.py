@@ -26,6 +26,10 @@ def _rate(cfg, tokenizer, *, seq_len, batch, tokens, repeat=1) -> dict:
     rates = sorted(r["tok_per_s"] for r in runs)
     return {"tok_per_s_median": rates[len(rates) // 2], "tok_per_s_best": rates[-1],
             "first_batch_s_median": sorted(r["first_batch_s"] for r in runs)[len(runs) // 2],
+            # Load-independent view: tokens per second of CPU this process got (all its threads together), and how
+            # many cores it managed to use. On a loaded host tok/s ~= tok_per_cpu_s * cores actually granted.
+            "tok_per_cpu_s_median": sorted(r["tok_per_cpu_s"] for r in runs)[len(runs) // 2],
+            "cpu_utilisation_median": sorted(r["cpu_utilisation"] for r in runs)[len(runs) // 2],
             "steps": runs[0]["steps"], "repeats": repeat, "load_avg_1min": os.getloadavg()[0]}
 
 
@@ -40,11 +44,12 @@ def _rate_once(cfg, tokenizer, *, seq_len, batch, tokens, seed=0) -> dict:
     next(it)
     first = time.perf_counter() - start
     steps = max(1, tokens // (seq_len * batch))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         next(it)
-    elapsed = time.perf_counter() - start
-    return {"tok_per_s": steps * seq_len * batch / elapsed, "first_batch_s": first, "steps": steps}
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"tok_per_s": steps * seq_len * batch / elapsed, "first_batch_s": first, "steps": steps,
+            "tok_per_cpu_s": steps * seq_len * batch / cpu, "cpu_utilisation": cpu / elapsed}
 
 
 def main(argv=None) -> None:

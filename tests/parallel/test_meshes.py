@@ -88,3 +88,11 @@ def test_indivisible_shapes_name_the_axis():
     with pytest.raises(ConfigError, match="global_batch_size"):
         check_shapes(Config(train=TrainConfig(global_batch_size=6)),
                      SimpleNamespace(shape={"data": 4, "fsdp": 1, "tensor": 1, "context": 1}))
+
+
+def test_fsdp_all_gathers_happen_inside_the_layer_scan():
+    proc = run_worker("hlo_worker.py", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    # The forward and the (rematerialized) backward scans gather their layer's weights in the loop body.
+    assert row["loop_bodies"] >= 2 and row["all_gather_in_loops"] > 0

@@ -24,6 +24,9 @@ def rows():
 
 
 def test_memory_within_ten_percent_of_xla(rows):
+    for r in rows:  # shown with pytest -s
+        print(f"{r['case']:<20} {r['mesh']:<9} predicted {r['predicted'] / 2**20:9.1f} MiB  XLA {r['xla'] / 2**20:9.1f} MiB"
+              f"  {100 * r['error']:+5.1f}%")
     assert len(rows) >= 12
     bad = [(r["case"], r["mesh"], round(100 * r["error"], 1)) for r in rows if abs(r["error"]) > 0.10]
     assert not bad, bad

@@ -57,7 +57,7 @@ class StepWatchdog:
         while not self._stop.wait(self._poll):
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
-                print(f"watchdog: no training step completed for {idle:.0f}s (limit {self.timeout_s:.0f}s, "
+                print(f"watchdog: no training step completed for {idle:.1f}s (limit {self.timeout_s:g}s, "
                       f"LITESPARK_STEP_TIMEOUT_S) after step {self._step}; a collective is probably hung (a peer "
                       f"died or the network failed). Exiting with code {EXIT_CODE} so the scheduler restarts the "
                       f"job from the last checkpoint.", file=sys.stderr, flush=True)

@@ -7,9 +7,9 @@ Implementations:
   cuDNN's packed-sequence ("THD" ragged offsets) support for contiguous documents, see ``cudnn.py``.
 * ``pallas``: the Hopper flash attention kernel in Pallas Mosaic GPU (``mosaic_gpu.py``), only on Hopper.
 
-``auto`` picks the reference on CPU; on GPUs, the implementation measured fastest for the shape (table
-``_PALLAS_WINS`` below, filled from ``docs/perf/attention.md``), falling back to cuDNN when the Pallas kernel does
-not support the shape.
+``auto`` picks the reference on CPU; on GPUs, the implementation measured fastest for the shape (``_pallas_wins``
+below, from ``docs/perf/attention.md``), falling back to cuDNN when the Pallas kernel does not support the shape
+(seq not a multiple of 128, head_dim not 64/128, seq_q != seq_k, non-16-bit dtypes) or is not measured faster.
 """
 
 from __future__ import annotations
@@ -18,9 +18,19 @@ from pallas_kernels._dispatch import REFERENCE, Registry, is_hopper, platform
 from pallas_kernels.attention import cudnn as _cudnn_mod
 from pallas_kernels.attention import reference
 
-# (head_dim, causal) -> True where the Pallas kernel was measured faster than cuDNN (forward + backward) on H100.
-# Filled from docs/perf/attention.md; keys absent mean "use cuDNN".
-_PALLAS_WINS: dict[tuple[int, bool], bool] = {}
+def _pallas_wins(q_shape, causal: bool, has_segments: bool) -> bool:
+    """Where the Pallas kernel was measured faster than cuDNN (forward+backward, bf16, H100; docs/perf/attention.md).
+
+    * segment ids (packed documents): the kernel skips kv blocks outside each tile's documents; cuDNN takes a dense
+      [B, 1, S, S] mask. Measured 3.7x cuDNN forward+backward at B4 S4096 H32 KV8 D128 causal, random documents of
+      256-2048 tokens.
+    * no segment ids, head_dim 128, causal, seq <= 4096: measured 1.10-1.13x cuDNN forward+backward at
+      B4 S4096 H32 KV8 (forward on par). Not measured: S 8192 (cuDNN reaches 494 TFLOP/s there), head_dim 64
+      (different runs only: about 1.06x, inside the noise), non-causal: those stay on cuDNN.
+    """
+    if has_segments:
+        return True
+    return q_shape[-1] == 128 and causal and q_shape[1] <= 4096
 
 
 def _auto(*, q_shape=None, kv_shape=None, dtype=None, has_segments=False, causal=True, **_) -> str:
@@ -29,7 +39,7 @@ def _auto(*, q_shape=None, kv_shape=None, dtype=None, has_segments=False, causal
     if is_hopper() and q_shape is not None:
         from pallas_kernels.attention import mosaic_gpu
 
-        if mosaic_gpu.supports(q_shape, kv_shape, dtype) is None and _PALLAS_WINS.get((q_shape[-1], bool(causal))):
+        if mosaic_gpu.supports(q_shape, kv_shape, dtype) is None and _pallas_wins(q_shape, causal, has_segments):
             return "pallas"
     return "cudnn"
 

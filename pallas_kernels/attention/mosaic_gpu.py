@@ -183,12 +183,13 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
             block_q_end = (q_tile + 1) * (2 * block_q)
             block_max_kv_steps = pl.cdiv(block_q_end, jnp.array(block_kv, jnp.int32))
         else:
-            block_max_kv_steps = jnp.int32(seq_len // block_kv)
+            block_max_kv_steps = seq_len // block_kv
+        # Python ints when static: a concrete jax array closed over by ``pl.run_state`` breaks the Mosaic lowering.
         if has_seg:  # only the kv blocks that hold keys of this tile's documents
             lo = lo_ref[batch, q_tile]
             block_max_kv_steps = jnp.minimum(block_max_kv_steps, hi_ref[batch, q_tile])
         else:
-            lo = jnp.int32(0)
+            lo = 0
 
         @pl.when(wg_idx < 2)
         def _compute_wg():
@@ -420,12 +421,12 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
         if causal:
             max_kv_steps = pl.cdiv((q_tile + 1) * (2 * block_q), jnp.array(block_kv, jnp.int32))
         else:
-            max_kv_steps = jnp.int32(seq_len // block_kv)
+            max_kv_steps = seq_len // block_kv
         if has_seg:
             lo = lo_ref[batch, q_tile]
             max_kv_steps = jnp.minimum(max_kv_steps, hi_ref[batch, q_tile])
         else:
-            lo = jnp.int32(0)
+            lo = 0
 
         @pl.when(wg_idx < 2)
         def _compute_wg():
@@ -592,12 +593,12 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
         if causal:
             start_min = lax.div(tile_base, jnp.array(block_q, jnp.int32))
         else:
-            start_min = jnp.int32(0)
+            start_min = 0
         if has_seg:  # only the q blocks that hold queries of this tile's documents
             start_min = jnp.maximum(start_min, lo_ref[batch, kv_tile])
             q_end = jnp.minimum(hi_ref[batch, kv_tile], num_q_blocks)
         else:
-            q_end = jnp.int32(num_q_blocks)
+            q_end = num_q_blocks
         n_per = q_end - start_min  # q blocks visited per query head
         total = n_per * group
 
@@ -706,8 +707,9 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
             plgpu.set_max_registers(40, action="decrease")
 
             def load(t, slot):
-                g = lax.div(t, n_per)
-                i = start_min + lax.rem(t, n_per)
+                n = jnp.asarray(n_per, jnp.int32)
+                g = lax.div(t, n)
+                i = start_min + lax.rem(t, n)
                 h = kv_head * group + g
                 rows = pl.ds(i * block_q, block_q)
                 plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, h], q_smem.at[slot], q_barriers.at[0, slot])

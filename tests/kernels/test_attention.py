@@ -213,6 +213,22 @@ def test_pallas_supports():
     assert mosaic_gpu.supports((1, 4096, 32, 128), (1, 4096, 8, 128), jnp.float32) is not None
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("segments", [False, True])
+def test_pallas_lowers_for_cuda(causal, segments):
+    """The real Mosaic GPU lowering (not interpret mode), forward and backward, run on the CPU for the CUDA platform:
+    catches lowering-only failures (seen once: a concrete array closed over by ``pl.run_state``)."""
+    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+
+    def f(q, k, v, seg):
+        fn = lambda q, k, v: mosaic_gpu.attention(q, k, v, segment_ids=seg if segments else None, causal=causal)
+        return jax.vjp(fn, q, k, v)[1](q)
+
+    jax.jit(f).trace(q, k, k, seg).lower(lowering_platforms=("cuda",))
+
+
 def test_auto_is_reference_on_cpu():
     if ON_GPU:
         pytest.skip("CPU dispatch")
@@ -258,9 +274,14 @@ def test_gpu_against_reference(impl, b, s, h, kvh, d, causal, segments):
 def test_gpu_auto_dispatch():
     from pallas_kernels.attention import registry
 
+    from pallas_kernels._dispatch import is_hopper
+
     name, _ = registry.resolve("auto", q_shape=(4, 4096, 32, 128), kv_shape=(4, 4096, 8, 128), dtype=jnp.bfloat16,
                                causal=True)
-    assert name in ("pallas", "cudnn")
+    assert name == ("pallas" if is_hopper() else "cudnn")
+    name, _ = registry.resolve("auto", q_shape=(2, 8192, 32, 128), kv_shape=(2, 8192, 8, 128), dtype=jnp.bfloat16,
+                               causal=True)
+    assert name == "cudnn"
     q, k, v, do = _inputs(5, 1, 1024, 8, 2, 128, jnp.bfloat16)
     _check_against_reference(jax.jit(lambda q, k, v, **kw: dispatch_attention(q, k, v, **kw),
                                      static_argnames=("causal",)), q, k, v, do, tol=1e-2, causal=True)

@@ -217,6 +217,9 @@ class BatchIterator(grain.DatasetIterator):
         self._step += 1
         return batch
 
+    def __bool__(self) -> bool:  # an iterator is truthy even when len() is undefined (grain's handler tests `item or`)
+        return True
+
     def __len__(self) -> int:
         if self._num_steps is None:
             raise TypeError("the train iterator is infinite")

@@ -96,3 +96,18 @@ def test_grain_worker_processes_give_the_same_batches(corpus, byte_tokenizer):
     resumed.set_state(state)
     more, _ = global_batches(corpus["cfg"], byte_tokenizer, 8, 1)
     assert_same(more[6:], [next(resumed) for _ in range(2)])
+
+
+def test_grain_checkpoint_handler_round_trip(corpus, byte_tokenizer, tmp_path):
+    import grain
+    from etils import epath
+
+    it = train_iter(corpus["cfg"], byte_tokenizer)
+    reference = [next(it) for _ in range(6)]
+    it.set_state({"step": 3})
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), item=it)
+    restored = handler.restore(epath.Path(tmp_path), item=train_iter(corpus["cfg"], byte_tokenizer))
+    assert_same(reference[3:6], [next(restored) for _ in range(3)])
+    states = {json.dumps(train_iter(corpus["cfg"], byte_tokenizer, p, 2).get_state()) for p in range(2)}
+    assert len(states) == 1, "every process holds the same state: save it once"

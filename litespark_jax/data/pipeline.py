@@ -250,6 +250,8 @@ def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, seq_len: int, 
     cfg.validate()
     if seq_len <= 0:
         raise ConfigError(f"seq_len must be positive, got {seq_len}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     rows = _process_layout(global_batch_size, process_index, process_count)
     store = open_store(cfg.train_files, cfg, tokenizer, "data.train_files")
     order = DocumentOrder(store.set_index, store.set_names, seed=seed, shuffle=cfg.shuffle, mixture=cfg.mixture)

@@ -19,6 +19,7 @@ PAIRS = [
     {"prompt": [{"role": "system", "content": "terse"}, {"role": "user", "content": "2+2"}], "chosen": "4",
      "rejected": "5"},
     {"prompt": "Say hi", "chosen": "hi", "rejected": "no thanks, I would rather not"},
+    {"prompt": "Color of the sky?", "chosen": "Blue.", "rejected": "Green."},
 ]
 
 
@@ -86,7 +87,7 @@ def test_rewards_and_metrics(models, batch):
     pi = independent_sequence_logps(policy, graphdef, batch)
     ref = independent_sequence_logps(reference, graphdef, batch)
     r_w, r_l = 0.1 * (pi[0::2] - ref[0::2]), 0.1 * (pi[1::2] - ref[1::2])
-    assert stats["pairs"] == 3
+    assert stats["pairs"] == 4
     np.testing.assert_allclose(stats["reward_accuracy"], np.sum(r_w > r_l))
     np.testing.assert_allclose(stats["reward_margin"], np.sum(r_w - r_l), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(stats["kl_proxy"], np.sum(pi - ref) / 2, rtol=1e-4, atol=1e-4)  # per-sequence mean, summed over pairs
@@ -111,7 +112,24 @@ def test_padding_pairs_count_for_nothing(models, batch):
     a = dpo_sums(policy, graphdef, batch, beta=0.1, label_smoothing=0.0, loss_type="sigmoid", impl="reference")
     b = dpo_sums(policy, graphdef, padded, beta=0.1, label_smoothing=0.0, loss_type="sigmoid", impl="reference")
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
-    assert b[1]["pairs"] == 3
+    assert b[1]["pairs"] == 4
+
+
+def test_gradient_accumulation_equals_one_big_batch(models, batch):
+    import optax
+
+    from litespark_jax.posttrain.dpo_loss import make_dpo_step
+    from litespark_jax.train.state import TrainState
+
+    graphdef, policy, _ = models
+    cfg = tiny_config(SEQ, posttrain={"beta": 0.2})
+    optimizer = optax.sgd(1.0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=policy, opt_state=optimizer.init(policy))
+    outs = [make_dpo_step(cfg.posttrain, cfg.model, accum, graphdef, optimizer)(state, batch) for accum in (1, 2)]
+    for key in ("loss", "reward_accuracy", "reward_margin", "kl_proxy", "pairs", "grad_norm"):
+        np.testing.assert_allclose(outs[0][1][key], outs[1][1][key], rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(outs[0][0].params), jax.tree.leaves(outs[1][0].params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def _run_config(tmp_path, n_pairs, steps, seq_len=128, d_model=64, batch=32, **posttrain):

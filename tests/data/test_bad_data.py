@@ -8,7 +8,7 @@ import logging
 import pytest
 import zstandard
 
-from conftest import records, write_jsonl
+from tests.data.conftest import records, write_jsonl
 from litespark_jax.data import DataConfig, build_tokenizer, make_train_iterator
 from litespark_jax.data.sources import load_text_corpus
 from litespark_jax.errors import ConfigError, DataError

@@ -85,7 +85,7 @@ def test_pack_window_handles_padding_and_tiny_pieces():
 @pytest.mark.parametrize("seq_len", [1, 5, 64])
 def test_document_longer_than_window_is_split_across_windows(tmp_path, byte_tokenizer, seq_len):
     from litespark_jax.data import DataConfig
-    from conftest import records, write_jsonl
+    from tests.data.conftest import records, write_jsonl
 
     text = "x" * 37 + "é" * 20
     write_jsonl(tmp_path / "one.jsonl", records([text]))

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from conftest import make_docs
+from tests.data.conftest import make_docs
 from litespark_jax.data import ByteTokenizer, DataConfig, Tokenizer, build_tokenizer, load_tokenizer
 from litespark_jax.tokenizer import main as tokenizer_cli
 

@@ -94,8 +94,6 @@ def run(args) -> list[dict]:
         # float32 reference on batch element 0
         f32 = lambda x: x[:1].astype(jnp.float32)
         seg1 = None if seg is None else seg[:1]
-        ref_fn = jax.jit(lambda q, k, v, do: jax.vjp(
-            lambda q, k, v: reference.attention(q, k, v, segment_ids=seg1, causal=causal), q, k, v))
         try:
             ref_out, ref_vjp = jax.vjp(
                 lambda q, k, v: reference.attention(q, k, v, segment_ids=seg1, causal=causal), f32(q), f32(k), f32(v))
@@ -103,7 +101,6 @@ def run(args) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             print(f"# {name}: float32 reference failed: {type(e).__name__}: {str(e)[:200]}")
             ref_out = ref_grads = None
-        del ref_fn
 
         # Compile and warm every implementation, then time them round-robin (``rounds`` x ``iters`` calls each) so
         # that clock drift over the run hits all of them alike; report the median of all timed calls.

@@ -109,7 +109,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip gradients to this global norm; 0 disables clipping."""
     state_dtype: str = "float32"
-    """Dtype of Adam's moments."""
+    """Dtype in which both Adam moments are stored (the update is computed in float32)."""
 
 
 @dataclasses.dataclass(frozen=True)

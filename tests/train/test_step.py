@@ -88,3 +88,35 @@ def test_no_weight_decay_on_norms():
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert not any(m for k, m in flat.items() if "norm" in k)
     assert all(m for k, m in flat.items() if "norm" not in k)
+
+
+def test_bfloat16_adam_moments_track_float32_adam():
+    batches = [random_batch(i) for i in range(4)]
+    cfg = config()
+    lowp = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, state_dtype="bfloat16"))
+    state_32, losses_32 = run_steps(cfg, batches)
+    state_16, losses_16 = run_steps(lowp, batches)
+    moments = [x for x in jax.tree.leaves(state_16.opt_state) if x.ndim > 0]
+    assert moments and all(x.dtype == jnp.bfloat16 for x in moments)
+    np.testing.assert_allclose(losses_16, losses_32, rtol=2e-3)
+
+
+def test_optimizer_is_adamw():
+    """Our chain equals optax.adamw on the same gradients (float32 moments)."""
+    import optax
+
+    cfg = config().optim
+    params = {"w": jnp.ones((3, 4)), "norm": {"scale": jnp.ones((4,))}}
+    grads = jax.tree.map(lambda p: jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
+    ours = build_optimizer(cfg, 10)
+    theirs = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(
+        learning_rate=lambda s: ours_lr(s), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask))
+    from litespark_jax.train.optimizer import learning_rate_schedule
+    ours_lr = learning_rate_schedule(cfg, 10)
+    s1, s2 = ours.init(params), theirs.init(params)
+    for _ in range(3):
+        u1, s1 = ours.update(grads, s1, params)
+        u2, s2 = theirs.update(grads, s2, params)
+        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)

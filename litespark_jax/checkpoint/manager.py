@@ -344,19 +344,22 @@ def _verify_checksums(flat: dict, meta: dict) -> None:
 
 
 def _check_compatible(saved: dict, target: dict, path: str) -> None:
+    def what(name: str) -> str:
+        return "parameter" if name.startswith("params.") else "optimizer/state array"
+
     missing = [name for name in target if name not in saved]
     if missing:
-        raise CheckpointError(f"checkpoint {path} has no parameter {missing[0]!r} that the model needs (the config "
-                              f"differs from the one it was saved with)")
+        raise CheckpointError(f"checkpoint {path} has no {what(missing[0])} {missing[0]!r} that this run needs (the "
+                              f"model or optimizer config differs from the one it was saved with)")
     for name, want in target.items():
         have = saved[name]
         if tuple(have.shape) != tuple(want.shape):
-            raise CheckpointError(f"checkpoint {path}: parameter {name!r} has shape {tuple(have.shape)} but the "
+            raise CheckpointError(f"checkpoint {path}: {what(name)} {name!r} has shape {tuple(have.shape)} but the "
                                   f"config needs {tuple(want.shape)}")
     extra = [name for name in saved if name not in target]
     if extra:
-        raise CheckpointError(f"checkpoint {path} has parameter {extra[0]!r} that the model does not (the config "
-                              f"differs from the one it was saved with)")
+        raise CheckpointError(f"checkpoint {path} has {what(extra[0])} {extra[0]!r} that this run does not (the "
+                              f"model or optimizer config differs from the one it was saved with)")
 
 
 def _is_no_space(error: BaseException) -> bool:

@@ -19,7 +19,6 @@ model) is on disk at a time; the directory is deleted at the end unless ``--keep
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import shutil
@@ -28,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from litespark_jax.config import CheckpointConfig
@@ -387,11 +385,3 @@ def abstract_with_shardings(shapes, shardings):
     return jax.tree_util.tree_unflatten(treedef, [
         jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_shardings[name]) for name, s in flat_shapes.items()])
 
-
-def load_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def to_numpy_tree(tree):
-    return jax.tree.map(np.asarray, tree)

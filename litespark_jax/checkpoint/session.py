@@ -8,7 +8,6 @@ go to ``checkpoint.dir``.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
@@ -16,7 +15,6 @@ import jax
 from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_shardings, split_checkpoint_path
 from litespark_jax.errors import CheckpointError
 
-log = logging.getLogger("litespark_jax")
 
 
 def checkpoint_dir(config) -> str:

@@ -16,7 +16,6 @@ from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_sh
 from litespark_jax.errors import CheckpointError
 
 
-
 def checkpoint_dir(config) -> str:
     return os.path.abspath(config.checkpoint.dir or os.path.join(config.train.run_dir, "checkpoints"))
 

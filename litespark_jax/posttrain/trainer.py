@@ -8,6 +8,7 @@ from its own checkpoints; a fresh run starts from ``posttrain.init_from``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ from litespark_jax.posttrain import dpo_data, sft_data
 from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_step, token_logps
 from litespark_jax.posttrain.template import TemplateTokens, get_template
 from litespark_jax.train.loop import Trainer
-from litespark_jax.train.state import TrainState, abstract_model
+from litespark_jax.train.state import TrainState, abstract_model, init_model
 
 log = logging.getLogger("litespark_jax")
 
@@ -90,7 +91,9 @@ class _PosttrainMixin:
         source = self.config.posttrain.init_from
         params_sharding = self.state_sharding.params
         if source is None:
-            params = super().init_state().params
+            cfg, seed = self.config.model, self.config.train.seed
+            with self._sharding_context():
+                params = jax.jit(lambda: init_model(cfg, seed)[1], out_shardings=params_sharding)()
         elif is_hf_dir(source):
             pure = load_hf_params(source, self.config.model)
             _, abstract = abstract_model(self.config.model)
@@ -172,10 +175,12 @@ class SFTTrainer(_PosttrainMixin, Trainer):
         return iter(self._dataset(self.examples, repeat=True))
 
     def evaluate(self, params) -> float:
-        """Mean NLL per assistant token over the whole eval file (the train file when there is none)."""
+        """Mean NLL per assistant token over the first ``train.eval_batches`` batches of the eval file (the train
+        file when there is none), in file order."""
         total, count = 0.0, 0.0
+        batches = self._dataset(self.eval_examples or self.examples, repeat=False)
         with self._sharding_context():
-            for local_batch in self._dataset(self.eval_examples or self.examples, repeat=False):
+            for local_batch in itertools.islice(batches, self.config.train.eval_batches):
                 loss_sum, n = self._eval_step(params, self.global_batch(self._pad_rows(local_batch)))
                 total, count = total + float(loss_sum), count + float(n)
         return total / max(count, 1.0)
@@ -237,8 +242,6 @@ class DPOTrainer(_PosttrainMixin, Trainer):
                     pair["chosen"]["ref_logps"] = logps[2 * i].astype(np.float32)
                     pair["rejected"]["ref_logps"] = logps[2 * i + 1].astype(np.float32)
         self._precomputed = True
-        if self.config.posttrain.reference == "precomputed":
-            self._initial = None  # the reference weights are no longer needed
 
     def _with_reference(self, local_batch: dict) -> dict:
         batch = self.global_batch(local_batch)
@@ -255,21 +258,22 @@ class DPOTrainer(_PosttrainMixin, Trainer):
     def train_iterator(self):
         if self.config.posttrain.reference == "precomputed":
             self.precompute_reference()
+            self._initial = None  # the loop has built its state by now: the reference weights are not needed
         return iter(self._dataset(self.pairs, repeat=True))
 
     def train_step(self, state: TrainState, local_batch: dict):
         with self._sharding_context():
             return self._train_step(state, self._with_reference(local_batch))
 
-    def evaluate_pairs(self, params, pairs=None) -> dict:
-        """DPO loss, reward accuracy / margin, chosen / rejected rewards and KL proxy over all ``pairs`` (default:
-        the eval pairs, else the train pairs)."""
+    def evaluate_pairs(self, params, pairs=None, max_batches: int | None = None) -> dict:
+        """DPO loss, reward accuracy / margin, chosen / rejected rewards and KL proxy over ``pairs`` (default: the
+        eval pairs, else the train pairs), all of them or their first ``max_batches`` batches."""
         if self.config.posttrain.reference == "precomputed":
             self.precompute_reference()
         pairs = pairs if pairs is not None else (self.eval_pairs or self.pairs)
         loss_sum, sums = 0.0, {}
         with self._sharding_context():
-            for local_batch in self._dataset(pairs, repeat=False):
+            for local_batch in itertools.islice(self._dataset(pairs, repeat=False), max_batches):
                 batch = self._with_reference(self._pad_rows(local_batch))
                 loss, stats = jax.device_get(self._dpo_eval(params, batch))
                 loss_sum += float(loss)
@@ -280,5 +284,7 @@ class DPOTrainer(_PosttrainMixin, Trainer):
                 "pairs": sums.get("pairs", 0.0)}
 
     def evaluate(self, params) -> float:
-        self.last_eval = self.evaluate_pairs(params)
+        """The loop's periodic eval: DPO loss over the first ``train.eval_batches`` batches of eval pairs (the
+        other metrics are kept in ``last_eval``)."""
+        self.last_eval = self.evaluate_pairs(params, max_batches=self.config.train.eval_batches)
         return self.last_eval["loss"]

@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 import pallas_kernels
 from litespark_jax.config import ModelConfig
 from litespark_jax.model.rope import apply_rope
+from litespark_jax.parallel.kernels import attention as sharded_attention
 from litespark_jax.parallel.logical import constrain
 
 # Activations that remat_policy=names can keep for the backward instead of recomputing them.
@@ -58,7 +59,8 @@ class Attention(nnx.Module):
         q = checkpoint_name(constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim")), "query")
         k = checkpoint_name(constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim")), "key")
         v = checkpoint_name(constrain(v, ("batch", "seq", "kv_heads", "head_dim")), "value")
-        out = pallas_kernels.attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.impl)
+        # Through the shard_map wrapper: custom-call kernels run per device on whole sequences and whole heads.
+        out = sharded_attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.impl)
         out = checkpoint_name(out, "attention_out")
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))
 

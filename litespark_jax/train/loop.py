@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Callable
 
@@ -22,12 +21,14 @@ from litespark_jax.data.global_batch import to_global_arrays
 from litespark_jax.checkpoint.preemption import PreemptionHandler
 from litespark_jax.checkpoint.session import RunCheckpoints
 from litespark_jax.config import Config
+from litespark_jax.energy import EnergyWindow
 from litespark_jax.errors import ConfigError
 from litespark_jax.metrics import MetricsWriter, mfu, model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_shapes
 from litespark_jax.parallel.watchdog import StepWatchdog
 from litespark_jax.parallel.sharding import opt_state_shardings, param_shardings
+from litespark_jax.train.guards import Guards
 from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from litespark_jax.train.state import TrainState, abstract_model, init_model
 from litespark_jax.train.step import make_eval_step, make_train_step
@@ -144,15 +145,20 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
                disable=not lc.progress_bar or jax.process_index() != 0, dynamic_ncols=True)
     interval_start, interval_steps, step = None, 0, start_step
+    energy = EnergyWindow()
+    guards = Guards(t, checkpoints)
     preemption = PreemptionHandler().__enter__()
     try:
-        for step in range(start_step + 1, t.steps + 1):
+        while step < t.steps:  # not a for loop: a spike rollback moves `step` back to its checkpoint
+            step += 1
             state, metrics = trainer.train_step(state, next(iterator))
+            guards.observe(step, metrics)
             interval_steps += 1
             if interval_start is None:
                 # The first step includes compilation; throughput is measured from its end.
                 jax.block_until_ready(metrics["loss"])
                 interval_start, interval_steps = time.perf_counter(), 0
+                energy.start()
             if step % lc.every == 0 or step == t.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - interval_start
@@ -160,13 +166,31 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                     tps = interval_steps * tokens_per_step / elapsed
                     metrics["tokens_per_second"] = tps
                     metrics["mfu"] = mfu(tps, trainer.flops_per_token, trainer.peak_tflops, jax.device_count())
+                    joules, watts = energy.stop()
+                    if joules is not None:  # this host's GPUs: power per GPU, energy per token they processed
+                        metrics["power_w"] = watts / jax.local_device_count()
+                        local_tokens = interval_steps * tokens_per_step * jax.local_device_count() / jax.device_count()
+                        metrics["joules_per_token"] = joules / local_tokens
                 interval_start, interval_steps = time.perf_counter(), 0
-                _check_finite(metrics, step)
+                energy.start()
+                skipped = guards.check_nonfinite(step)  # on_nonfinite=stop raises NumericalError here
+                if "nonfinite" in metrics:
+                    metrics["nonfinite_skipped"] = float(skipped)
+                spike = guards.is_spike(step, metrics["loss"])
+                if guards.spikes or guards.rollbacks:
+                    metrics.update(spikes=float(guards.spikes), rollbacks=float(guards.rollbacks))
                 history.append({"step": step, **metrics})
                 writer.write(step, metrics)
                 bar.set_postfix_str(_postfix(metrics), refresh=False)
                 if callback:
                     callback(step, metrics)
+                if spike and t.on_spike == "rollback":
+                    rolled_back = guards.rollback(step, iterator, trainer)
+                    if rolled_back is not None:
+                        state, step = rolled_back
+                        bar.n = step
+                        interval_start = None
+                        continue
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 eval_loss = trainer.evaluate(state.params)
                 eval_history.append({"step": step, "eval_loss": eval_loss})
@@ -174,6 +198,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}")
             bar.update(1)
             if checkpoints.should_save(step) or preemption.requested or checkpoints.preemption_reached(step):
+                guards.check_nonfinite(step)  # on_nonfinite=stop: stop before saving past a bad step
                 checkpoints.save(step, state, iterator)
             if preemption.requested:
                 bar.write(f"preempted: saved step {step} to {checkpoints.directory}; exiting")
@@ -187,15 +212,12 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     return TrainResult(state=state, history=history, eval_history=eval_history)
 
 
-def _check_finite(metrics: dict, step: int) -> None:
-    if not math.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
-
-
 def _postfix(metrics: dict) -> str:
     parts = [f"loss {metrics['loss']:.3f}"]
     if "tokens_per_second" in metrics:
         parts.append(f"{metrics['tokens_per_second']:,.0f} tok/s")
     if metrics.get("mfu") is not None:
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if metrics.get("power_w") is not None:
+        parts.append(f"{metrics['power_w']:.0f} W/GPU, {metrics['joules_per_token']:.3f} J/tok")
     return " | ".join(parts)

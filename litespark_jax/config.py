@@ -139,6 +139,20 @@ class TrainConfig:
     resume: str = "auto"
     """Where to start from: auto (the latest good checkpoint in checkpoint.dir, else from scratch), never (always
     from scratch), or a checkpoint directory (its latest good step, or one step's directory)."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient is NaN/inf is never applied (the state keeps its previous values); then: stop
+    (exit at the next log point or save with a one-line error, the last good checkpoint intact) or skip (count it in
+    the metric nonfinite_skipped and go on)."""
+    spike_factor: float = 0.0
+    """Loss-spike detection: a logged loss above spike_factor x the mean of the previous spike_window logged losses
+    is a spike (0 disables)."""
+    spike_window: int = 20
+    """How many previous logged losses the spike test averages (it starts once the window is full)."""
+    on_spike: str = "ignore"
+    """What a spike does: ignore (warn and count it) or rollback (restore the last checkpoint, skip the data batches
+    consumed since it, count it in the metric rollbacks)."""
+    max_rollbacks: int = 3
+    """Stop with an error after this many spike rollbacks in one process (a spike that keeps recurring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,6 +438,15 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must not be negative (0 disables it), got {value}")
     if c.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be at least 1, got {c.keep_last}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
+    if t.on_spike not in ("ignore", "rollback"):
+        raise ConfigError(f"train.on_spike must be ignore or rollback, got {t.on_spike!r}")
+    if t.spike_factor < 0 or (t.spike_factor and t.spike_factor <= 1):
+        raise ConfigError(f"train.spike_factor must be 0 (off) or greater than 1, got {t.spike_factor}")
+    if t.spike_window < 1 or t.max_rollbacks < 0:
+        raise ConfigError(f"train.spike_window must be positive and train.max_rollbacks not negative, got "
+                          f"{t.spike_window} and {t.max_rollbacks}")
     if not t.resume:
         raise ConfigError("train.resume must be auto, never or a checkpoint directory, got an empty string")
     config.data.validate()

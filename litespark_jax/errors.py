@@ -19,3 +19,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint directory is missing, corrupted or does not match the model."""
+
+
+class NumericalError(UserError):
+    """Training stopped on a non-finite loss/gradient or recurring loss spikes (``train.on_nonfinite``, ``on_spike``)."""

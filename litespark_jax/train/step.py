@@ -56,9 +56,17 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), "tokens": count}
+        loss, grad_norm = loss_sum / denominator, optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
+        # Numerical guard, on device (no host sync): a non-finite loss or gradient leaves parameters and optimizer
+        # state as they were; the step counter still advances so the data and the schedule stay aligned. The loop
+        # reads "nonfinite" and stops or counts it (train.on_nonfinite).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

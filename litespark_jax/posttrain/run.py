@@ -36,7 +36,9 @@ def run(kind: str, config: Config) -> dict:
                  f"{p.reference}" if kind == "dpo" else ""), flush=True)
     summary: dict = {"kind": kind, "train_stats": vars(trainer.stats)}
     if kind == "dpo":
-        summary["before"] = trainer.evaluate_pairs(trainer.initial_params())
+        initial = trainer.initial_params()
+        summary["before"] = trainer.evaluate_pairs(initial)
+        summary["train_before"] = trainer.evaluate_pairs(initial, trainer.pairs, max_batches=t.eval_batches)
     energy = EnergyWindow()
     energy.start()
     result = train(config, trainer=trainer)
@@ -48,15 +50,20 @@ def run(kind: str, config: Config) -> dict:
                    energy_joules=joules, average_watts=watts)
     if kind == "dpo":
         summary["after"] = trainer.evaluate_pairs(result.state.params)
+        summary["train_after"] = trainer.evaluate_pairs(result.state.params, trainer.pairs,
+                                                        max_batches=t.eval_batches)
     if main_process:
         lines = [f"final train loss {final.get('loss', float('nan')):.4f}"]
         if kind == "sft" and result.eval_history:
             lines.append(f"eval loss {result.eval_history[-1]['eval_loss']:.4f} nats per assistant token")
         if kind == "dpo":
-            b, a = summary["before"], summary["after"]
-            lines.append(f"eval pairs ({int(a['pairs'])}): reward accuracy {b['reward_accuracy']:.3f} -> "
-                         f"{a['reward_accuracy']:.3f}, margin {b['reward_margin']:.4f} -> {a['reward_margin']:.4f}, "
-                         f"KL proxy {a['kl_proxy']:.4f} nats/sequence, loss {b['loss']:.4f} -> {a['loss']:.4f}")
+            for name, before, after in (("train pairs", "train_before", "train_after"),
+                                        ("eval pairs", "before", "after")):
+                b, a = summary[before], summary[after]
+                lines.append(f"{name} ({int(a['pairs'])}): reward accuracy {b['reward_accuracy']:.3f} -> "
+                             f"{a['reward_accuracy']:.3f}, margin {b['reward_margin']:.4f} -> "
+                             f"{a['reward_margin']:.4f}, KL proxy {a['kl_proxy']:.4f} nats/sequence, loss "
+                             f"{b['loss']:.4f} -> {a['loss']:.4f}")
         if summary["tokens_per_second"]:
             lines.append(f"throughput {summary['tokens_per_second']:,.0f} tokens/s")
         if joules is not None:

@@ -80,6 +80,8 @@ def run(config, *, steps: int = 10, directory: str | None = None, keep: bool = F
     baseline = statistics.median(times)
     state_bytes = _tree_bytes(state)
 
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
     root = tempfile.mkdtemp(prefix="litespark-ckpt-bench-", dir=directory)
     try:
         # Synchronous save: pure save throughput (device -> host -> disk, finalized).

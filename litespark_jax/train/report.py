@@ -9,6 +9,7 @@ import yaml
 
 from litespark_jax import data as data_lib
 from litespark_jax.config import Config
+from litespark_jax.errors import ConfigError
 from litespark_jax.train.loop import TrainResult, train
 
 
@@ -16,7 +17,10 @@ def train_and_report(config: Config) -> TrainResult:
     m, t = config.model, config.train
     main_process = jax.process_index() == 0
     if main_process:
-        os.makedirs(t.run_dir, exist_ok=True)
+        try:
+            os.makedirs(t.run_dir, exist_ok=True)
+        except OSError as e:  # a file in the way, no permission, read-only file system
+            raise ConfigError(f"train.run_dir {t.run_dir} cannot be used as a directory: {e.strerror or e}") from None
         with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
         print(

@@ -42,6 +42,7 @@ BASELINE_OVERRIDES = [
     "model.cross_entropy_impl=reference",
     "model.rms_norm_impl=reference",
     "model.remat_policy=full",
+    "optim.state_dtype=float32",
 ]
 
 

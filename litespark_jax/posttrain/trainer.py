@@ -102,8 +102,10 @@ class _PosttrainMixin:
             params = jax.device_put(abstract, params_sharding)
         else:
             params = self._load_checkpoint_params(source)
-        log.info("starting weights: %s", source or f"random init (seed {self.config.train.seed})")
-        self._initial = params
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+            # Not cached when called under a trace (the checkpointer's jax.eval_shape(init_state) on resume).
+            log.info("starting weights: %s", source or f"random init (seed {self.config.train.seed})")
+            self._initial = params
         return params
 
     def _load_checkpoint_params(self, source: str):
@@ -122,6 +124,10 @@ class _PosttrainMixin:
 
     def init_state(self) -> TrainState:
         """Step 0 at the starting weights with a fresh optimizer (copied, so donating it keeps ``initial_params``)."""
+        if isinstance(jnp.zeros(()), jax.core.Tracer):
+            # Under jax.eval_shape (the checkpointer asks for the state's shapes on resume): same shapes as a
+            # random init, without loading the starting weights.
+            return super().init_state()
         params = self.initial_params()
 
         def init(p):

@@ -165,3 +165,18 @@ def test_bundled_examples_are_valid():
     size = sum((EXAMPLES_DIR / n).stat().st_size for n in ("sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl",
                                                           "dpo_eval.jsonl"))
     assert size < 2 * 1024 * 1024
+
+
+def test_unpacked_pipeline_is_one_conversation_per_row(jsonl):
+    rows = [{"prompt": "q" * n, "completion": "a" * n} for n in range(1, 6)]
+    examples, _ = sft_data.prepare_sft(jsonl(rows), tt(), 64, "error")
+    batches = list(sft_data.sft_dataset(examples, seq_len=64, batch_size=2, seed=0, pack=False, repeat=False))
+    assert [b["inputs"].shape[0] for b in batches] == [2, 2, 1]
+    for b in batches:
+        assert set(np.unique(b["segment_ids"])) <= {0, 1}
+        assert np.all(b["loss_mask"][b["segment_ids"] == 0] == 0)
+    # Training order: shuffled, a new permutation each epoch, every example once per epoch.
+    it = iter(sft_data.sft_dataset(examples, seq_len=64, batch_size=5, seed=0, pack=False))
+    epochs = [next(it)["inputs"] for _ in range(2)]
+    for epoch in epochs:
+        assert sorted(map(tuple, epoch)) == sorted(tuple(sft_data.pad_example(e, 64)["inputs"]) for e in examples)

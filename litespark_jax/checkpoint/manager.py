@@ -198,6 +198,10 @@ class CheckpointManager:
             raise self._save_error(self._pending, e) from e
 
     def _save_error(self, step, error: BaseException) -> CheckpointError:
+        try:  # let an earlier save still in flight finish first: its temporary directory must not be removed
+            self._manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - that save failed too; its partial directory goes below
+            pass
         self._remove_partial_saves()
         previous = [s for s in finalized_steps(self.directory) if step is None or s < step]
         kept = f"; the previous checkpoint {self.directory}/{previous[-1]} is intact" if previous else ""

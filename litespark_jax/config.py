@@ -450,6 +450,7 @@ def validate(config: Config) -> None:
     if not t.resume:
         raise ConfigError("train.resume must be auto, never or a checkpoint directory, got an empty string")
     config.data.validate()
+    config.posttrain.validate()
 
 
 def describe_options() -> str:

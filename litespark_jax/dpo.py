@@ -13,7 +13,6 @@ from litespark_jax.cli import config_parser, parse_config, run_main
 def main(argv=None) -> int:
     parser = config_parser("python -m litespark_jax.dpo", "Direct preference optimization on prompt/chosen/rejected JSONL.")
     _, config = parse_config(parser, argv)
-    config.posttrain.validate()
     from litespark_jax.parallel.distributed import initialize_from_env
 
     initialize_from_env()  # SLURM / JobSet / LITESPARK_COORDINATOR; no-op for one process

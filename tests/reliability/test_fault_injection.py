@@ -25,6 +25,7 @@ from litespark_jax.checkpoint.manager import CheckpointManager, finalized_steps
 from tests.checkpoint.conftest import TINY, subprocess_env
 
 KILLS = 22
+TIME_BOUND_S = 600  # a hang guard for CI; ~80 s on 2 idle cores
 STEPS = 120
 CONFIG = TINY + ["model.num_layers=1", f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep_last=2",
                  "checkpoint.async_save=true", "optim.decay_steps=80"]
@@ -102,6 +103,7 @@ def _final_arrays(checkpoint_dir, prefix):
 
 
 def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
+    began = time.time()
     env = _env(tmp_path / "jax-cache")
     reference = str(tmp_path / "reference")
     proc = _start(reference, env, tmp_path / "reference.log")
@@ -114,6 +116,7 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
     rng = random.Random(1234)
     kills, kinds, in_flight, segments = 0, {}, 0, []
     for attempt in range(KILLS + 10):
+        assert time.time() - began < TIME_BOUND_S, f"fault injection exceeded {TIME_BOUND_S} s after {kills} kills"
         resume_from = (finalized_steps(checkpoint_dir) or [0])[-1]
         start_records = len(_losses(_records(run_dir)))
         log_path = tmp_path / f"attempt-{attempt}.log"
@@ -132,7 +135,8 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
             assert f"(step {resume_from})" in log_path.read_text() or resume_from == 0
         if outcome is None:
             break
-    print(f"kills survived: {kills} {kinds}; kills with a checkpoint write in flight: {in_flight}")
+    print(f"kills survived: {kills} {kinds}; kills with a checkpoint write in flight: {in_flight}; "
+          f"{sum(len(steps) for _, steps in segments)} steps logged for {STEPS}; {time.time() - began:.0f} s")
     assert kills >= 20
     assert kinds.get("save", 0) >= 3 and in_flight >= 1
 

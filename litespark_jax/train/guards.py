@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 
 import jax.numpy as jnp
 
@@ -47,8 +48,15 @@ class Guards:
         self._bad_count = self._bad_count + bad
         self._first_bad = jnp.where(bad > 0, jnp.minimum(self._first_bad, step), self._first_bad)
 
-    def check_nonfinite(self, step: int) -> int:
-        """Host check (at log points, before saves, at the end): stop or count. Returns the steps skipped so far."""
+    def check_nonfinite(self, step: int, metrics: dict | None = None) -> int:
+        """Host check (at log points, before saves, at the end): stop or count. Returns the steps skipped so far.
+
+        ``metrics``: the logged metrics of ``step``; for a step function without the on-device guard (no
+        ``nonfinite`` flag, e.g. DPO's) a non-finite logged loss is the only sign, and its update was applied."""
+        if metrics is not None and "nonfinite" not in metrics and not math.isfinite(metrics.get("loss", 0.0)):
+            raise NumericalError(
+                f"non-finite loss {metrics['loss']} at step {step}; training stopped (this step function has no "
+                f"on-device guard, so the update was applied); {self._last_good()}")
         if self._bad_count is None:
             return self.nonfinite_skipped
         count, first = int(self._bad_count), int(self._first_bad)

@@ -173,7 +173,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                         metrics["joules_per_token"] = joules / local_tokens
                 interval_start, interval_steps = time.perf_counter(), 0
                 energy.start()
-                skipped = guards.check_nonfinite(step)  # on_nonfinite=stop raises NumericalError here
+                skipped = guards.check_nonfinite(step, metrics)  # on_nonfinite=stop raises NumericalError here
                 if "nonfinite" in metrics:
                     metrics["nonfinite_skipped"] = float(skipped)
                 spike = guards.is_spike(step, metrics["loss"])

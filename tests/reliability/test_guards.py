@@ -96,3 +96,16 @@ def test_rollbacks_are_capped(tmp_path):
 def test_guard_config_is_validated(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+def test_a_step_without_the_device_guard_still_stops_on_a_nonfinite_loss(tmp_path):
+    """Step functions of their own (e.g. DPO's) report no `nonfinite` flag: the logged loss is checked instead."""
+
+    class Unguarded(FaultyTrainer):
+        def train_step(self, state, local_batch):
+            state, metrics = super().train_step(state, local_batch)
+            return state, {k: v for k, v in metrics.items() if k != "nonfinite"}
+
+    config = _config(tmp_path, "train.steps=4", "checkpoint.every=0")
+    with pytest.raises(NumericalError, match=r"non-finite loss nan at step 2; .*no on-device guard"):
+        train(config, trainer=Unguarded(config, nan_calls={2}))

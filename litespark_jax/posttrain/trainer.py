@@ -137,11 +137,6 @@ class _PosttrainMixin:
         with self._sharding_context():
             return jax.jit(init, out_shardings=self.state_sharding)(params)
 
-    def global_batch(self, local_batch: dict) -> dict:
-        from litespark_jax.data.global_batch import to_global_arrays
-
-        return to_global_arrays(local_batch, self.batch_sharding)
-
     def _pad_rows(self, batch: dict) -> dict:
         """A short final eval batch padded with empty rows (no loss) to the batch size."""
         rows = next(iter(batch.values())).shape[0]

@@ -244,7 +244,7 @@ class DPOTrainer(_PosttrainMixin, Trainer):
                     pair["rejected"]["ref_logps"] = logps[2 * i + 1].astype(np.float32)
         self._precomputed = True
 
-    def _with_reference(self, local_batch: dict) -> dict:
+    def step_batch(self, local_batch: dict) -> dict:
         batch = self.global_batch(local_batch)
         if self.config.posttrain.reference == "model":
             batch = {**batch, "ref_logps": self.reference_logps(batch)}
@@ -262,10 +262,6 @@ class DPOTrainer(_PosttrainMixin, Trainer):
             self._initial = None  # the loop has built its state by now: the reference weights are not needed
         return iter(self._dataset(self.pairs, repeat=True))
 
-    def train_step(self, state: TrainState, local_batch: dict):
-        with self._sharding_context():
-            return self._train_step(state, self._with_reference(local_batch))
-
     def evaluate_pairs(self, params, pairs=None, max_batches: int | None = None) -> dict:
         """DPO loss, reward accuracy / margin, chosen / rejected rewards and KL proxy over ``pairs`` (default: the
         eval pairs, else the train pairs), all of them or their first ``max_batches`` batches."""
@@ -275,7 +271,7 @@ class DPOTrainer(_PosttrainMixin, Trainer):
         loss_sum, sums = 0.0, {}
         with self._sharding_context():
             for local_batch in itertools.islice(self._dataset(pairs, repeat=False), max_batches):
-                batch = self._with_reference(self._pad_rows(local_batch))
+                batch = self.step_batch(self._pad_rows(local_batch))
                 loss, stats = jax.device_get(self._dpo_eval(params, batch))
                 loss_sum += float(loss)
                 for k, v in stats.items():

@@ -107,9 +107,13 @@ class Trainer:
     def global_batch(self, local_batch: dict) -> dict:
         return to_global_arrays(local_batch, self.batch_sharding)
 
+    def step_batch(self, local_batch: dict) -> dict:
+        """What the jitted train step takes: the global batch (DPO adds the reference log-probs)."""
+        return self.global_batch(local_batch)
+
     def train_step(self, state: TrainState, local_batch: dict):
         with self._sharding_context():
-            out = self._train_step(state, self.global_batch(local_batch))
+            out = self._train_step(state, self.step_batch(local_batch))
         self.watchdog.beat()
         return out
 

@@ -43,7 +43,7 @@ def open_store(files: str, cfg: DataConfig, tokenizer: Tokenizer, key: str):
         cache_key = ("prepared", os.path.abspath(files), tokenizer.name)
     else:
         paths = resolve_files(files, key)
-        stamps = tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in map(os.path.abspath, paths))
+        stamps = tuple((p, st.st_mtime_ns, st.st_size) for p in map(os.path.abspath, paths) for st in [os.stat(p)])
         cache_key = ("jsonl", stamps, cfg.on_bad_record, tokenizer.name, cfg.token_cache_docs)
     store = _STORE_CACHE.get(cache_key)
     if store is None:

@@ -28,6 +28,7 @@ from flax import nnx
 
 import pallas_kernels
 from litespark_jax.train.state import TrainState
+from litespark_jax.train.step import apply_update, split_micro_batches
 
 
 def token_logps(params, graphdef, batch, *, impl: str = "auto"):
@@ -91,8 +92,7 @@ def make_dpo_step(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef, opt
         if grad_accum_steps == 1:
             (loss_sum, stats), grads = grad_fn(state.params, batch)
         else:
-            micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps,
-                                                     *x.shape[1:]), batch)
+            micro = split_micro_batches(batch, grad_accum_steps)
 
             def micro_step(carry, micro_batch):
                 return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro_batch)), None
@@ -101,12 +101,7 @@ def make_dpo_step(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef, opt
                                                                jax.tree.map(lambda x: x[0], micro)))
             ((loss_sum, stats), grads), _ = jax.lax.scan(micro_step, zeros, micro)
         grads = jax.tree.map(lambda g: g / jnp.maximum(stats["pairs"], 1.0), grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**_means(loss_sum, stats), "grad_norm": optax.tree.norm(grads)}
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return apply_update(state, grads, _means(loss_sum, stats), optimizer, schedule)
 
     return dpo_step
 

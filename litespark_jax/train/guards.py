@@ -52,7 +52,7 @@ class Guards:
         """Host check (at log points, before saves, at the end): stop or count. Returns the steps skipped so far.
 
         ``metrics``: the logged metrics of ``step``; for a step function without the on-device guard (no
-        ``nonfinite`` flag, e.g. DPO's) a non-finite logged loss is the only sign, and its update was applied."""
+        ``nonfinite`` flag, e.g. a custom one) a non-finite logged loss is the only sign, and its update was applied."""
         if metrics is not None and "nonfinite" not in metrics and not math.isfinite(metrics.get("loss", 0.0)):
             raise NumericalError(
                 f"non-finite loss {metrics['loss']} at step {step}; training stopped (this step function has no "

@@ -31,7 +31,7 @@ def token_loss_sum(params, graphdef, batch, *, z_loss_weight: float, impl: str):
     return jnp.sum(per_token * mask), jnp.sum(mask)
 
 
-def _split_micro_batches(batch, n: int):
+def split_micro_batches(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
@@ -51,25 +51,32 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
                 return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss_sum, count, grads), _ = jax.lax.scan(micro_step, zeros, _split_micro_batches(batch, accum))
+            (loss_sum, count, grads), _ = jax.lax.scan(micro_step, zeros, split_micro_batches(batch, accum))
         denominator = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        loss, grad_norm = loss_sum / denominator, optax.tree.norm(grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count}
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
-        # Numerical guard, on device (no host sync): a non-finite loss or gradient leaves parameters and optimizer
-        # state as they were; the step counter still advances so the data and the schedule stay aligned. The loop
-        # reads "nonfinite" and stops or counts it (train.on_nonfinite).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
-        metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return apply_update(state, grads, {"loss": loss_sum / denominator, "tokens": count}, optimizer, schedule)
 
     return train_step
+
+
+def apply_update(state: TrainState, grads, metrics: dict, optimizer: optax.GradientTransformation,
+                 schedule: optax.Schedule | None = None):
+    """The optimizer update of ``grads`` (already the mean) under the numerical guard: ``(new state, metrics)`` with
+    ``grad_norm``, ``learning_rate`` and ``nonfinite`` added to ``metrics`` (which holds the step's ``loss``)."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {**metrics, "grad_norm": grad_norm}
+    if schedule is not None:
+        metrics["learning_rate"] = schedule(state.step)
+    # Numerical guard, on device (no host sync): a non-finite loss or gradient leaves parameters and optimizer
+    # state as they were; the step counter still advances so the data and the schedule stay aligned. The loop
+    # reads "nonfinite" and stops or counts it (train.on_nonfinite).
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_eval_step(config: Config, graphdef: nnx.GraphDef) -> Callable:

@@ -122,12 +122,8 @@ def evaluate(config: Config, model_or_params) -> float:
     """Mean validation NLL (nats/token) over ``train.eval_batches`` batches of the validation split."""
     from litespark_jax.train.loop import Trainer
 
-    params = model_or_params
-    if isinstance(model_or_params, nnx.Module):
-        params = nnx.state(model_or_params)
-    params = getattr(params, "params", params)
     trainer = Trainer(config)
-    params = jax.device_put(params, trainer.state_sharding.params)
+    params = jax.device_put(_params(model_or_params), trainer.state_sharding.params)
     return trainer.evaluate(params)
 
 

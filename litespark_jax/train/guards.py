@@ -99,7 +99,7 @@ class Guards:
         self._window.append(loss)
         return False
 
-    def rollback(self, step: int, iterator, trainer):
+    def rollback(self, step: int, trainer):
         """Restore the newest checkpoint, keep the data iterator where it is (skipping the batches since that
         checkpoint). Returns (state, checkpoint step), or None when there is no checkpoint to roll back to."""
         manager = self.checkpoints.manager
@@ -111,11 +111,8 @@ class Guards:
             raise NumericalError(
                 f"loss spike at step {step} after {self.rollbacks} rollback(s) (train.max_rollbacks="
                 f"{self.cfg.max_rollbacks}); training stopped; {self._last_good()}")
-        data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
         with trainer._sharding_context():
             restored = manager.restore(self.checkpoints.abstract_state())
-        if data_state is not None:
-            iterator.set_state(data_state)
         self.rollbacks += 1
         self._window.clear()
         self._bad_count, self._first_bad = None, None

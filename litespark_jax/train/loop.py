@@ -189,7 +189,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                 if callback:
                     callback(step, metrics)
                 if spike and t.on_spike == "rollback":
-                    rolled_back = guards.rollback(step, iterator, trainer)
+                    rolled_back = guards.rollback(step, trainer)
                     if rolled_back is not None:
                         state, step = rolled_back
                         bar.n = step

@@ -244,9 +244,6 @@ class CheckpointManager:
     def restore(self, abstract_state, step: int | None = None) -> Restored:
         """Restore the newest good step (or exactly ``step``) onto the shardings of ``abstract_state`` (a tree of
         ``jax.ShapeDtypeStruct`` with ``sharding=``). Corrupted newer steps are skipped with a warning."""
-        steps = self.all_steps()
-        if not steps:
-            raise CheckpointError(f"{self.directory} is not a checkpoint directory: it holds no finalized steps")
         return self._newest_good(lambda candidate: self._restore_step(abstract_state, candidate), step)
 
     def restore_arrays(self, prefix: str = "params.", step: int | None = None) -> Restored:

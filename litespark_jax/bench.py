@@ -123,7 +123,7 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         "compiled_memory_gib": compiled_bytes / 2**30 if compiled_bytes is not None else None,
         "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
         "compile_s": compile_seconds,
-        "avg_power_w": watts / n_dev if watts else None,
+        "avg_power_w": watts / energy.meter.device_count if watts else None,
         "joules_per_token": joules / (tokens * steps) if joules else None,
         "final_loss": loss,
     }

@@ -7,7 +7,17 @@ No Python NVML package is needed: ``libnvidia-ml.so.1`` ships with the driver. W
 from __future__ import annotations
 
 import ctypes
+import os
 import time
+
+
+def _visible_indices(count: int) -> list[int]:
+    """NVML indices of the GPUs in CUDA_VISIBLE_DEVICES (NVML itself ignores it); all of them when unset."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not visible.strip():
+        return list(range(count))
+    indices = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+    return [i for i in indices if i < count] if indices else list(range(count))
 
 
 class EnergyMeter:
@@ -22,13 +32,18 @@ class EnergyMeter:
                 return
             count = ctypes.c_uint()
             lib.nvmlDeviceGetCount_v2(ctypes.byref(count))
-            for i in range(count.value):
+            for i in _visible_indices(count.value):
                 handle = ctypes.c_void_p()
                 if lib.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle)) == 0:
                     self._handles.append(handle)
             self._lib = lib
         except OSError:
             self._lib = None
+
+    @property
+    def device_count(self) -> int:
+        """GPUs whose energy is summed (those this process may use)."""
+        return len(self._handles)
 
     @property
     def available(self) -> bool:

@@ -198,9 +198,12 @@ class DPOTrainer(_PosttrainMixin, Trainer):
 
     def __init__(self, config: Config):
         t = config.train
-        if t.global_batch_size % 2 or (t.global_batch_size // t.grad_accum_steps) % 2:
+        rows_per_process = t.global_batch_size // jax.process_count()
+        if (t.global_batch_size % 2 or (t.global_batch_size // t.grad_accum_steps) % 2
+                or t.global_batch_size % jax.process_count() or rows_per_process % 2):
             raise ConfigError(f"DPO: train.global_batch_size ({t.global_batch_size}) counts sequences, two per pair; "
-                              f"it and its micro-batches (/ train.grad_accum_steps) must be even")
+                              f"it, its micro-batches (/ train.grad_accum_steps) and each of the "
+                              f"{jax.process_count()} process(es)' share must be even")
         super().__init__(config)
         self._setup_posttrain(config)
         p = config.posttrain

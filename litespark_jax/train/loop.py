@@ -172,7 +172,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                     metrics["mfu"] = mfu(tps, trainer.flops_per_token, trainer.peak_tflops, jax.device_count())
                     joules, watts = energy.stop()
                     if joules is not None:  # this host's GPUs: power per GPU, energy per token they processed
-                        metrics["power_w"] = watts / jax.local_device_count()
+                        metrics["power_w"] = watts / energy.meter.device_count
                         local_tokens = interval_steps * tokens_per_step * jax.local_device_count() / jax.device_count()
                         metrics["joules_per_token"] = joules / local_tokens
                 interval_start, interval_steps = time.perf_counter(), 0

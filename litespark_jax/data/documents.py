@@ -8,11 +8,11 @@ sit in an LRU), so a run on raw jsonl starts in about the time it takes to parse
 from __future__ import annotations
 
 import collections
-import threading
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from litespark_jax.data.locking import PicklableLock
 from litespark_jax.data.sources import TextCorpus
 from litespark_jax.data.tokenizers import Tokenizer, encode_array
 
@@ -32,7 +32,7 @@ class DocumentStore(Protocol):
         """For each (doc_id, lo, hi): tokens[lo:hi] of that document, int32."""
 
 
-class TextDocumentStore:
+class TextDocumentStore(PicklableLock):
     """Documents parsed from jsonl shards and tokenized on first use."""
 
     def __init__(self, corpus: TextCorpus, tokenizer: Tokenizer, cache_docs: int = 4096):
@@ -43,7 +43,7 @@ class TextDocumentStore:
         self._lengths = np.full(len(corpus.texts), -1, dtype=np.int64)
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_docs = cache_docs
-        self._lock = threading.Lock()
+        PicklableLock.__init__(self)
         self._dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32  # halves the cache for most vocabs
 
     def __len__(self) -> int:
@@ -53,14 +53,9 @@ class TextDocumentStore:
         return self.tokens(doc_id)
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_lock"] = None
+        state = super().__getstate__()
         state["_cache"] = collections.OrderedDict()
         return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def tokens(self, doc_id: int) -> np.ndarray:
         doc_id = int(doc_id)

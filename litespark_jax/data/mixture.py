@@ -9,10 +9,10 @@ still O(1) and vectorised. This is grain's shuffle -> repeat -> mix, written wit
 from __future__ import annotations
 
 import collections
-import threading
 
 import numpy as np
 
+from litespark_jax.data.locking import PicklableLock
 from litespark_jax.errors import DataError
 
 _SHUFFLE_TAG = 0x5EED
@@ -20,7 +20,7 @@ _MIX_TAG = 0x3141
 BLOCK = 1 << 16
 
 
-class DocumentOrder:
+class DocumentOrder(PicklableLock):
     """Maps global stream slots to document ids; independent of process count by construction."""
 
     def __init__(self, set_index: np.ndarray, set_names: list[str], *, seed: int, shuffle: bool = True,
@@ -44,16 +44,7 @@ class DocumentOrder:
         self._perms: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
         self._blocks: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self._counts_before = [np.zeros(len(self.members), dtype=np.int64)]
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        PicklableLock.__init__(self)
 
     def _perm(self, set_id: int, epoch: int) -> np.ndarray:
         key = (set_id, epoch)

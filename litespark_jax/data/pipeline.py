@@ -16,7 +16,6 @@ import collections
 import concurrent.futures
 import math
 import os
-import threading
 from typing import Any
 
 import grain
@@ -25,6 +24,7 @@ import numpy as np
 from litespark_jax.data import prepared
 from litespark_jax.data.config import DataConfig
 from litespark_jax.data.documents import TextDocumentStore
+from litespark_jax.data.locking import PicklableLock
 from litespark_jax.data.mixture import DocumentOrder
 from litespark_jax.data.packing import DocStream, frame_pieces, pack_window, stack_rows
 from litespark_jax.data.sources import load_text_corpus, resolve_files
@@ -87,23 +87,14 @@ def _requests_of(row_window):
     return stream.window_requests(window) if stream is not None else []
 
 
-class _BatchBuilder:
+class _BatchBuilder(PicklableLock):
     """Builds this process's rows of the global batch at a step; thread-safe, picklable for grain workers."""
 
     def __init__(self, store, tokenizer: Tokenizer, seq_len: int):
         self.store = store
         self.seq_len = seq_len
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        PicklableLock.__init__(self)
 
     def _row_windows(self, step: int) -> list[tuple[DocStream, int] | None]:
         raise NotImplementedError

@@ -29,6 +29,20 @@ def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.N
     return args, load_config(args.config, args.overrides)
 
 
+def run_config_command(prog: str, description: str, run: Callable[[Config], object], argv=None) -> int:
+    """Parse ``--config`` and overrides, start jax.distributed from the environment, then ``run(config)``.
+
+    The distributed start-up comes after parsing (bad flags fail fast, with no rendezvous) and before anything
+    touches a device.
+    """
+    _, config = parse_config(config_parser(prog, description), argv)
+    from litespark_jax.parallel.distributed import initialize_from_env
+
+    initialize_from_env()  # SLURM / JobSet / LITESPARK_COORDINATOR; no-op for one process
+    run(config)
+    return 0
+
+
 def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     """Run ``main``; bad input (``UserError``) prints one line and exits 2, with no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

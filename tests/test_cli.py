@@ -36,3 +36,17 @@ def test_help_lists_options_with_defaults():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "model.num_kv_heads=4" in result.stdout and "train.seq_len=256" in result.stdout
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("litespark_jax.sft", ["--config", "configs/sft-tiny.yaml", "posttrain.template=llama9"], "posttrain.template"),
+    ("litespark_jax.dpo", ["--config", "configs/dpo-tiny.yaml", "posttrain.beta=-1"],
+     "posttrain.beta must be positive"),
+])
+def test_posttrain_clis_share_the_one_line_errors(module, args, message):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from litespark_jax.cli import config_parser, parse_config, run_main
+from litespark_jax.cli import run_config_command, run_main
 
 
-def main(argv=None) -> int:
-    parser = config_parser("python -m litespark_jax.train", "Pretrain a Llama-family model.")
-    _, config = parse_config(parser, argv)
-    from litespark_jax.parallel.distributed import initialize_from_env
-
-    initialize_from_env()  # SLURM / JobSet / LITESPARK_COORDINATOR; no-op for one process
+def _train(config) -> None:
     from litespark_jax.train.report import train_and_report
 
     train_and_report(config)
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_config_command("python -m litespark_jax.train", "Pretrain a Llama-family model.", _train, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from litespark_jax import trace_summary
 from litespark_jax.cli import run_main
 from litespark_jax.config import Config, load_config
 from litespark_jax.energy import EnergyWindow
@@ -56,8 +57,13 @@ def synthetic_batch(config: Config, seed: int = 0) -> dict:
             "loss_mask": np.ones((t.global_batch_size, t.seq_len), np.float32)}
 
 
-def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, compile_only: bool = False) -> dict:
-    """Compile and time ``steps`` optimizer steps of ``config`` on ``batch``."""
+PROFILED_STEPS = 2
+
+
+def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, compile_only: bool = False,
+            profile_dir: str | None = None) -> dict:
+    """Compile and time ``steps`` optimizer steps of ``config`` on ``batch``; with ``profile_dir``, then trace
+    ``PROFILED_STEPS`` more into ``profile_dir/name`` and print where their device time went."""
     mesh, rules = build_mesh(config.mesh), DEFAULT_RULES
     optimizer = build_optimizer(config.optim, config.train.steps)
     graphdef, abstract_params = abstract_model(config.model)
@@ -89,7 +95,7 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         return row
     for _ in range(warmup):
         state, metrics = compiled(state, device_batch)
-    jax.block_until_ready(metrics["loss"])
+    jax.block_until_ready(state)
     energy = EnergyWindow()
     energy.start()
     start = time.perf_counter()
@@ -99,6 +105,17 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
     elapsed = time.perf_counter() - start
     joules, watts = energy.stop()
     stats = jax.devices()[0].memory_stats() or {}
+    if profile_dir:
+        trace_dir = os.path.join(profile_dir, name)
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(PROFILED_STEPS):
+                state, metrics = compiled(state, device_batch)
+            jax.block_until_ready(metrics["loss"])
+        summary = trace_summary.summarize(trace_summary.load_events(trace_summary.find_trace(trace_dir)),
+                                          PROFILED_STEPS)
+        print(f"# {name}: profile ({trace_dir})\n{trace_summary.format_summary(summary)}", flush=True)
+        with open(os.path.join(trace_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     del state, device_batch
     gc.collect()
 
@@ -162,6 +179,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-only", action="store_true",
                         help="only compile each variant and print XLA's memory analysis")
     parser.add_argument("--jsonl", default=None, help="append result rows to this JSONL file")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help=f"after timing, trace {PROFILED_STEPS} steps of each variant into DIR/<variant> and "
+                             "print a summary of their device time (python -m litespark_jax.trace_summary)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
     args = parser.parse_args(argv)
     # XLA reserves 75% of GPU memory by default; a training step that needs 74 GiB on an 80 GiB card must ask for more.
@@ -183,7 +203,7 @@ def main(argv=None) -> int:
               f"norm={m.rms_norm_impl} remat={m.remat_policy} batch={config.train.global_batch_size}x"
               f"{config.train.seq_len} accum={config.train.grad_accum_steps}", flush=True)
         try:
-            rows.append(measure(name, config, batch, args.steps, args.warmup, args.compile_only))
+            rows.append(measure(name, config, batch, args.steps, args.warmup, args.compile_only, args.profile))
         except jax.errors.JaxRuntimeError as e:  # out of memory: report it and measure the other variants
             print(f"# {name}: failed: {str(e).splitlines()[0][:160]}", flush=True)
             gc.collect()

@@ -20,6 +20,9 @@ from litespark_jax.errors import ConfigError
 from litespark_jax.posttrain.config import PosttrainConfig
 
 REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "names")
+# Activations of a decoder layer that remat_policy=names can keep for the backward (checkpoint_name in the model).
+ACTIVATION_NAMES = ("attention_in", "query", "key", "value", "attention_out", "attention_proj", "residual_mid",
+                    "mlp_in", "mlp_gate_up", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -61,7 +64,9 @@ class ModelConfig:
     """What each layer keeps for the backward: none (keep all), full (recompute all), save_matmuls, save_attention,
     or names (keep only the activations named in remat_save_names)."""
     remat_save_names: tuple = ()
-    """Activation names kept under remat_policy=names (see model.ACTIVATION_NAMES)."""
+    """Activation names kept under remat_policy=names: attention_in, query, key, value, attention_out,
+    attention_proj, residual_mid (the residual stream between attention and MLP), mlp_in, mlp_gate_up (the MLP's
+    [tokens, 2, d_ff] pre-activation), mlp_out."""
     scan_layers: bool = True
     """Run the layer stack with lax.scan (False unrolls it; same numbers, longer compile)."""
     attention_impl: str = "auto"
@@ -396,6 +401,10 @@ def validate(config: Config) -> None:
         )
     if m.remat_policy == "names" and not m.remat_save_names:
         raise ConfigError("model.remat_policy=names needs model.remat_save_names (e.g. [attention_out, mlp_out])")
+    for name in m.remat_save_names:
+        if name not in ACTIVATION_NAMES:
+            raise ConfigError(f"model.remat_save_names: unknown activation {name!r}; known: "
+                              f"{', '.join(ACTIVATION_NAMES)}{_did_you_mean(str(name), ACTIVATION_NAMES)}")
     if m.rope_scaling is not None:
         required = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
         missing = required - set(m.rope_scaling)

@@ -192,10 +192,10 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention
         # rebuild the MLP input), the gate/up pre-activation; plus the layer input.
         kept = x + q + kvb + x + mlp_act
     else:  # names: the layer input plus each saved checkpoint_name (litespark_jax/model/layers.py)
-        from litespark_jax.model.layers import ACTIVATION_NAMES
+        from litespark_jax.config import ACTIVATION_NAMES
 
         named = {"attention_in": x, "query": q, "key": kvb / 2, "value": kvb / 2, "attention_out": attn_out,
-                 "attention_proj": x, "mlp_in": x, "mlp_out": x}
+                 "attention_proj": x, "residual_mid": x, "mlp_in": x, "mlp_gate_up": mlp_act, "mlp_out": x}
         assert set(named) == set(ACTIVATION_NAMES), "plan.py: size every checkpoint_name of the model"
         kept = x + sum(named.get(n, 0) for n in dict.fromkeys(cfg.remat_save_names))
     L = cfg.num_layers

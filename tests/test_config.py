@@ -39,6 +39,8 @@ def test_overrides_are_parsed_as_yaml_values():
     (["train.seq_len=4096"], "train.seq_len (4096) is longer than model.max_seq_len (2048)"),
     (["train.steps=0"], "train.steps must be positive, got 0"),
     (["model.remat_policy=fulll"], "model.remat_policy must be one of"),
+    (["model.remat_policy=names", "model.remat_save_names=[query, mlp_gateup]"],
+     "model.remat_save_names: unknown activation 'mlp_gateup'"),
     (["train.global_batch_size=6", "train.grad_accum_steps=4"], "must be divisible by train.grad_accum_steps"),
     (["model.dtype=bf16"], "model.dtype must be one of float32, bfloat16, float16, got 'bf16'"),
     (["steps=3"], "must be section.key"),

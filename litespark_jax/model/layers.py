@@ -14,13 +14,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
-from litespark_jax.config import ModelConfig
+from litespark_jax.config import ACTIVATION_NAMES, ModelConfig
 from litespark_jax.model.rope import apply_rope
 from litespark_jax.parallel.kernels import attention as sharded_attention
 from litespark_jax.parallel.logical import constrain
 
-# Activations that remat_policy=names can keep for the backward instead of recomputing them.
-ACTIVATION_NAMES = ("attention_in", "query", "key", "value", "attention_out", "attention_proj", "mlp_in", "mlp_out")
+__all__ = ["ACTIVATION_NAMES", "Attention", "DecoderLayer", "MLP", "RMSNorm"]
 
 
 def normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -92,7 +91,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, segment_ids, inv_freq):
         h = checkpoint_name(self.attention_norm(x), "attention_in")
         h = checkpoint_name(self.attention(h, positions, segment_ids, inv_freq), "attention_proj")
-        x = constrain(x + h, ("batch", "seq", "embed"))
+        x = checkpoint_name(constrain(x + h, ("batch", "seq", "embed")), "residual_mid")
         h = checkpoint_name(self.mlp_norm(x), "mlp_in")
         h = checkpoint_name(self.mlp(h), "mlp_out")
         return constrain(x + h, ("batch", "seq", "embed"))

@@ -17,10 +17,40 @@ With segment ids there are two routes:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.attention import reference
+
+SAVE_NAME = "attention_out"  # the model's name for the attention output (litespark_jax.config.ACTIVATION_NAMES)
+
+
+def with_named_residuals(fn, name: str = SAVE_NAME):
+    """``fn`` with the residuals of its VJP named ``name``, so a remat policy that saves ``name`` keeps them.
+
+    JAX's cuDNN attention is a custom VJP whose residuals (output, softmax statistics) are anonymous: under
+    ``remat_policy=names`` the backward would rerun the whole forward kernel to rebuild them. Residuals that are
+    the inputs themselves are left unnamed, so they are saved (or not) under the inputs' own names, never twice.
+    """
+
+    @jax.custom_vjp
+    def wrapped(*args):
+        return fn(*args)
+
+    def fwd(*args):
+        out, vjp = jax.vjp(fn, *args)
+        inputs = {id(a) for a in args}
+        vjp = jax.tree.map(lambda r: r if id(r) in inputs else checkpoint_name(r, name), vjp)
+        return out, vjp
+
+    def bwd(vjp, g):
+        return vjp(g)
+
+    wrapped.defvjp(fwd, bwd)
+    return wrapped
 
 
 def segment_offsets(segment_ids, max_segments: int):
@@ -45,11 +75,12 @@ def segment_offsets(segment_ids, max_segments: int):
 def attention(q, k, v, *, segment_ids=None, causal=True, softmax_scale=None, mode: str = "mask",
               max_segments: int | None = None):
     if segment_ids is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, implementation="cudnn")
+        return with_named_residuals(functools.partial(
+            jax.nn.dot_product_attention, is_causal=causal, scale=softmax_scale, implementation="cudnn"))(q, k, v)
     if mode == "mask":
         mask = reference.attention_mask(q.shape[1], k.shape[1], segment_ids, causal=False)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=softmax_scale,
-                                            implementation="cudnn")
+        return with_named_residuals(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=causal, scale=softmax_scale, implementation="cudnn"))(q, k, v)
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

@@ -30,6 +30,7 @@ import os
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -767,6 +768,9 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
 # ----------------------------------------------------------------------------------------------------------------
 # custom_vjp wrapper
 # ----------------------------------------------------------------------------------------------------------------
+SAVE_NAME = "attention_out"  # the model's name for the attention output (litespark_jax.config.ACTIVATION_NAMES)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash(q, k, v, seg, causal, scale, cfg, interpret):
     out, _ = _forward(q, k, v, seg, causal=causal, scale=scale, cfg=cfg, interpret=interpret)
@@ -775,6 +779,9 @@ def _flash(q, k, v, seg, causal, scale, cfg, interpret):
 
 def _flash_fwd(q, k, v, seg, causal, scale, cfg, interpret):
     out, lse = _forward(q, k, v, seg, causal=causal, scale=scale, cfg=cfg, interpret=interpret)
+    # Under a remat policy, residuals a custom_vjp makes itself are recomputed unless named: without these names
+    # the backward of a layer that "saves attention_out" would rerun this whole forward kernel to rebuild lse.
+    out, lse = checkpoint_name(out, SAVE_NAME), checkpoint_name(lse, SAVE_NAME)
     return out, (q, k, v, seg, out, lse)
 
 

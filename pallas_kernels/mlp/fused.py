@@ -25,8 +25,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels._dispatch import platform
+
+
+GATE_UP_NAME = "mlp_gate_up"
 
 
 def _gate_up(x2, w_gate_up, out_dtype, tp_safe):
@@ -58,7 +62,8 @@ def _mlp(x2, w_gate_up, w_down, gate_up_f32, tp_safe):
 
 def _mlp_fwd(x2, w_gate_up, w_down, gate_up_f32, tp_safe):
     out, gu = _forward(x2, w_gate_up, w_down, gate_up_f32, tp_safe)
-    return out, (x2, gu, w_gate_up, w_down)
+    # Named so a remat policy can keep it (model.remat_save_names=[mlp_gate_up]) instead of redoing the matmul.
+    return out, (x2, checkpoint_name(gu, GATE_UP_NAME), w_gate_up, w_down)
 
 
 def _mlp_bwd(gate_up_f32, tp_safe, res, dy):

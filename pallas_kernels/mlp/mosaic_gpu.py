@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.mlp import fused
 
@@ -185,7 +186,7 @@ def _mlp(x2, w_gate_up, w_down, config, interpret):
 def _mlp_fwd(x2, w_gate_up, w_down, config, interpret):
     h, gu = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
     out = jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
-    return out, (x2, gu, w_gate_up, w_down)
+    return out, (x2, checkpoint_name(gu, fused.GATE_UP_NAME), w_gate_up, w_down)
 
 
 def _mlp_bwd(config, interpret, res, dy):

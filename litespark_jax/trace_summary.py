@@ -1,0 +1,136 @@
+"""Where a step's device time goes: a summary of a ``jax.profiler`` trace, by kernel category and by XLA op.
+
+    python -m litespark_jax.trace_summary TRACE_DIR [--steps N] [--top 25]
+
+Reads the newest ``perfetto_trace.json.gz`` under ``TRACE_DIR`` (``jax.profiler.trace(dir,
+create_perfetto_trace=True)``, which ``python -m litespark_jax.bench --profile DIR`` writes) and sums the durations
+of the kernels that ran on the GPU(s). Time is per traced step when ``--steps`` is given. Without a GPU in the trace
+(a CPU run) the XLA CPU thunks are summarised instead, so the tool can be tested anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+
+from litespark_jax.errors import UserError
+
+# Substrings of kernel names, checked in order, that say what a kernel does. Names seen on H100 with jax 0.11:
+# cuBLAS/cuBLASLt "sm90_xmma_gemm_*", "nvjet_*", cutlass "cutlass_*"; cuDNN flash attention "cudnn_generated_*";
+# XLA fusions "loop_*_fusion", "input_*_fusion"; Triton GEMM fusions "gemm_fusion_*"/"triton_*".
+CATEGORIES = (
+    ("attention (cuDNN)", ("cudnn", "fmha", "flash_fprop", "flash_bprop")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
+    ("Pallas / Mosaic GPU", ("mosaic", "pallas", "_attention", "_flash", "swiglu")),
+    ("copy / memset", ("memcpy", "memset", "copy", "transpose")),
+    ("reduction fusion", ("input_", "reduce", "reduction")),
+    ("elementwise fusion", ("loop_", "fusion", "convert", "broadcast", "select", "add", "multiply")),
+)
+
+
+def categorize(kernel_name: str) -> str:
+    lower = kernel_name.lower()
+    for category, needles in CATEGORIES:
+        if any(n in lower for n in needles):
+            return category
+    return "other"
+
+
+def find_trace(trace_dir: str) -> str:
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise UserError(f"{trace_dir}: no perfetto_trace.json.gz under it (trace with "
+                        "jax.profiler.trace(dir, create_perfetto_trace=True) or bench --profile)")
+    return max(paths, key=os.path.getmtime)
+
+
+def load_events(path: str) -> list[dict]:
+    try:
+        with gzip.open(path, "rt") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable perfetto JSON trace ({e})") from None
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_kernels(events: list[dict]) -> tuple[list[dict], str]:
+    """The complete ("X") events of the GPU processes, or of the XLA CPU executor threads if there is no GPU."""
+    process_names = {e["pid"]: e["args"]["name"] for e in events
+                     if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu_pids = {pid for pid, name in process_names.items() if "GPU" in name or "/device:" in name}
+    if gpu_pids:
+        return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e], "gpu"
+    # CPU: the thunks XLA ran carry an ``hlo_op`` argument.
+    return [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})], "cpu"
+
+
+def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
+    """Totals per category and the ``top`` XLA ops by time, in milliseconds per step."""
+    kernels, source = device_kernels(events)
+    if not kernels:
+        raise UserError("the trace holds no device kernels (was anything run inside jax.profiler.trace?)")
+    per_category = collections.Counter()
+    per_op = collections.Counter()
+    op_calls = collections.Counter()
+    op_category = {}
+    for e in kernels:
+        ms = e["dur"] / 1000.0 / steps
+        name = e.get("name", "?")
+        op = e.get("args", {}).get("hlo_op") or name
+        category = categorize(name)
+        per_category[category] += ms
+        per_op[op] += ms
+        op_calls[op] += 1
+        op_category.setdefault(op, category)
+    busy = sum(per_category.values())
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    return {
+        "source": source,
+        "steps": steps,
+        "busy_ms_per_step": busy,
+        "span_ms_per_step": (end - start) / 1000.0 / steps,
+        "categories": {c: {"ms": ms, "share": ms / busy} for c, ms in per_category.most_common()},
+        "top_ops": [{"op": op, "category": op_category[op], "ms": ms, "calls": op_calls[op] // max(steps, 1),
+                     "share": ms / busy} for op, ms in per_op.most_common(top)],
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"device time per step: {s['busy_ms_per_step']:.1f} ms busy over a {s['span_ms_per_step']:.1f} ms span "
+             f"({s['source']}, {s['steps']} step(s))"]
+    for category, v in s["categories"].items():
+        lines.append(f"  {category:<22} {v['ms']:>9.1f} ms  {100 * v['share']:5.1f}%")
+    lines.append(f"top {len(s['top_ops'])} ops:")
+    for o in s["top_ops"]:
+        lines.append(f"  {o['ms']:>9.2f} ms {100 * o['share']:5.1f}% x{o['calls']:<4} {o['category']:<20} {o['op'][:90]}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m litespark_jax.trace_summary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trace_dir", help="directory jax.profiler.trace wrote (searched recursively)")
+    parser.add_argument("--steps", type=int, default=1, help="steps inside the trace, to report time per step")
+    parser.add_argument("--top", type=int, default=25, help="how many ops to list")
+    parser.add_argument("--json", default=None, help="also write the summary as JSON here")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    summary = summarize(load_events(find_trace(args.trace_dir)), args.steps, args.top)
+    print(format_summary(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    from litespark_jax.cli import run_main
+
+    sys.exit(run_main(main))

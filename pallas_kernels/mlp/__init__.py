@@ -2,7 +2,8 @@
 
 Implementations: ``reference`` (plain JAX, autodiff) and ``fused`` (one matmul against the fused [gate|up] weight,
 SwiGLU epilogue, down projection, and a hand-written VJP that keeps only ``x`` and the pre-activation in ``x``'s
-dtype), ``fused_tp`` (the same with 3-D einsums, so a tensor-parallel ``f`` axis stays sharded instead of the
+dtype), ``fused_bf16`` (the same, with the gate/up matmul's output rounded to ``x``'s dtype before the SwiGLU
+epilogue, as a cuBLAS bf16 step does: half the epilogue's memory traffic), ``fused_tp`` (the same with 3-D einsums, so a tensor-parallel ``f`` axis stays sharded instead of the
 gate/up weight being all-gathered; untimed on a GPU), and ``mosaic_gpu`` (Hopper only: the gate/up matmul with
 the SwiGLU epilogue as a Pallas Mosaic GPU kernel, backward as ``fused``; verified in interpret mode only, never
 timed, so ``auto`` does not pick it).
@@ -12,10 +13,13 @@ runs forward+backward 1.8x faster than autodiff of the reference (docs/perf/kern
 
 from __future__ import annotations
 
+import functools
+
 from pallas_kernels._dispatch import REFERENCE, Registry, is_hopper
 from pallas_kernels.mlp import fused, mosaic_gpu, reference
 
 FUSED = "fused"
+FUSED_BF16 = "fused_bf16"
 FUSED_TP = "fused_tp"
 MOSAIC_GPU = "mosaic_gpu"
 
@@ -27,6 +31,7 @@ def _auto(**_):
 registry = Registry("mlp", _auto)
 registry.register(REFERENCE)(reference.mlp)
 registry.register(FUSED)(fused.mlp)
+registry.register(FUSED_BF16)(functools.partial(fused.mlp, gate_up_f32=False))
 registry.register(FUSED_TP)(fused.mlp_tp)
 registry.register(MOSAIC_GPU, available=is_hopper)(mosaic_gpu.mlp)
 

@@ -50,3 +50,27 @@ def test_posttrain_clis_share_the_one_line_errors(module, args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+_NO_BACKEND_AT_IMPORT = r"""
+import importlib, os, sys
+os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+from jax._src import xla_bridge
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    assert not xla_bridge._backends, f"importing {name} started a JAX backend"
+from litespark_jax.cli import GPU_MEMORY_FRACTION, run_main
+run_main(lambda argv: print("fraction", os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]) or 0)
+"""
+
+
+def test_entry_points_leave_the_backend_unstarted_so_the_memory_fraction_counts():
+    """XLA_PYTHON_CLIENT_MEM_FRACTION is read when the backend starts: an entry module that touches a device at
+    import time would silently cap a GPU step at 75% of the card (it happened to the bench)."""
+    modules = ["litespark_jax.bench", "litespark_jax.train.__main__", "litespark_jax.plan", "litespark_jax.convert",
+               "litespark_jax.checkpoint.bench", "litespark_jax.posttrain.bench", "pallas_kernels.bench.__main__"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", _NO_BACKEND_AT_IMPORT, *modules], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fraction 0.95" in result.stdout

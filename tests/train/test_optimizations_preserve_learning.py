@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from litespark_jax.bench import BASELINE_OVERRIDES
+from litespark_jax.bench import baseline_overrides
 from litespark_jax.config import load_config
 from litespark_jax.train.loop import train
 
@@ -26,7 +26,7 @@ def losses(tmp_path, name, overrides):
 
 
 def test_litespark_and_baseline_loss_curves_agree(tmp_path):
-    baseline = losses(tmp_path, "baseline", BASELINE_OVERRIDES)
+    baseline = losses(tmp_path, "baseline", baseline_overrides())
     litespark = losses(tmp_path, "litespark", LITESPARK)
     assert baseline[-1] < baseline[0] - 1.0  # it learned something
     assert abs(litespark[-1] - baseline[-1]) <= 0.02, (baseline, litespark)

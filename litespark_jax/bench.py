@@ -152,6 +152,44 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
     }
 
 
+CURVE_OVERRIDES = ["train.eval_every=0", "log.progress_bar=false", "log.tensorboard=false", "log.every=1",
+                   "checkpoint.every=0"]
+
+
+def loss_curves(config_path: str, specs: list[tuple[str, list[str]]], steps: int,
+                run_root: str) -> dict[str, np.ndarray]:
+    """Train every variant (name, overrides) ``steps`` steps on the configured data (the bundled corpus by default)
+    from the same seed through the real training loop; the per-step losses of each."""
+    from litespark_jax.train.loop import train
+
+    curves = {}
+    for name, overrides in specs:
+        config = load_config(config_path, [*overrides, *CURVE_OVERRIDES, f"train.steps={steps}",
+                                           f"train.run_dir={os.path.join(run_root, name)}"])
+        print(f"# {name}: {steps} steps on {config.data.train_files}", flush=True)
+        curves[name] = np.array([h["loss"] for h in train(config).history])
+        gc.collect()
+    return curves
+
+
+def print_curves(curves: dict[str, np.ndarray]) -> float:
+    """Print the losses every tenth of the run and the final gap to the baseline; returns that gap."""
+    names = list(curves)
+    steps = len(curves[names[0]])
+    print("step " + " ".join(f"{n:>12}" for n in names))
+    for i in sorted({*range(0, steps, max(steps // 10, 1)), steps - 1}):
+        print(f"{i + 1:>4} " + " ".join(f"{curves[n][i]:>12.4f}" for n in names))
+    gap = 0.0
+    if "baseline" in curves:
+        for n in names:
+            if n != "baseline":
+                d = curves[n] - curves["baseline"]
+                gap = max(gap, abs(d[-1]))
+                print(f"{n} - baseline: final {d[-1]:+.4f}, mean of the last 10 steps {d[-10:].mean():+.4f}, "
+                      f"largest {np.abs(d).max():.4f}")
+    return gap
+
+
 def _fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
@@ -188,16 +226,34 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help=f"after timing, trace {PROFILED_STEPS} steps of each variant into DIR/<variant> and "
                              "print a summary of their device time (python -m litespark_jax.trace_summary)")
+    parser.add_argument("--curve-steps", type=int, default=0, metavar="N",
+                        help="instead of timing, train each variant N steps on the configured data (the bundled "
+                             "corpus by default) from the same seed and compare the loss curves")
+    parser.add_argument("--curve-dir", default=None, help="run directories of --curve-steps (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
     args = parser.parse_args(argv)
-    variants = [("litespark", load_config(args.config, [*args.overrides, *args.litespark]))]
+    # (name, overrides) per variant; the config is built from them (again for --curve-steps, with its settings).
+    specs = [("litespark", [*args.overrides, *args.litespark])]
     for spec in args.variant:
         name, _, overrides = spec.partition(":")
         items = re.split(r",(?![^\[]*\])", overrides)  # commas inside [a, b] lists belong to the value
-        variants.append((name, load_config(args.config, [*args.overrides, *filter(None, items)])))
+        specs.append((name, [*args.overrides, *filter(None, items)]))
     if args.baseline:
         # Last, so the variants that need the most memory get an unfragmented allocator; same tokens either way.
-        variants.append(("baseline", load_config(args.config, [*args.overrides, *baseline_overrides()])))
+        specs.append(("baseline", [*args.overrides, *baseline_overrides()]))
+    variants = [(name, load_config(args.config, overrides)) for name, overrides in specs]
+    if args.curve_steps:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            curves = loss_curves(args.config, specs, args.curve_steps, args.curve_dir or tmp)
+        print_curves(curves)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                for name, losses in curves.items():
+                    f.write(json.dumps({"config": args.config, "time": time.time(), "variant": name,
+                                        "curve": [round(float(x), 5) for x in losses]}) + "\n")
+        return 0
     batch = synthetic_batch(variants[0][1])
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}", flush=True)
     rows = []

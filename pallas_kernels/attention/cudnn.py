@@ -34,6 +34,7 @@ def with_named_residuals(fn, name: str = SAVE_NAME):
     JAX's cuDNN attention is a custom VJP whose residuals (output, softmax statistics) are anonymous: under
     ``remat_policy=names`` the backward would rerun the whole forward kernel to rebuild them. Residuals that are
     the inputs themselves are left unnamed, so they are saved (or not) under the inputs' own names, never twice.
+    Every array ``fn`` uses must be an argument (a custom VJP must not close over traced values, e.g. a mask).
     """
 
     @jax.custom_vjp
@@ -79,8 +80,8 @@ def attention(q, k, v, *, segment_ids=None, causal=True, softmax_scale=None, mod
             jax.nn.dot_product_attention, is_causal=causal, scale=softmax_scale, implementation="cudnn"))(q, k, v)
     if mode == "mask":
         mask = reference.attention_mask(q.shape[1], k.shape[1], segment_ids, causal=False)
-        return with_named_residuals(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=causal, scale=softmax_scale, implementation="cudnn"))(q, k, v)
+        return with_named_residuals(lambda q, k, v, mask: jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=causal, scale=softmax_scale, implementation="cudnn"))(q, k, v, mask)
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

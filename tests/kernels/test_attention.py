@@ -305,6 +305,9 @@ def test_gpu_auto_dispatch():
     assert name == ("pallas" if is_hopper() else "cudnn")
     name, _ = registry.resolve("auto", q_shape=(2, 8192, 32, 128), kv_shape=(2, 8192, 8, 128), dtype=jnp.bfloat16,
                                causal=True)
+    assert name == ("pallas" if is_hopper() else "cudnn")
+    name, _ = registry.resolve("auto", q_shape=(2, 4096, 32, 128), kv_shape=(2, 4096, 8, 128), dtype=jnp.bfloat16,
+                               causal=False)
     assert name == "cudnn"
     q, k, v, do = _inputs(5, 1, 1024, 8, 2, 128, jnp.bfloat16)
     _check_against_reference(jax.jit(lambda q, k, v, **kw: dispatch_attention(q, k, v, **kw),

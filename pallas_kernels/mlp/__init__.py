@@ -3,10 +3,11 @@
 Implementations: ``reference`` (plain JAX, autodiff) and ``fused`` (one matmul against the fused [gate|up] weight,
 SwiGLU epilogue, down projection, and a hand-written VJP that keeps only ``x`` and the pre-activation in ``x``'s
 dtype), ``fused_bf16`` (the same, with the gate/up matmul's output rounded to ``x``'s dtype before the SwiGLU
-epilogue, as a cuBLAS bf16 step does: half the epilogue's memory traffic), ``fused_tp`` (the same with 3-D einsums, so a tensor-parallel ``f`` axis stays sharded instead of the
-gate/up weight being all-gathered; untimed on a GPU), and ``mosaic_gpu`` (Hopper only: the gate/up matmul with
-the SwiGLU epilogue as a Pallas Mosaic GPU kernel, backward as ``fused``; verified in interpret mode only, never
-timed, so ``auto`` does not pick it).
+epilogue, as a cuBLAS bf16 step does: half the epilogue's memory traffic, but 1.5% slower end to end on the 3B),
+``fused_tp`` (the same with 3-D einsums, so a tensor-parallel ``f`` axis stays sharded instead of the gate/up weight
+being all-gathered; untimed on a GPU), and ``mosaic_gpu`` (Hopper only: the gate/up matmul with the SwiGLU epilogue
+as a Pallas Mosaic GPU kernel, backward as ``fused``; passes its GPU test on an H100 but is untimed, so ``auto``
+does not pick it).
 ``auto`` picks ``fused`` on every platform (pure JAX: the CPU runs the same code as the GPU); measured on an H100 it
 runs forward+backward 1.8x faster than autodiff of the reference (docs/perf/kernels.md).
 """

@@ -51,6 +51,9 @@ EFFICIENCY = {
     "overlap": 0.85,  # fraction of compute time that can hide FSDP/DP collectives
     "launch_s": 20e-6,  # per collective latency
 }
+# remat_policy=names with these (and the mid residual or something it is rebuilt from without a matmul) keeps every
+# matmul output the backward needs: only norms, RoPE and SiLU are recomputed (configs/llama-3.2-3b.yaml).
+NO_RECOMPUTE_NAMES = frozenset({"query", "key", "value", "attention_out", "mlp_gate_up"})
 HEADROOM = 0.92  # a plan "fits" when its predicted peak is within this fraction of the usable memory (fragmentation,
 # cuDNN/cuBLAS workspaces and the model's own error, measured within 10% of XLA's figure)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -258,7 +261,11 @@ def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, a
     tokens = train.global_batch_size * train.seq_len
     model_flops = model_flops_per_token(cfg, train.seq_len) * tokens
     layer_flops = model_flops - 6 * tokens * cfg.d_model * cfg.vocab_size  # without the output head
-    recompute = {"none": 0.0, "full": 1 / 3, "save_attention": 0.28, "save_matmuls": 0.03}.get(cfg.remat_policy, 0.15)
+    recompute = {"none": 0.0, "full": 1 / 3, "save_attention": 0.28, "save_matmuls": 0.03}.get(cfg.remat_policy)
+    if recompute is None:  # names: free of recomputed matmuls when every matmul output the backward needs is kept
+        saved = set(cfg.remat_save_names)
+        keeps_all = NO_RECOMPUTE_NAMES <= saved and saved & {"residual_mid", "attention_proj", "mlp_in"}
+        recompute = 0.0 if keeps_all else 0.15
     flops = (model_flops + recompute * layer_flops) / n_dev
     compute_s = flops / (gpu.peak_tflops * 1e12 * EFFICIENCY["matmul"])
 

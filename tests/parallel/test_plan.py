@@ -58,3 +58,23 @@ def test_param_shards_match_the_model():
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
     sharded, _, total = plan.param_shard_bytes(cfg, sizes)
     assert total == cfg.num_params() and sharded == 4 * total
+
+
+def test_names_policy_that_keeps_every_matmul_output_plans_no_recompute():
+    import dataclasses
+
+    from litespark_jax.config import load_config
+
+    config = load_config("configs/llama-3.2-3b.yaml")
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
+    inter = dict.fromkeys(sizes, 1)
+
+    def flops(**model):
+        cfg = dataclasses.replace(config.model, **model)
+        return plan.plan_mesh(cfg, config.train, plan.GPUS["h100"], sizes, inter, 1).flops_per_device
+
+    assert set(config.model.remat_save_names) >= plan.NO_RECOMPUTE_NAMES
+    assert flops() == flops(remat_policy="none")
+    older = ("attention_in", "query", "key", "value", "attention_out", "mlp_in")
+    assert flops(remat_save_names=older) > flops()
+    assert flops(remat_policy="full") > flops(remat_save_names=older)

@@ -17,7 +17,7 @@ import pallas_kernels
 from litespark_jax.config import ACTIVATION_NAMES, ModelConfig
 from litespark_jax.model.rope import apply_rope
 from litespark_jax.parallel.kernels import attention as sharded_attention
-from litespark_jax.parallel.logical import constrain
+from litespark_jax.parallel.logical import active, constrain
 
 __all__ = ["ACTIVATION_NAMES", "Attention", "DecoderLayer", "MLP", "RMSNorm"]
 
@@ -76,7 +76,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        return pallas_kernels.mlp(x, self.w_gate_up[...].astype(dt), self.w_down[...].astype(dt), impl=self.impl)
+        impl = self.impl
+        if impl == "auto" and _multi_device_mesh():
+            impl = "fused"  # a Pallas custom call cannot be split by the SPMD partitioner; XLA's matmuls can
+        return pallas_kernels.mlp(x, self.w_gate_up[...].astype(dt), self.w_down[...].astype(dt), impl=impl)
+
+
+def _multi_device_mesh() -> bool:
+    current = active()
+    return current is not None and current[0].size > 1
 
 
 class DecoderLayer(nnx.Module):

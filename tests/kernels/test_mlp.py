@@ -87,6 +87,19 @@ def test_auto_choice():
     assert registry.resolve("auto", x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16)[0] == "fused"
 
 
+def test_auto_picks_the_pallas_kernel_on_hopper_for_tiled_bf16_shapes(monkeypatch):
+    import importlib
+
+    mlp_module = importlib.import_module("pallas_kernels.mlp")  # the package; pallas_kernels.mlp is the function
+    monkeypatch.setattr(mlp_module, "is_hopper", lambda: True)
+    auto = mlp_module._auto
+    assert auto(x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16) == "mosaic_gpu"
+    assert auto(x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.float32) == "fused"
+    assert auto(x_shape=(3, 5, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16) == "fused"  # rows don't tile
+    monkeypatch.setattr(mlp_module, "is_hopper", lambda: False)
+    assert auto(x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16) == "fused"
+
+
 def test_mosaic_gpu_interpret():
     """The Pallas Mosaic GPU SwiGLU kernel in GPU interpret mode on the CPU (small tiles; 2 x 3 CTA tiles, 2 k-steps),
     forward and all gradients through its custom VJP."""

@@ -192,6 +192,24 @@ def test_no_recompute_names_policy_keeps_the_gradients(mlp_impl):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("devices, want", [(1, "auto"), (8, "fused")])
+def test_mlp_auto_is_fused_under_a_multi_device_mesh(monkeypatch, devices, want):
+    """A Pallas custom call cannot be partitioned by GSPMD, so under a mesh of several devices the model asks for
+    the XLA ``fused`` MLP instead of letting ``auto`` pick the Mosaic GPU kernel."""
+    import types
+
+    from litespark_jax.model import layers
+    from pallas_kernels.mlp import reference as mlp_reference
+
+    asked = []
+    monkeypatch.setattr(layers.pallas_kernels, "mlp", lambda x, wgu, wd, impl: asked.append(impl) or
+                        mlp_reference.mlp(x, wgu, wd))
+    monkeypatch.setattr(layers, "active", lambda: (types.SimpleNamespace(size=devices), {}))
+    mlp = layers.MLP(CONFIGS["gqa-tied"], rngs=nnx.Rngs(0))
+    mlp(jnp.ones((2, 4, CONFIGS["gqa-tied"].d_model)))
+    assert asked == [want]
+
+
 def test_parameter_count_matches_config():
     for cfg in CONFIGS.values():
         state = nnx.state(make_model(cfg))  # everything a train state would hold: parameters only

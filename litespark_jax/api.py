@@ -163,7 +163,7 @@ def load_checkpoint(path: str, overrides: Sequence[str] = (), *, with_state: boo
     """``(model, config)`` from a checkpoint directory (its newest good step) or one step directory. The config is
     the one saved with the checkpoint, with ``overrides`` applied (e.g. a data path on this machine).
     ``with_state=True`` returns ``(model, config, train_state)`` to continue training from it."""
-    from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_shardings, split_checkpoint_path
+    from litespark_jax.checkpoint.manager import CheckpointManager, split_checkpoint_path
     from litespark_jax.train.loop import Trainer
 
     root, step = split_checkpoint_path(path)
@@ -173,10 +173,7 @@ def load_checkpoint(path: str, overrides: Sequence[str] = (), *, with_state: boo
         if not raw:
             raise ConfigError(f"checkpoint {path} carries no config; build the config and use model_from_state")
         config = override(config_lib.from_dict(raw, f"{path} (saved config)"), *overrides)
-        trainer = Trainer(config)
-        shapes = jax.eval_shape(trainer.init_state)
-        with trainer._sharding_context():
-            restored = manager.restore(abstract_with_shardings(shapes, trainer.state_sharding), step)
+        restored = Trainer(config).restore_state(manager, step)
     finally:
         manager.close()
     model = model_from_state(config, restored.state)

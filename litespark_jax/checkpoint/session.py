@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_shardings, split_checkpoint_path
+from litespark_jax.checkpoint.manager import CheckpointManager, split_checkpoint_path
 from litespark_jax.errors import CheckpointError
 
 
@@ -29,10 +29,6 @@ class RunCheckpoints:
         self.directory = checkpoint_dir(self.config)
         self.manager = CheckpointManager(self.directory, self.config.checkpoint)
         self.restored_from: str | None = None
-
-    def abstract_state(self):
-        shapes = jax.eval_shape(self.trainer.init_state)
-        return abstract_with_shardings(shapes, self.trainer.state_sharding)
 
     def restore_or_init(self):
         """(state, data-iterator state or None, step) from ``train.resume``."""
@@ -53,8 +49,7 @@ class RunCheckpoints:
         root, step = source
         manager = self.manager if root == self.directory else CheckpointManager(root, self.config.checkpoint,
                                                                                read_only=True)
-        with self.trainer._sharding_context():
-            restored = manager.restore(self.abstract_state(), step)
+        restored = self.trainer.restore_state(manager, step)
         if manager is not self.manager:
             manager.close()
         self.restored_from = restored.path

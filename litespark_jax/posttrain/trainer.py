@@ -109,15 +109,13 @@ class _PosttrainMixin:
         return params
 
     def _load_checkpoint_params(self, source: str):
-        from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_shardings, \
-            split_checkpoint_path
+        from litespark_jax.checkpoint.manager import CheckpointManager, split_checkpoint_path
 
         root, step = split_checkpoint_path(source)
-        shapes = jax.eval_shape(super().init_state)
         manager = CheckpointManager(root, self.config.checkpoint, read_only=True)
         try:
-            with self._sharding_context():
-                restored = manager.restore(abstract_with_shardings(shapes, self.state_sharding), step)
+            # The pretraining state's shapes (super().init_state): this trainer's own init would load these weights.
+            restored = self.restore_state(manager, step, init=super().init_state)
         finally:
             manager.close()
         return restored.state.params

@@ -111,8 +111,7 @@ class Guards:
             raise NumericalError(
                 f"loss spike at step {step} after {self.rollbacks} rollback(s) (train.max_rollbacks="
                 f"{self.cfg.max_rollbacks}); training stopped; {self._last_good()}")
-        with trainer._sharding_context():
-            restored = manager.restore(self.checkpoints.abstract_state())
+        restored = trainer.restore_state(manager)
         self.rollbacks += 1
         self._window.clear()
         self._bad_count, self._first_bad = None, None

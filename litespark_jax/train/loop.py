@@ -89,6 +89,17 @@ class Trainer:
     def _sharding_context(self):
         return use_rules(self.mesh, self.rules)
 
+    def restore_state(self, manager, step: int | None = None, init: Callable[[], TrainState] | None = None):
+        """``manager.restore`` of a TrainState laid out on this trainer's mesh (``step`` None: the newest good one).
+
+        The target's shapes come from ``init`` (default ``init_state``) traced without allocating, so a checkpoint
+        saved on another device count or mesh restores onto this one."""
+        from litespark_jax.checkpoint.manager import abstract_with_shardings
+
+        with self._sharding_context():
+            target = abstract_with_shardings(jax.eval_shape(init or self.init_state), self.state_sharding)
+            return manager.restore(target, step)
+
     def init_state(self) -> TrainState:
         cfg, seed = self.config, self.config.train.seed
 

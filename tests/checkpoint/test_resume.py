@@ -60,10 +60,8 @@ import sys, numpy as np, jax
 from litespark_jax.config import load_config
 from litespark_jax.train.loop import Trainer
 from litespark_jax.checkpoint.manager import CheckpointManager, flatten
-from litespark_jax.checkpoint.session import RunCheckpoints
 config = load_config(None, sys.argv[2:])
-trainer = Trainer(config)
-restored = CheckpointManager(sys.argv[1], read_only=True).restore(RunCheckpoints(trainer).abstract_state())
+restored = Trainer(config).restore_state(CheckpointManager(sys.argv[1], read_only=True))
 flat, _ = flatten(restored.state)
 print(sorted({str(v.sharding.spec) for v in flat.values()}))
 """

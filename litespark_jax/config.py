@@ -211,6 +211,11 @@ class LogConfig:
     """Write metrics to RUN_DIR/metrics.jsonl."""
     tensorboard: bool = True
     """Write TensorBoard event files to RUN_DIR/tensorboard."""
+    profile_start: int = 0
+    """Trace log.profile_steps steps from this step with jax.profiler into RUN_DIR/profile and print where their
+    device time went (0: no profile). Start after compilation and warm-up, e.g. 10."""
+    profile_steps: int = 3
+    """How many steps the profile traces."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,11 +382,13 @@ def validate(config: Config) -> None:
         "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads, "model.d_ff": m.d_ff,
         "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
         "train.seq_len": t.seq_len, "train.grad_accum_steps": t.grad_accum_steps, "log.every": config.log.every,
-        "train.eval_batches": t.eval_batches,
+        "train.eval_batches": t.eval_batches, "log.profile_steps": config.log.profile_steps,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if config.log.profile_start < 0:
+        raise ConfigError(f"log.profile_start must be >= 0 (0: no profile), got {config.log.profile_start}")
     if m.head_dim is None and m.d_model % m.num_heads:
         raise ConfigError(f"model.num_heads ({m.num_heads}) must divide model.d_model ({m.d_model})")
     if m.num_heads % m.num_kv_heads:

@@ -7,7 +7,9 @@ progress bar live here; the step itself (``step.py``) is pure.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
 from typing import Callable
 
@@ -17,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from litespark_jax import data as data_lib
+from litespark_jax import trace_summary
 from litespark_jax.data.global_batch import to_global_arrays
 from litespark_jax.checkpoint.preemption import PreemptionHandler
 from litespark_jax.checkpoint.session import RunCheckpoints
@@ -163,10 +166,13 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     energy = EnergyWindow()
     guards = Guards(t, checkpoints)
     preemption = PreemptionHandler().__enter__()
+    profiler = StepProfiler(lc, t.run_dir)
     try:
         while step < t.steps:  # not a for loop: a spike rollback moves `step` back to its checkpoint
             step += 1
+            profiler.before(step)
             state, metrics = trainer.train_step(state, next(iterator))
+            profiler.after(step, metrics, bar.write)
             guards.observe(step, metrics)
             interval_steps += 1
             if interval_start is None:
@@ -219,12 +225,47 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                 bar.write(f"preempted: saved step {step} to {checkpoints.directory}; exiting")
                 break
     finally:
+        profiler.close()
         preemption.__exit__()
         trainer.watchdog.stop()
         bar.close()
         writer.close()
         checkpoints.close()
     return TrainResult(state=state, history=history, eval_history=eval_history)
+
+
+class StepProfiler:
+    """Traces steps ``log.profile_start`` .. ``+ log.profile_steps - 1`` with ``jax.profiler`` into RUN_DIR/profile
+    (per process) and prints the summary of ``litespark_jax.trace_summary`` when the window closes."""
+
+    def __init__(self, cfg, run_dir: str):
+        self.first = cfg.profile_start
+        self.last = cfg.profile_start + cfg.profile_steps - 1
+        self.directory = os.path.join(run_dir, "profile", f"process_{jax.process_index()}")
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        if self.first and step == self.first and not self.tracing:
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.tracing = True
+
+    def after(self, step: int, metrics: dict, write: Callable[[str], None]) -> None:
+        if not self.tracing or step < self.last:
+            return
+        jax.block_until_ready(metrics)
+        self.close()
+        summary = trace_summary.summarize(trace_summary.load_events(trace_summary.find_trace(self.directory)),
+                                          self.last - self.first + 1)
+        with open(os.path.join(self.directory, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        if jax.process_index() == 0:
+            write(f"profile of steps {self.first}-{self.last} ({self.directory}):\n"
+                  f"{trace_summary.format_summary(summary)}")
+
+    def close(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
 
 
 def _postfix(metrics: dict) -> str:

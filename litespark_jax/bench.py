@@ -117,11 +117,8 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
             for _ in range(PROFILED_STEPS):
                 state, metrics = compiled(state, device_batch)
             jax.block_until_ready(metrics["loss"])
-        summary = trace_summary.summarize(trace_summary.load_events(trace_summary.find_trace(trace_dir)),
-                                          PROFILED_STEPS)
+        summary = trace_summary.summarize_trace(trace_dir, PROFILED_STEPS)
         print(f"# {name}: profile ({trace_dir})\n{trace_summary.format_summary(summary)}", flush=True)
-        with open(os.path.join(trace_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
     del state, device_batch
     gc.collect()
 

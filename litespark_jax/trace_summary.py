@@ -101,6 +101,14 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
     }
 
 
+def summarize_trace(trace_dir: str, steps: int) -> dict:
+    """``summarize`` of the newest trace under ``trace_dir``, also written to ``trace_dir/summary.json``."""
+    summary = summarize(load_events(find_trace(trace_dir)), steps)
+    with open(os.path.join(trace_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
 def format_summary(s: dict) -> str:
     lines = [f"device time per step: {s['busy_ms_per_step']:.1f} ms busy over a {s['span_ms_per_step']:.1f} ms span "
              f"({s['source']}, {s['steps']} step(s))"]

@@ -7,7 +7,6 @@ progress bar live here; the step itself (``step.py``) is pure.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -254,10 +253,7 @@ class StepProfiler:
             return
         jax.block_until_ready(metrics)
         self.close()
-        summary = trace_summary.summarize(trace_summary.load_events(trace_summary.find_trace(self.directory)),
-                                          self.last - self.first + 1)
-        with open(os.path.join(self.directory, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        summary = trace_summary.summarize_trace(self.directory, self.last - self.first + 1)
         if jax.process_index() == 0:
             write(f"profile of steps {self.first}-{self.last} ({self.directory}):\n"
                   f"{trace_summary.format_summary(summary)}")

@@ -4,7 +4,9 @@
 
 Reads the newest ``perfetto_trace.json.gz`` under ``TRACE_DIR`` (``jax.profiler.trace(dir,
 create_perfetto_trace=True)``, which ``python -m litespark_jax.bench --profile DIR`` writes) and sums the durations
-of the kernels that ran on the GPU(s). Time is per traced step when ``--steps`` is given. Without a GPU in the trace
+of the kernels that ran on the GPU(s). Time is per traced step when ``--steps`` is given. XLA's GPU command buffers
+(CUDA graphs) show up as ``command_buffer_N`` ops with their kernels' categories mixed; trace with
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see each kernel under its own XLA op. Without a GPU in the trace
 (a CPU run) the XLA CPU thunks are summarised instead, so the tool can be tested anywhere.
 """
 

@@ -102,10 +102,8 @@ class _PosttrainMixin:
             params = jax.device_put(abstract, params_sharding)
         else:
             params = self._load_checkpoint_params(source)
-        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
-            # Not cached when called under a trace (the checkpointer's jax.eval_shape(init_state) on resume).
-            log.info("starting weights: %s", source or f"random init (seed {self.config.train.seed})")
-            self._initial = params
+        log.info("starting weights: %s", source or f"random init (seed {self.config.train.seed})")
+        self._initial = params
         return params
 
     def _load_checkpoint_params(self, source: str):
@@ -114,18 +112,13 @@ class _PosttrainMixin:
         root, step = split_checkpoint_path(source)
         manager = CheckpointManager(root, self.config.checkpoint, read_only=True)
         try:
-            # The pretraining state's shapes (super().init_state): this trainer's own init would load these weights.
-            restored = self.restore_state(manager, step, init=super().init_state)
+            restored = self.restore_state(manager, step)
         finally:
             manager.close()
         return restored.state.params
 
     def init_state(self) -> TrainState:
         """Step 0 at the starting weights with a fresh optimizer (copied, so donating it keeps ``initial_params``)."""
-        if isinstance(jnp.zeros(()), jax.core.Tracer):
-            # Under jax.eval_shape (the checkpointer asks for the state's shapes on resume): same shapes as a
-            # random init, without loading the starting weights.
-            return super().init_state()
         params = self.initial_params()
 
         def init(p):

@@ -91,15 +91,16 @@ class Trainer:
     def _sharding_context(self):
         return use_rules(self.mesh, self.rules)
 
-    def restore_state(self, manager, step: int | None = None, init: Callable[[], TrainState] | None = None):
+    def restore_state(self, manager, step: int | None = None):
         """``manager.restore`` of a TrainState laid out on this trainer's mesh (``step`` None: the newest good one).
 
-        The target's shapes come from ``init`` (default ``init_state``) traced without allocating, so a checkpoint
-        saved on another device count or mesh restores onto this one."""
+        The target is the random-init state traced without allocating (``Trainer.init_state``, never a subclass's,
+        which may load starting weights; the shapes are the same), so a checkpoint saved on another device count or
+        mesh restores onto this one."""
         from litespark_jax.checkpoint.manager import abstract_with_shardings
 
         with self._sharding_context():
-            target = abstract_with_shardings(jax.eval_shape(init or self.init_state), self.state_sharding)
+            target = abstract_with_shardings(jax.eval_shape(lambda: Trainer.init_state(self)), self.state_sharding)
             return manager.restore(target, step)
 
     def init_state(self) -> TrainState:

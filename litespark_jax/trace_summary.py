@@ -79,7 +79,7 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
     per_category = collections.Counter()
     per_op = collections.Counter()
     op_calls = collections.Counter()
-    op_category = {}
+    op_category: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for e in kernels:
         ms = e["dur"] / 1000.0 / steps
         name = e.get("name", "?")
@@ -88,7 +88,7 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
         per_category[category] += ms
         per_op[op] += ms
         op_calls[op] += 1
-        op_category.setdefault(op, category)
+        op_category[op][category] += ms  # an op may launch several kernels (a memset, then the GEMM)
     busy = sum(per_category.values())
     start = min(e["ts"] for e in kernels)
     end = max(e["ts"] + e["dur"] for e in kernels)
@@ -98,7 +98,7 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
         "busy_ms_per_step": busy,
         "span_ms_per_step": (end - start) / 1000.0 / steps,
         "categories": {c: {"ms": ms, "share": ms / busy} for c, ms in per_category.most_common()},
-        "top_ops": [{"op": op, "category": op_category[op], "ms": ms, "calls": op_calls[op] // max(steps, 1),
+        "top_ops": [{"op": op, "category": op_category[op].most_common(1)[0][0], "ms": ms, "calls": op_calls[op] // max(steps, 1),
                      "share": ms / busy} for op, ms in per_op.most_common(top)],
     }
 

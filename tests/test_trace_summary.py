@@ -21,7 +21,8 @@ def test_summary_sums_gpu_kernels_per_step_and_ignores_host_events():
     events = [
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
-        {"ph": "X", "pid": 1, "ts": 0, "dur": 3000, "name": "nvjet_gemm", "args": {"hlo_op": "dot.1"}},
+        {"ph": "X", "pid": 1, "ts": 0, "dur": 1, "name": "memset32", "args": {"hlo_op": "dot.1"}},
+        {"ph": "X", "pid": 1, "ts": 0, "dur": 2999, "name": "nvjet_gemm", "args": {"hlo_op": "dot.1"}},
         {"ph": "X", "pid": 1, "ts": 3000, "dur": 1000, "name": "loop_add_fusion", "args": {"hlo_op": "fusion.2"}},
         {"ph": "X", "pid": 1, "ts": 4000, "dur": 3000, "name": "nvjet_gemm", "args": {"hlo_op": "dot.1"}},
         {"ph": "X", "pid": 1, "ts": 9000, "dur": 1000, "name": "loop_add_fusion", "args": {"hlo_op": "fusion.2"}},
@@ -31,10 +32,12 @@ def test_summary_sums_gpu_kernels_per_step_and_ignores_host_events():
     assert s["source"] == "gpu"
     assert s["busy_ms_per_step"] == pytest.approx(4.0)
     assert s["span_ms_per_step"] == pytest.approx(5.0)
-    assert s["categories"]["matmul"]["ms"] == pytest.approx(3.0)
-    assert s["categories"]["matmul"]["share"] == pytest.approx(0.75)
+    assert s["categories"]["matmul"]["ms"] == pytest.approx(2.9995)
+    assert s["categories"]["matmul"]["share"] == pytest.approx(2.9995 / 4.0)
+    assert s["categories"]["copy / memset"]["ms"] == pytest.approx(0.0005)
     assert [o["op"] for o in s["top_ops"]] == ["dot.1", "fusion.2"]
-    assert s["top_ops"][0]["calls"] == 1
+    assert s["top_ops"][0]["ms"] == pytest.approx(3.0)
+    assert s["top_ops"][0]["category"] == "matmul"  # its GEMM, not the memset launched first
 
 
 def test_missing_trace_is_a_clear_error(tmp_path):

@@ -11,6 +11,8 @@ interpret ``pl.run_state``; the kernel's register-operand products (P@V, dS@K, P
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,15 +218,19 @@ def test_pallas_supports():
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
-def test_pallas_lowers_for_cuda(causal, segments):
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("fused_bwd", [True, False])
+def test_pallas_lowers_for_cuda(causal, segments, head_dim, fused_bwd):
     """The real Mosaic GPU lowering (not interpret mode), forward and backward, run on the CPU for the CUDA platform:
-    catches lowering-only failures (seen once: a concrete array closed over by ``pl.run_state``)."""
-    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    catches lowering-only failures (seen: a concrete array closed over by ``pl.run_state``; SMEM over the limit)."""
+    q = jax.ShapeDtypeStruct((1, 512, 4, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+    config = dataclasses.replace(mosaic_gpu.default_config(head_dim), fused_bwd=fused_bwd)
 
     def f(q, k, v, seg):
-        fn = lambda q, k, v: mosaic_gpu.attention(q, k, v, segment_ids=seg if segments else None, causal=causal)
+        fn = lambda q, k, v: mosaic_gpu.attention(q, k, v, segment_ids=seg if segments else None, causal=causal,
+                                                  config=config)
         return jax.vjp(fn, q, k, v)[1](q)
 
     jax.jit(f).trace(q, k, k, seg).lower(lowering_platforms=("cuda",))

@@ -48,7 +48,9 @@ class Config:
     block_q_dkv: int = 64
     block_kv_dkv: int = 64  # rows per compute warpgroup (dK/dV); 2 per CTA
     bwd_steps: int = 2
-    fused_bwd: bool = True  # one backward kernel with dQ added in float32 (else the dQ and dK/dV kernels)
+    # One backward kernel with dQ added in float32 (``_backward_fused``) instead of the dQ and dK/dV kernels: correct
+    # but measured slower on an H100 (docs/perf/attention.md, run 5), so off by default.
+    fused_bwd: bool = False
 
 
 def default_config(head_dim: int) -> Config:
@@ -92,6 +94,8 @@ def _interp(interpret):
 
 _TILING = plgpu.TilingTransform((8, 64))
 _SWIZZLE = plgpu.SwizzleTransform(128)
+# float32 tiles (dQ partials) staged for TMA: 128-byte rows swizzled, so the WGMMA-layout store is conflict-free.
+_F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
 def _smem(shape, dtype):
@@ -781,6 +785,12 @@ def _backward_fused(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config,
     [block_q, 2 * block_kv] dS by its 64 columns of K), so they meet at a barrier per step; with head_dim 64 each
     warpgroup adds the product of its own half. Mosaic GPU interpret mode has no TMA reductions, so there every
     warpgroup writes its own slice of a [2 x kv tiles, B, S, H, D] buffer that is summed afterwards.
+
+    Measured on an H100 (docs/perf/attention.md, run 5) it is *slower* than the two kernels (S8192: 9.31 vs 7.78 ms
+    forward+backward): each step waits for its dQ product, stores it and issues the add before the next step's
+    matmuls, and with head_dim 128 the per-step barrier between the warpgroups removes their overlap. Making it pay
+    needs the dQ product of step t awaited only after step t + 1's matmuls are issued (as FA3 does). Hence opt-in
+    (``Config.fused_bwd``).
     """
     batch_size, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -795,6 +805,7 @@ def _backward_fused(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config,
     compute_wgs = 2
     split_d = head_dim > 64  # dQ columns split between the warpgroups (see the docstring)
     dq_cols = head_dim // 2 if split_d else head_dim
+    ds_bufs = 2 if split_d else 1  # split: the other warpgroup may still read the previous step's dS^T
     interpreting = bool(interpret)
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, dq_acc_ref,
@@ -844,7 +855,7 @@ def _backward_fused(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config,
 
             def add_dq(t, g, i):
                 """dQ of query block i of head g from this step's dS: wgmma, then a float32 TMA add."""
-                buf = lax.rem(t, jnp.array(2, t.dtype))
+                buf = lax.rem(t, jnp.array(ds_bufs, t.dtype))
                 if split_d:
                     plgpu.barrier_arrive(ds_ready.at[buf])
                     plgpu.barrier_wait(ds_ready.at[buf])
@@ -916,7 +927,7 @@ def _backward_fused(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config,
                     dv_acc, dpT = pl.run_state(compute_dv_dpT)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
                 delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 dsT = (pT * (dpT - lax.broadcast_in_dim(delta, sT.shape, [1]))).astype(dtype)
-                dsT_smem.at[lax.rem(t, jnp.array(2, t.dtype)), wg_idx][...] = dsT
+                dsT_smem.at[lax.rem(t, jnp.array(ds_bufs, t.dtype)), wg_idx][...] = dsT
                 plgpu.commit_smem()
 
                 dk_acc = _mma(dk_acc, dsT, q_smem.at[slot], interpret)
@@ -983,8 +994,8 @@ def _backward_fused(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config,
             plgpu.SMEM((max_steps, block_q), jnp.float32),
             plgpu.SMEM((max_steps, block_q), jnp.float32),
             plgpu.SMEM((max_steps, block_q), jnp.float32) if has_seg else None,
-            _smem((2, compute_wgs, block_kv, block_q), dtype),  # dS^T, double-buffered by step parity
-            plgpu.SMEM((compute_wgs, block_q, dq_cols), jnp.float32),
+            _smem((ds_bufs, compute_wgs, block_kv, block_q), dtype),  # dS^T (by step parity when split)
+            plgpu.SMEM((compute_wgs, block_q, dq_cols), jnp.float32, transforms=_F32_TRANSFORMS),
         ),
         plgpu.Barrier(num_barriers=(n_own, compute_wgs)),
         plgpu.Barrier(num_barriers=(n_in, max_steps)),

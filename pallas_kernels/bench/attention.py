@@ -30,7 +30,7 @@ QUICK = ["llama-8b-s4k", "llama-8b-s8k"]
 
 
 # Bench-only variants of the Pallas kernel (name -> Config changes), timed next to the dispatch impls.
-VARIANTS = {"pallas-2kernel-bwd": dict(fused_bwd=False)}
+VARIANTS = {"pallas-fused-bwd": dict(fused_bwd=True)}
 
 
 def _impls():

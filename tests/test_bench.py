@@ -21,3 +21,27 @@ def test_curve_steps_trains_both_variants_on_the_corpus_and_reports_the_gap(tmp_
     assert base[-1] < base[0] - 1.0  # both learned
     assert abs(lit[-1] - base[-1]) < 0.02
     assert (tmp_path / "runs" / "litespark" / "metrics.jsonl").exists()
+
+
+def test_curve_noise_reruns_the_baseline_and_judges_each_gap_against_it(tmp_path, capsys):
+    jsonl = tmp_path / "curves.jsonl"
+    rc = bench.main(["--config", "configs/tiny.yaml", "--baseline", "--curve-steps", "4", "--curve-noise",
+                     "--jsonl", str(jsonl), "--curve-dir", str(tmp_path / "runs"), "train.seq_len=64",
+                     "model.num_layers=1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = {r["variant"]: r["curve"] for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert list(rows) == ["litespark", "baseline", "baseline-rerun"]
+    assert rows["baseline-rerun"] == rows["baseline"]  # the CPU is deterministic: a zero noise floor
+    assert "baseline-rerun - baseline: final +0.0000" in out and "(the noise floor)" in out
+    gap = abs(rows["litespark"][-1] - rows["baseline"][-1])
+    assert ("-> within max(0.02, noise 0.0000)" in out) == (gap <= 0.02)
+
+
+def test_curve_noise_without_a_curve_is_a_usage_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config", "configs/tiny.yaml", "--curve-noise"])
+    assert e.value.code == 2
+    assert "--curve-noise needs --curve-steps N and --baseline" in capsys.readouterr().err

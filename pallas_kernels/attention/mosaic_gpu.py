@@ -48,9 +48,6 @@ class Config:
     block_q_dkv: int = 64
     block_kv_dkv: int = 64  # rows per compute warpgroup (dK/dV); 2 per CTA
     bwd_steps: int = 2
-    # One backward kernel with dQ added in float32 (``_backward_fused``) instead of the dQ and dK/dV kernels: correct
-    # but measured slower on an H100 (docs/perf/attention.md, run 5), so off by default.
-    fused_bwd: bool = False
 
 
 def default_config(head_dim: int) -> Config:
@@ -94,8 +91,6 @@ def _interp(interpret):
 
 _TILING = plgpu.TilingTransform((8, 64))
 _SWIZZLE = plgpu.SwizzleTransform(128)
-# float32 tiles (dQ partials) staged for TMA: 128-byte rows swizzled, so the WGMMA-layout store is conflict-free.
-_F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
 def _smem(shape, dtype):
@@ -771,260 +766,6 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Backward: dQ, dK and dV in one kernel (FA3-style: dQ reduced into float32 with TMA adds)
-# ----------------------------------------------------------------------------------------------------------------
-def _backward_fused(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, interpret=None):
-    """The dK/dV kernel that also emits dQ: 5 matmuls per (q block, kv block) instead of the 7 of the two-kernel
-    backward (which recomputes S and dP for dQ).
-
-    Each CTA owns 2 x ``block_kv_dkv`` keys (one half per compute warpgroup) and walks the query blocks of every
-    head of its group, as ``_backward_dkv``. After dS, each warpgroup writes its [kv, q] half of dS^T to SMEM; the
-    dQ partial ``dS @ K`` of this query block is then a float32 [block_q, D] tile that goes into a float32
-    [B, S, H, D] accumulator with a TMA ``add`` (a reduction in L2, so CTAs on different kv tiles add to the same
-    rows without locks). With head_dim 128 the two warpgroups split dQ's columns (each multiplies the whole
-    [block_q, 2 * block_kv] dS by its 64 columns of K), so they meet at a barrier per step; with head_dim 64 each
-    warpgroup adds the product of its own half. Mosaic GPU interpret mode has no TMA reductions, so there every
-    warpgroup writes its own slice of a [2 x kv tiles, B, S, H, D] buffer that is summed afterwards.
-
-    Measured on an H100 (docs/perf/attention.md, run 5) it is *slower* than the two kernels (S8192: 9.31 vs 7.78 ms
-    forward+backward): each step waits for its dQ product, stores it and issues the add before the next step's
-    matmuls, and with head_dim 128 the per-step barrier between the warpgroups removes their overlap. Making it pay
-    needs the dQ product of step t awaited only after step t + 1's matmuls are issued (as FA3 does). Hence opt-in
-    (``Config.fused_bwd``).
-    """
-    batch_size, seq_len, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    group = num_q_heads // num_kv_heads
-    dtype = q.dtype
-    has_seg = seg is not None
-    block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
-    num_q_blocks = seq_len // block_q
-    num_kv_tiles = seq_len // (2 * block_kv)
-    max_steps = cfg.bwd_steps
-    c = scale * LOG2E
-    compute_wgs = 2
-    split_d = head_dim > 64  # dQ columns split between the warpgroups (see the docstring)
-    dq_cols = head_dim // 2 if split_d else head_dim
-    ds_bufs = 2 if split_d else 1  # split: the other warpgroup may still read the previous step's dS^T
-    interpreting = bool(interpret)
-
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, dq_acc_ref,
-               dk_ref, dv_ref, smem, own_barriers, q_barriers, consumed, ds_ready, k_free):
-        (k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem, dsT_smem,
-         dq_smem) = smem
-        batch = lax.axis_index("batch")
-        kv_head = lax.axis_index("heads")
-        wg_idx = lax.axis_index("wg")
-        kv_tile = lax.axis_index("kv_seq")
-        tile_base = kv_tile * (2 * block_kv)
-        start = lax.div(tile_base, jnp.array(block_q, jnp.int32)) if causal else 0
-        if has_seg:  # only the q blocks that hold queries of this tile's documents
-            start = jnp.maximum(start, lo_ref[batch, kv_tile])
-            q_end = jnp.minimum(hi_ref[batch, kv_tile], num_q_blocks)
-            start = jnp.minimum(start, q_end)
-        else:
-            q_end = num_q_blocks
-        n_per = q_end - start  # q blocks visited per query head, the same for both warpgroups
-        total = n_per * group
-        # Blocks that need the causal mask: those that meet this tile's 2 * block_kv keys on the diagonal.
-        if has_seg:
-            full_start = q_end
-        elif causal:
-            full_start = jnp.minimum(start + pl.cdiv(2 * block_kv, block_q), q_end)
-        else:
-            full_start = start
-
-        @pl.when(wg_idx < 2)
-        def _compute_wg():
-            plgpu.set_max_registers(232, action="increase")
-            k_smem, v_smem = k_smem2.at[wg_idx], v_smem2.at[wg_idx]
-            kv_base = tile_base + wg_idx * block_kv
-            kv_slice = (batch, pl.ds(kv_base, block_kv), kv_head)
-            own = [(k_ref.at[kv_slice], k_smem), (v_ref.at[kv_slice], v_smem)]
-            if has_seg:
-                own.append((segk_ref.at[batch, pl.ds(kv_base, block_kv)], segk_smem2.at[wg_idx]))
-            for j, (src, dst) in enumerate(own):
-                plgpu.copy_gmem_to_smem(src, dst, own_barriers.at[j, wg_idx])
-            for j in range(len(own)):
-                plgpu.barrier_wait(own_barriers.at[j, wg_idx])
-            segk = plgpu.load(segk_smem2.at[wg_idx], layout=plgpu.Layout.WGMMA.reduce(1)) if has_seg else None
-
-            def wait_inputs(slot):
-                for j in range(5 if has_seg else 4):
-                    plgpu.barrier_wait(q_barriers.at[j, slot])
-
-            def add_dq(t, g, i):
-                """dQ of query block i of head g from this step's dS: wgmma, then a float32 TMA add."""
-                buf = lax.rem(t, jnp.array(ds_bufs, t.dtype))
-                if split_d:
-                    plgpu.barrier_arrive(ds_ready.at[buf])
-                    plgpu.barrier_wait(ds_ready.at[buf])
-
-                def compute_dq(acc_ref):
-                    if split_d:
-                        for j in range(2):
-                            plgpu.wgmma(acc_ref, dsT_smem.at[buf, j].transpose((1, 0)),
-                                        k_smem2.at[j, :, pl.ds(wg_idx * dq_cols, dq_cols)])
-                    else:
-                        plgpu.wgmma(acc_ref, dsT_smem.at[buf, wg_idx].transpose((1, 0)), k_smem)
-                    return acc_ref[...]
-
-                dq = pl.run_scoped(compute_dq, plgpu.ACC((block_q, dq_cols), jnp.float32))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_smem
-                dq_smem.at[wg_idx][...] = dq
-                plgpu.commit_smem()
-                h = kv_head * group + g
-                rows = pl.ds(i * block_q, block_q)
-                cols = pl.ds(wg_idx * dq_cols, dq_cols) if split_d else pl.ds(0, head_dim)
-                if interpreting:
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg_idx],
-                                            dq_acc_ref.at[2 * kv_tile + wg_idx, batch, rows, h, cols])
-                else:
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg_idx], dq_acc_ref.at[batch, rows, h, cols],
-                                            reduction_op="add")
-
-            def step(g, i, carry, causal_mask: bool = False):
-                dk_acc, dv_acc = carry
-                t = g * n_per + (i - start)
-                slot = lax.rem(t, jnp.array(max_steps, t.dtype))
-                wait_inputs(slot)
-
-                def compute_sT(acc_ref):
-                    plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
-                    return acc_ref[...]
-
-                sT = pl.run_scoped(compute_sT, plgpu.ACC((block_kv, block_q), jnp.float32))
-                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse, sT.shape, [1]))
-                mask = None
-                if has_seg:
-                    segq = plgpu.load(segq_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                    mask = (lax.broadcast_in_dim(segk, sT.shape, [0]) == lax.broadcast_in_dim(segq, sT.shape, [1]))
-                if causal_mask:
-                    kv_ids = plgpu.broadcasted_iota(jnp.int32, sT.shape, 0, layout=plgpu.Layout.WGMMA)
-                    q_ids = plgpu.broadcasted_iota(jnp.int32, sT.shape, 1, layout=plgpu.Layout.WGMMA)
-                    cmask = (q_ids + i * block_q) >= (kv_ids + kv_base)
-                    mask = cmask if mask is None else (mask & cmask)
-                if mask is not None:
-                    pT = jnp.where(mask, pT, 0.0)
-
-                if interpret:  # see _mma
-                    dv_acc = _mma(dv_acc, pT.astype(dtype), do_smem.at[slot], interpret)
-
-                    def compute_dpT(ref):
-                        plgpu.wgmma(ref, v_smem, do_smem.at[slot].transpose((1, 0)))
-                        return ref[...]
-
-                    dpT = pl.run_scoped(compute_dpT, plgpu.ACC((block_kv, block_q), jnp.float32))
-                else:
-                    def compute_dv_dpT(refs):
-                        dv_ref_, dpT_ref = refs
-                        plgpu.wgmma(dv_ref_, pT.astype(dtype), do_smem.at[slot])
-                        plgpu.wgmma(dpT_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
-
-                    zeros = plgpu.layout_cast(jnp.full((block_kv, block_q), 0, dtype=jnp.float32),
-                                              plgpu.Layout.WGMMA)
-                    dv_acc, dpT = pl.run_state(compute_dv_dpT)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
-                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                dsT = (pT * (dpT - lax.broadcast_in_dim(delta, sT.shape, [1]))).astype(dtype)
-                dsT_smem.at[lax.rem(t, jnp.array(ds_bufs, t.dtype)), wg_idx][...] = dsT
-                plgpu.commit_smem()
-
-                dk_acc = _mma(dk_acc, dsT, q_smem.at[slot], interpret)
-                plgpu.barrier_arrive(consumed.at[slot])
-                add_dq(t, g, i)
-                return dk_acc, dv_acc
-
-            def head_loop(g, carry):
-                carry = lax.fori_loop(start, full_start, lambda i, cr: step(g, i, cr, causal_mask=causal), carry)
-                return lax.fori_loop(full_start, q_end, lambda i, cr: step(g, i, cr), carry)
-
-            zeros = plgpu.layout_cast(jnp.full((block_kv, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
-            dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (zeros, zeros))
-            if split_d:  # the other warpgroup's last dQ product reads this K: wait for it before reusing k_smem
-                plgpu.barrier_arrive(k_free)
-                plgpu.barrier_wait(k_free)
-            k_smem[...] = (dk_acc * scale).astype(dtype)
-            v_smem[...] = dv_acc.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[kv_slice], commit_group=False)
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[kv_slice], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg_idx == 2)
-        def _memory_wg():
-            plgpu.set_max_registers(40, action="decrease")
-
-            def load(t, slot):
-                n = jnp.asarray(n_per, jnp.int32)
-                g = lax.div(t, n)
-                i = start + lax.rem(t, n)
-                h = kv_head * group + g
-                rows = pl.ds(i * block_q, block_q)
-                plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, h], q_smem.at[slot], q_barriers.at[0, slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, h], do_smem.at[slot], q_barriers.at[1, slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[batch, h, rows], lse_smem.at[slot], q_barriers.at[2, slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[batch, h, rows], delta_smem.at[slot], q_barriers.at[3, slot])
-                if has_seg:
-                    plgpu.copy_gmem_to_smem(segq_ref.at[batch, rows], segq_smem.at[slot], q_barriers.at[4, slot])
-
-            for t0 in range(max_steps):
-                pl.when(t0 < total)(functools.partial(load, jnp.int32(t0), t0))
-
-            @pl.loop(max_steps, total)
-            def _loop(t):
-                slot = lax.rem(t, jnp.array(max_steps, t.dtype))
-                plgpu.barrier_wait(consumed.at[slot])
-                load(t, slot)
-
-            @pl.loop(jnp.maximum(total - max_steps, 0), total)
-            def _drain(t):
-                plgpu.barrier_wait(consumed.at[lax.rem(t, jnp.array(max_steps, t.dtype))])
-
-    n_own = 3 if has_seg else 2
-    n_in = 5 if has_seg else 4
-    scratch = [
-        (
-            _smem((compute_wgs, block_kv, head_dim), dtype),
-            _smem((compute_wgs, block_kv, head_dim), dtype),
-            plgpu.SMEM((compute_wgs, block_kv), jnp.float32) if has_seg else None,
-            _smem((max_steps, block_q, head_dim), dtype),
-            _smem((max_steps, block_q, head_dim), dtype),
-            plgpu.SMEM((max_steps, block_q), jnp.float32),
-            plgpu.SMEM((max_steps, block_q), jnp.float32),
-            plgpu.SMEM((max_steps, block_q), jnp.float32) if has_seg else None,
-            _smem((ds_bufs, compute_wgs, block_kv, block_q), dtype),  # dS^T (by step parity when split)
-            plgpu.SMEM((compute_wgs, block_q, dq_cols), jnp.float32, transforms=_F32_TRANSFORMS),
-        ),
-        plgpu.Barrier(num_barriers=(n_own, compute_wgs)),
-        plgpu.Barrier(num_barriers=(n_in, max_steps)),
-        plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_steps),
-        plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=2),
-        plgpu.Barrier(num_arrivals=compute_wgs),
-    ]
-    segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_kv, block_q)
-    acc_shape = ((2 * num_kv_tiles,) if interpreting else ()) + q.shape
-    dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
-    kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    dk, dv = plgpu.kernel(
-        kernel,
-        out_type=[kv_type, kv_type],
-        scratch_types=scratch,
-        grid=(num_kv_heads, num_kv_tiles, batch_size),
-        grid_names=("heads", "kv_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interp(interpret),
-    )(q, k, v, do, lse, delta, segf, segf, lo, hi, dq_acc)
-    dq = jax.freeze(dq_acc)
-    if interpreting:
-        dq = dq.sum(axis=0)
-    return (dq * scale).astype(dtype), dk, dv
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # custom_vjp wrapper
 # ----------------------------------------------------------------------------------------------------------------
 SAVE_NAME = "attention_out"  # the model's name for the attention output (litespark_jax.config.ACTIVATION_NAMES)
@@ -1049,11 +790,8 @@ def _flash_bwd(causal, scale, cfg, interpret, res, do):
     do = do.astype(q.dtype)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     kw = dict(causal=causal, scale=scale, cfg=cfg, interpret=interpret)
-    if cfg.fused_bwd:
-        dq, dk, dv = _backward_fused(q, k, v, do, lse, delta, seg, **kw)
-    else:
-        dq = _backward_dq(q, k, v, do, lse, delta, seg, **kw)
-        dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, **kw)
+    dq = _backward_dq(q, k, v, do, lse, delta, seg, **kw)
+    dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, **kw)
     return dq, dk, dv, None
 
 

@@ -29,32 +29,14 @@ SHAPES = [
 QUICK = ["llama-8b-s4k", "llama-8b-s8k"]
 
 
-# Bench-only variants of the Pallas kernel (name -> Config changes), timed next to the dispatch impls.
-VARIANTS = {"pallas-fused-bwd": dict(fused_bwd=True)}
-
-
 def _impls():
     from pallas_kernels._dispatch import is_hopper
 
     names = ["cudnn", "reference"]
     if is_hopper():
-        names[:0] = ["pallas", *VARIANTS]
+        names.insert(0, "pallas")
     env = os.environ.get("ATTN_BENCH_IMPLS")
     return env.split(",") if env else names
-
-
-def _attention_fn(impl, causal):
-    """attention(q, k, v, seg) for a dispatch impl name or a Pallas variant of ``VARIANTS``."""
-    import dataclasses
-
-    from pallas_kernels.attention import attention, mosaic_gpu
-
-    if impl in VARIANTS:
-        def fn(q, k, v, seg):
-            cfg = dataclasses.replace(mosaic_gpu.default_config(q.shape[-1]), **VARIANTS[impl])
-            return mosaic_gpu.attention(q, k, v, segment_ids=seg, causal=causal, config=cfg)
-        return fn
-    return lambda q, k, v, seg: attention(q, k, v, segment_ids=seg, causal=causal, impl=impl)
 
 
 def _time(fn, args, iters, warmup=2):
@@ -88,7 +70,7 @@ def _rel(a, b):
 
 
 def run(args) -> list[dict]:
-    from pallas_kernels.attention import reference
+    from pallas_kernels.attention import attention, reference
 
     quick = getattr(args, "quick", False)
     only = os.environ.get("ATTN_BENCH_SHAPES")
@@ -126,11 +108,12 @@ def run(args) -> list[dict]:
         for impl in _impls():
             row = dict(kernel="attention", shape=name, impl=impl, B=b, S=s, H=h, KV=kvh, D=d, causal=causal,
                        docs=docs, device=device)
-            attn = _attention_fn(impl, causal)
-            fwd = jax.jit(attn)
+            fwd = jax.jit(lambda q, k, v, seg, impl=impl: attention(q, k, v, segment_ids=seg, causal=causal,
+                                                                   impl=impl))
 
-            def fwd_bwd(q, k, v, seg, do, attn=attn):
-                out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, seg), q, k, v)
+            def fwd_bwd(q, k, v, seg, do, impl=impl):
+                out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, segment_ids=seg, causal=causal, impl=impl),
+                                   q, k, v)
                 return out, vjp(do)
 
             fwd_bwd = jax.jit(fwd_bwd)

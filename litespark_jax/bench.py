@@ -169,7 +169,7 @@ def loss_curves(config_path: str, specs: list[tuple[str, list[str]]], steps: int
     return curves
 
 
-CURVE_TOLERANCE = 0.02  # |final loss gap| the issue accepts as "bf16 noise"
+CURVE_TOLERANCE = 0.02  # |final loss gap| counted as bf16 noise (the goal in docs/PERFORMANCE.md)
 RERUN = "baseline-rerun"
 
 
@@ -177,8 +177,8 @@ def print_curves(curves: dict[str, np.ndarray]) -> float:
     """Print the losses every tenth of the run and each variant's gap to the baseline; returns the largest final gap.
 
     With a ``baseline-rerun`` curve (``--curve-noise``: the baseline trained again, same seed and data), its gap to
-    the baseline is the run-to-run noise of the setup itself (nonzero where the GPU's reductions are not
-    deterministic), and each variant is judged against the larger of that and ``CURVE_TOLERANCE``.
+    the baseline is the run-to-run noise of the setup itself (nonzero where the backend is not run-to-run
+    deterministic, as XLA on the GPU by default), and each variant is judged against the larger of that and ``CURVE_TOLERANCE``.
     """
     names = list(curves)
     steps = len(curves[names[0]])

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from litespark_jax import bench
 
 
@@ -39,8 +41,6 @@ def test_curve_noise_reruns_the_baseline_and_judges_each_gap_against_it(tmp_path
 
 
 def test_curve_noise_without_a_curve_is_a_usage_error(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as e:
         bench.main(["--config", "configs/tiny.yaml", "--curve-noise"])
     assert e.value.code == 2

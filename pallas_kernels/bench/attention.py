@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.bench.mlp import time_ms
 
 # (name, batch, seq, heads, kv_heads, head_dim, causal, segments)
 SHAPES = [
@@ -40,14 +41,8 @@ def _impls():
 
 
 def _time(fn, args, iters, warmup=2):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn(*args)`` (the shared ``time_ms``)."""
+    return time_ms(fn, *args, iters=iters, warmup=warmup) / 1e3
 
 
 def _docs(batch, seq, seed=0):

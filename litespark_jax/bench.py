@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from litespark_jax import trace_summary
 from litespark_jax.cli import run_main
@@ -31,9 +30,8 @@ from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
-from litespark_jax.parallel.sharding import opt_state_shardings, param_shardings
 from litespark_jax.train.optimizer import build_optimizer
-from litespark_jax.train.state import TrainState, abstract_model, init_model
+from litespark_jax.train.state import TrainState, abstract_model, init_model, state_shardings
 from litespark_jax.train.step import make_train_step
 
 
@@ -73,9 +71,7 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
     mesh, rules = build_mesh(config.mesh), DEFAULT_RULES
     optimizer = build_optimizer(config.optim, config.train.steps)
     graphdef, abstract_params = abstract_model(config.model)
-    params_sharding = param_shardings(abstract_params, mesh, rules)
-    state_sharding = TrainState(step=NamedSharding(mesh, PartitionSpec()), params=params_sharding,
-                                opt_state=opt_state_shardings(optimizer, abstract_params, params_sharding, mesh))
+    state_sharding = state_shardings(optimizer, abstract_params, mesh, rules, config.optim.offload_state)
 
     def init():
         _, params = init_model(config.model, config.train.seed)

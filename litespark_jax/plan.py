@@ -38,16 +38,18 @@ class GPU:
     hbm_gib: float  # usable by XLA (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 of the card's memory; see launch/)
     nvlink_gbps: float  # per-GPU unidirectional NVLink bandwidth, GB/s
     ib_gbps: float  # per-GPU inter-node bandwidth (one 400 Gb/s NIC per GPU), GB/s
+    host_gbps: float  # per-GPU host link (PCIe Gen5 x16), GB/s per direction: optim.offload_state's transfers
 
 
 GPUS = {
-    "h100": GPU("H100 SXM 80GB", 989.0, 0.9 * 80e9 / GiB, 450.0, 50.0),
-    "h200": GPU("H200 SXM 141GB", 989.0, 0.9 * 141e9 / GiB, 450.0, 50.0),
+    "h100": GPU("H100 SXM 80GB", 989.0, 0.9 * 80e9 / GiB, 450.0, 50.0, 64.0),
+    "h200": GPU("H200 SXM 141GB", 989.0, 0.9 * 141e9 / GiB, 450.0, 50.0, 64.0),
 }
 EFFICIENCY = {
     "matmul": 0.72,  # fraction of peak reached by the model's matmuls (cuBLAS bf16, large shapes)
     "nvlink": 0.80,  # NCCL bus bandwidth / link bandwidth
     "ib": 0.80,
+    "host": 0.75,  # pinned host <-> device copies / PCIe link rate (an assumption: not measured here)
     "overlap": 0.85,  # fraction of compute time that can hide FSDP/DP collectives
     "launch_s": 20e-6,  # per collective latency
 }
@@ -220,11 +222,19 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention
     return {"activations_kept": L * kept, "working_set": max(forward, backward, head)}
 
 
+def optimizer_bytes(cfg, sizes: dict, state_dtype: str) -> float:
+    """Both Adam moments of this device's parameter shards."""
+    params, _, _ = param_shard_bytes(cfg, sizes)
+    return 2 * params * DTYPE_BYTES[state_dtype] / DTYPE_BYTES[cfg.param_dtype]
+
+
 def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cross_entropy: str,
-                 mlp: str = "fused", state_dtype: str = "float32") -> dict:
+                 mlp: str = "fused", state_dtype: str = "float32", offload_state: bool = False) -> dict:
+    """Device memory per device. With ``offload_state`` the moments live in host memory (XLA moves them through
+    the device tensor by tensor during the update, not counted)."""
     params, gathered_layer, _ = param_shard_bytes(cfg, sizes)
     grads = params * 4 / DTYPE_BYTES[cfg.param_dtype]
-    opt = 2 * params * DTYPE_BYTES[state_dtype] / DTYPE_BYTES[cfg.param_dtype]
+    opt = 0.0 if offload_state else optimizer_bytes(cfg, sizes, state_dtype)
     memory = {"params": params, "optimizer": opt, "gradients": grads}
     if train.grad_accum_steps > 1:
         memory["grad_accumulator"] = grads
@@ -249,15 +259,18 @@ def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cros
 
 
 def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, attention: str = "flash",
-              cross_entropy: str = "chunked", mlp: str = "fused", state_dtype: str = "float32") -> Plan:
-    """One mesh's plan. ``state_dtype`` is ``optim.state_dtype``: both Adam moments are stored in it."""
+              cross_entropy: str = "chunked", mlp: str = "fused", state_dtype: str = "float32",
+              offload_state: bool = False) -> Plan:
+    """One mesh's plan. ``state_dtype`` is ``optim.state_dtype``: both Adam moments are stored in it;
+    ``offload_state`` is ``optim.offload_state``: they live in host memory and cross the host link twice a step
+    (counted as exposed: the update that needs them comes after the backward)."""
     from litespark_jax.metrics import model_flops_per_token
 
     n_dev = math.prod(sizes.values())
     batch_split = sizes["data"] * sizes["fsdp"]
     micro_batch = train.global_batch_size // grad_accum // batch_split
     memory = memory_model(cfg, dataclasses.replace(train, grad_accum_steps=grad_accum), sizes, micro_batch,
-                          attention, cross_entropy, mlp, state_dtype)
+                          attention, cross_entropy, mlp, state_dtype, offload_state)
     tokens = train.global_batch_size * train.seq_len
     model_flops = model_flops_per_token(cfg, train.seq_len) * tokens
     layer_flops = model_flops - 6 * tokens * cfg.d_model * cfg.vocab_size  # without the output head
@@ -297,6 +310,10 @@ def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, a
         (grad_accum * cfg.num_layers * 6 * EFFICIENCY["launch_s"] if t > 1 else 0)
     times["context_comm"] = coll["context_all_to_all"] / rate(["context"])
     exposed = max(0.0, hidden - EFFICIENCY["overlap"] * compute_s)
+    if offload_state:
+        times["host_transfer"] = 2 * optimizer_bytes(cfg, sizes, state_dtype) / (
+            gpu.host_gbps * 1e9 * EFFICIENCY["host"])
+        exposed += times["host_transfer"]
     step_s = compute_s + times["tensor_comm"] + times["context_comm"] + exposed
     mfu = model_flops / (step_s * gpu.peak_tflops * 1e12 * n_dev)
     fits = sum(memory.values()) <= HEADROOM * gpu.hbm_gib * GiB
@@ -366,23 +383,19 @@ def xla_memory(config, sizes: dict) -> dict:
     """Compile the train step for this mesh on CPU host devices (ahead of time, nothing allocated) and return XLA's
     memory analysis per device. The process must have been started with enough host devices."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from litespark_jax.config import MeshConfig
     from litespark_jax.parallel.logical import use_rules
     from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
-    from litespark_jax.parallel.sharding import opt_state_shardings, param_shardings
     from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
-    from litespark_jax.train.state import TrainState, abstract_model, init_model
+    from litespark_jax.train.state import TrainState, abstract_model, init_model, state_shardings
     from litespark_jax.train.step import make_train_step
 
     n = math.prod(sizes.values())
     mesh = build_mesh(MeshConfig(**sizes), jax.devices()[:n])
     optimizer = build_optimizer(config.optim, config.train.steps)
     graphdef, abstract = abstract_model(config.model)
-    p_sharding = param_shardings(abstract, mesh)
-    state_sharding = TrainState(step=NamedSharding(mesh, PartitionSpec()), params=p_sharding,
-                                opt_state=opt_state_shardings(optimizer, abstract, p_sharding, mesh))
+    state_sharding = state_shardings(optimizer, abstract, mesh, offload_opt_state=config.optim.offload_state)
     b_sharding = batch_sharding(mesh)
 
     def init():
@@ -472,11 +485,12 @@ def main(argv=None) -> int:
     attention = args.attention or ("reference" if args.xla_check else "flash")
     ce = _resolved_ce(cfg, train, n)
     kw = dict(attention=attention, cross_entropy=ce, mlp="reference" if cfg.mlp_impl == "reference" else "fused",
-              state_dtype=config.optim.state_dtype)
+              state_dtype=config.optim.state_dtype, offload_state=config.optim.offload_state)
     print(f"{args.config or 'defaults'}: {cfg.num_params() / 1e9:.2f}B parameters, global batch "
           f"{train.global_batch_size} x {train.seq_len} tokens, remat={cfg.remat_policy}"
           + (f" (saving {', '.join(cfg.remat_save_names)})" if cfg.remat_policy == "names" else "")
-          + f", dtype={cfg.dtype}, Adam moments in {config.optim.state_dtype}; "
+          + f", dtype={cfg.dtype}, Adam moments in {config.optim.state_dtype}"
+          + (" in host memory" if config.optim.offload_state else "") + "; "
           f"{args.nodes} node(s) x {args.gpus_per_node} {gpu.name} (attention model: {attention}, loss: {ce})")
     if args.mesh:
         from litespark_jax.config import MeshConfig

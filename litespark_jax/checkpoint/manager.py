@@ -75,6 +75,8 @@ def unflatten(flat: dict[str, Any], like) -> Any:
 
 def _checksum(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
+    if jax.typeof(x).memory_space == jax.memory.Space.Host:  # optim.offload_state: moments in pinned host memory
+        x = jax.device_put(x, jax.memory.Space.Device)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize])

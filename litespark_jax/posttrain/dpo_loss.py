@@ -81,7 +81,7 @@ def _means(loss_sum, stats):
 
 
 def make_dpo_step(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef, optimizer: optax.GradientTransformation,
-                  schedule: optax.Schedule | None = None) -> Callable:
+                  schedule: optax.Schedule | None = None, opt_state_on_host: bool = False) -> Callable:
     """``dpo_step(state, batch) -> (state, metrics)``; ``batch["ref_logps"]`` holds the reference's per-token
     log-probs. The loss is the mean over the global batch's pairs, also with gradient accumulation."""
     kwargs = dict(beta=posttrain_cfg.beta, label_smoothing=posttrain_cfg.label_smoothing,
@@ -101,7 +101,7 @@ def make_dpo_step(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef, opt
                                                                jax.tree.map(lambda x: x[0], micro)))
             ((loss_sum, stats), grads), _ = jax.lax.scan(micro_step, zeros, micro)
         grads = jax.tree.map(lambda g: g / jnp.maximum(stats["pairs"], 1.0), grads)
-        return apply_update(state, grads, _means(loss_sum, stats), optimizer, schedule)
+        return apply_update(state, grads, _means(loss_sum, stats), optimizer, schedule, opt_state_on_host)
 
     return dpo_step
 

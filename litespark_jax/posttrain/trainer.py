@@ -206,7 +206,8 @@ class DPOTrainer(_PosttrainMixin, Trainer):
         params_sharding = self.state_sharding.params
         with self._sharding_context():
             self._train_step = jax.jit(
-                make_dpo_step(p, config.model, t.grad_accum_steps, self.graphdef, self.optimizer, self.schedule),
+                make_dpo_step(p, config.model, t.grad_accum_steps, self.graphdef, self.optimizer, self.schedule,
+                              config.optim.offload_state),
                 in_shardings=(self.state_sharding, self.batch_sharding),
                 out_shardings=(self.state_sharding, None), donate_argnums=0)
             self._dpo_eval = jax.jit(make_dpo_eval(p, config.model, self.graphdef),

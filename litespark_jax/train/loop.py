@@ -14,7 +14,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from litespark_jax import data as data_lib
@@ -29,10 +28,9 @@ from litespark_jax.metrics import MetricsWriter, mfu, model_flops_per_token, pea
 from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_shapes
 from litespark_jax.parallel.watchdog import StepWatchdog
-from litespark_jax.parallel.sharding import opt_state_shardings, param_shardings
 from litespark_jax.train.guards import Guards
 from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
-from litespark_jax.train.state import TrainState, abstract_model, init_model
+from litespark_jax.train.state import TrainState, abstract_model, init_model, state_shardings
 from litespark_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("litespark_jax")
@@ -69,12 +67,9 @@ class Trainer:
         self.optimizer = build_optimizer(config.optim, t.steps)
         self.schedule = learning_rate_schedule(config.optim, t.steps)
         self.graphdef, abstract_params = abstract_model(config.model)
-        params_sharding = param_shardings(abstract_params, self.mesh, self.rules)
-        self.state_sharding = TrainState(
-            step=NamedSharding(self.mesh, PartitionSpec()),
-            params=params_sharding,
-            opt_state=opt_state_shardings(self.optimizer, abstract_params, params_sharding, self.mesh),
-        )
+        self.state_sharding = state_shardings(self.optimizer, abstract_params, self.mesh, self.rules,
+                                              config.optim.offload_state)
+        params_sharding = self.state_sharding.params
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         with self._sharding_context():
             self._train_step = jax.jit(

@@ -8,9 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from litespark_jax.config import ModelConfig
 from litespark_jax.model import Llama
+from litespark_jax.parallel.mesh import DEFAULT_RULES
+from litespark_jax.parallel.sharding import opt_state_shardings, param_shardings
 
 
 @jax.tree_util.register_dataclass
@@ -35,6 +38,15 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """The graph and the shapes of the parameters, without allocating them."""
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(params=0)))
     return nnx.split(model)
+
+
+def state_shardings(optimizer: optax.GradientTransformation, abstract_params: nnx.State, mesh: Mesh,
+                    rules=DEFAULT_RULES, offload_opt_state: bool = False) -> TrainState:
+    """Where each part of the state lives: parameters by their logical axes, Adam moments like their parameters (in
+    pinned host memory with ``offload_opt_state``), the step counter replicated."""
+    params = param_shardings(abstract_params, mesh, rules)
+    return TrainState(step=NamedSharding(mesh, PartitionSpec()), params=params,
+                      opt_state=opt_state_shardings(optimizer, abstract_params, params, mesh, offload_opt_state))
 
 
 def init_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> TrainState:

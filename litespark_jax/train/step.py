@@ -40,6 +40,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
     """Build ``train_step(state, batch) -> (state, metrics)`` for this model and optimizer."""
     loss_kwargs = dict(z_loss_weight=config.train.z_loss_weight, impl=config.model.cross_entropy_impl)
     accum = config.train.grad_accum_steps
+    offloaded = config.optim.offload_state
     grad_fn = jax.value_and_grad(lambda p, b: token_loss_sum(p, graphdef, b, **loss_kwargs), has_aux=True)
 
     def train_step(state: TrainState, batch):
@@ -54,16 +55,23 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
             (loss_sum, count, grads), _ = jax.lax.scan(micro_step, zeros, split_micro_batches(batch, accum))
         denominator = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
-        return apply_update(state, grads, {"loss": loss_sum / denominator, "tokens": count}, optimizer, schedule)
+        return apply_update(state, grads, {"loss": loss_sum / denominator, "tokens": count}, optimizer, schedule,
+                            opt_state_on_host=offloaded)
 
     return train_step
 
 
 def apply_update(state: TrainState, grads, metrics: dict, optimizer: optax.GradientTransformation,
-                 schedule: optax.Schedule | None = None):
+                 schedule: optax.Schedule | None = None, opt_state_on_host: bool = False):
     """The optimizer update of ``grads`` (already the mean) under the numerical guard: ``(new state, metrics)`` with
-    ``grad_norm``, ``learning_rate`` and ``nonfinite`` added to ``metrics`` (which holds the step's ``loss``)."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    ``grad_norm``, ``learning_rate`` and ``nonfinite`` added to ``metrics`` (which holds the step's ``loss``).
+
+    ``opt_state_on_host``: the moments arrive in pinned host memory (``optim.offload_state``) and are moved to the
+    device here, for the update only; the jit's output shardings put the new moments back on the host."""
+    old_opt_state = state.opt_state
+    if opt_state_on_host:
+        old_opt_state = jax.device_put(old_opt_state, jax.memory.Space.Device)
+    updates, opt_state = optimizer.update(grads, old_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     metrics = {**metrics, "grad_norm": grad_norm}
@@ -74,7 +82,7 @@ def apply_update(state: TrainState, grads, metrics: dict, optimizer: optax.Gradi
     # reads "nonfinite" and stops or counts it (train.on_nonfinite).
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state.params, state.opt_state))
+                                     (params, opt_state), (state.params, old_opt_state))
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

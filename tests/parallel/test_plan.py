@@ -78,3 +78,25 @@ def test_names_policy_that_keeps_every_matmul_output_plans_no_recompute():
     older = ("attention_in", "query", "key", "value", "attention_out", "mlp_in")
     assert flops(remat_save_names=older) > flops()
     assert flops(remat_policy="full") > flops(remat_save_names=older)
+
+
+def test_offloaded_optimizer_state_frees_device_memory_for_host_transfer_time():
+    """7B on one H100 with bf16 moments and 2 sequences a step: over the memory the planner allows with the moments
+    on the device, within it with optim.offload_state, at the price of 2 x 25 GiB over PCIe in the step time."""
+    from litespark_jax.config import load_config
+
+    config = load_config("configs/llama-2-7b.yaml", ["optim.state_dtype=bfloat16", "train.global_batch_size=2"])
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
+    inter = dict.fromkeys(sizes, 1)
+    kw = dict(state_dtype="bfloat16")
+    on_device = plan.plan_mesh(config.model, config.train, plan.GPUS["h100"], sizes, inter, 1, **kw)
+    offloaded = plan.plan_mesh(config.model, config.train, plan.GPUS["h100"], sizes, inter, 1, offload_state=True,
+                               **kw)
+    moments = plan.optimizer_bytes(config.model, sizes, "bfloat16")
+    assert moments == 2 * 2 * config.model.num_params()
+    assert not on_device.fits and offloaded.fits
+    assert on_device.memory["optimizer"] == moments and offloaded.memory["optimizer"] == 0
+    gpu = plan.GPUS["h100"]
+    expected = 2 * moments / (gpu.host_gbps * 1e9 * plan.EFFICIENCY["host"])
+    assert offloaded.times["host_transfer"] == pytest.approx(expected)
+    assert offloaded.step_s == pytest.approx(on_device.step_s + expected)

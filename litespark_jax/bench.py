@@ -15,7 +15,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import sys
 import time
 
@@ -32,7 +31,7 @@ from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
 from litespark_jax.train.optimizer import build_optimizer
 from litespark_jax.train.state import TrainState, abstract_model, init_model, state_shardings
-from litespark_jax.train.step import make_train_step
+from litespark_jax.train.step import compiler_options, make_train_step
 
 
 def baseline_overrides() -> list[str]:
@@ -82,7 +81,8 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         data_sharding = batch_sharding(mesh, rules)
         device_batch = {k: jax.device_put(v, data_sharding) for k, v in batch.items()}
         step_fn = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(state_sharding, data_sharding),
-                          out_shardings=(state_sharding, None), donate_argnums=0)
+                          out_shardings=(state_sharding, None), donate_argnums=0,
+                          compiler_options=compiler_options(config))
         start = time.perf_counter()
         compiled = step_fn.lower(state, device_batch).compile()
         compile_seconds = time.perf_counter() - start
@@ -143,6 +143,19 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         "joules_per_token": joules / (tokens * steps) if joules else None,
         "final_loss": loss,
     }
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split ``a=1,b=[x, y],c={k: v, w: z}`` at the commas outside brackets and braces (they belong to values)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
 
 
 CURVE_OVERRIDES = ["train.eval_every=0", "log.progress_bar=false", "log.tensorboard=false", "log.every=1",
@@ -231,7 +244,8 @@ def main(argv=None) -> int:
     parser.add_argument("--litespark", nargs="*", default=[], metavar="section.key=value",
                         help="overrides applied to the LiteSpark variant only")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,key=value",
-                        help="an extra named LiteSpark variant (repeatable), e.g. accum2:train.grad_accum_steps=2")
+                        help="an extra named LiteSpark variant (repeatable), e.g. accum2:train.grad_accum_steps=2 or "
+                             "lhs:train.xla_options={xla_gpu_enable_latency_hiding_scheduler: true}")
     parser.add_argument("--compile-only", action="store_true",
                         help="only compile each variant and print XLA's memory analysis")
     parser.add_argument("--jsonl", default=None, help="append result rows to this JSONL file")
@@ -251,8 +265,7 @@ def main(argv=None) -> int:
     specs = [("litespark", [*args.overrides, *args.litespark])]
     for spec in args.variant:
         name, _, overrides = spec.partition(":")
-        items = re.split(r",(?![^\[]*\])", overrides)  # commas inside [a, b] lists belong to the value
-        specs.append((name, [*args.overrides, *filter(None, items)]))
+        specs.append((name, [*args.overrides, *filter(None, split_top_level(overrides))]))
     if args.curve_noise and not (args.curve_steps and args.baseline):
         parser.error("--curve-noise needs --curve-steps N and --baseline")
     if args.baseline:
@@ -280,7 +293,9 @@ def main(argv=None) -> int:
         m = config.model
         print(f"# {name}: attention={m.attention_impl} mlp={m.mlp_impl} loss={m.cross_entropy_impl} "
               f"norm={m.rms_norm_impl} remat={m.remat_policy} batch={config.train.global_batch_size}x"
-              f"{config.train.seq_len} accum={config.train.grad_accum_steps}", flush=True)
+              f"{config.train.seq_len} accum={config.train.grad_accum_steps}"
+              + (f" xla_options={config.train.xla_options}" if config.train.xla_options else "")
+              + (" offload_state" if config.optim.offload_state else ""), flush=True)
         try:
             rows.append(measure(name, config, batch, args.steps, args.warmup, args.compile_only, args.profile))
         except jax.errors.JaxRuntimeError as e:  # out of memory: report it and measure the other variants

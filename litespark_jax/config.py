@@ -145,6 +145,10 @@ class TrainConfig:
     """Where metrics, TensorBoard events and checkpoints go."""
     peak_tflops_per_device: float | None = None
     """Peak dense TFLOP/s for MFU; None detects H100/H200 (989) and shows no MFU elsewhere."""
+    xla_options: dict | None = None
+    """XLA compiler options for the train step (``jax.jit(compiler_options=...)``), e.g.
+    ``{xla_gpu_enable_latency_hiding_scheduler: true}``. Per compilation, unlike XLA_FLAGS, so bench variants can
+    differ in them within one process; an unknown name or bad value stops the run before the first step."""
     resume: str = "auto"
     """Where to start from: auto (the latest good checkpoint in checkpoint.dir, else from scratch), never (always
     from scratch), or a checkpoint directory (its latest good step, or one step's directory)."""

@@ -45,3 +45,19 @@ def test_curve_noise_without_a_curve_is_a_usage_error(capsys):
         bench.main(["--config", "configs/tiny.yaml", "--curve-noise"])
     assert e.value.code == 2
     assert "--curve-noise needs --curve-steps N and --baseline" in capsys.readouterr().err
+
+
+def test_split_top_level_keeps_lists_and_mappings_whole():
+    text = "a=1,b=[x, y],c={k: v, w: [1, 2]},d=2"
+    assert bench.split_top_level(text) == ["a=1", "b=[x, y]", "c={k: v, w: [1, 2]}", "d=2"]
+
+
+def test_variants_with_their_own_xla_options_are_timed_in_one_process(capsys):
+    rc = bench.main(["--config", "configs/tiny.yaml", "--steps", "1", "--warmup", "0", "--variant",
+                     "exact:train.xla_options={xla_cpu_enable_fast_math: false, xla_cpu_fast_math_honor_nans: true}",
+                     "train.seq_len=64", "model.num_layers=1", "train.global_batch_size=2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "# exact: " in out and "xla_options={'xla_cpu_enable_fast_math': False" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("litespark ", "exact "))] == \
+        ["litespark", "exact"]

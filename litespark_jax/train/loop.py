@@ -31,7 +31,7 @@ from litespark_jax.parallel.watchdog import StepWatchdog
 from litespark_jax.train.guards import Guards
 from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from litespark_jax.train.state import TrainState, abstract_model, init_model, state_shardings
-from litespark_jax.train.step import make_eval_step, make_train_step
+from litespark_jax.train.step import compiler_options, make_eval_step, make_train_step
 
 log = logging.getLogger("litespark_jax")
 
@@ -77,6 +77,7 @@ class Trainer:
                 in_shardings=(self.state_sharding, self.batch_sharding),
                 out_shardings=(self.state_sharding, None),
                 donate_argnums=0,
+                compiler_options=compiler_options(config),
             )
             self._eval_step = jax.jit(make_eval_step(config, self.graphdef),
                                       in_shardings=(params_sharding, self.batch_sharding))

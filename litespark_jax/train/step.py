@@ -17,6 +17,7 @@ from flax import nnx
 
 import pallas_kernels
 from litespark_jax.config import Config
+from litespark_jax.errors import ConfigError
 from litespark_jax.train.state import TrainState
 
 
@@ -85,6 +86,19 @@ def apply_update(state: TrainState, grads, metrics: dict, optimizer: optax.Gradi
                                      (params, opt_state), (state.params, old_opt_state))
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def compiler_options(config: Config) -> dict | None:
+    """``train.xla_options`` for ``jax.jit(compiler_options=...)``, checked by compiling a trivial function with
+    them: an unknown option or a bad value is a ConfigError naming it before the real step spends minutes compiling."""
+    options = config.train.xla_options
+    if not options:
+        return None
+    try:
+        jax.jit(lambda: jnp.zeros(()), compiler_options=options).lower().compile()
+    except (jax.errors.JaxRuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"train.xla_options: {' '.join(str(e).split())}") from None
+    return dict(options)
 
 
 def make_eval_step(config: Config, graphdef: nnx.GraphDef) -> Callable:

@@ -194,6 +194,10 @@ CASES = [
         f"checkpoint.dir={write(t / 'file', 'x')}/ckpt", f"train.run_dir={t / 'r'}"], r"checkpoint directory .*file/ckpt"),
     ("run-dir-is-a-file", TRAIN, lambda t, s: TRAIN_ARGS + [f"train.run_dir={write(t / 'file', 'x')}"],
      r"train\.run_dir .*/file cannot be used as a directory: File exists"),
+    # -- compiler options --
+    ("xla-option-unknown", TRAIN, lambda t, s: TRAIN_ARGS + ["train.xla_options={xla_gpu_enable_lhs: true}",
+                                                          f"train.run_dir={t / 'r'}"],
+     r"train\.xla_options: .*No such compile option: 'xla_gpu_enable_lhs'"),
 ]
 
 

@@ -187,7 +187,8 @@ def print_curves(curves: dict[str, np.ndarray]) -> float:
 
     With a ``baseline-rerun`` curve (``--curve-noise``: the baseline trained again, same seed and data), its gap to
     the baseline is the run-to-run noise of the setup itself (nonzero where the backend is not run-to-run
-    deterministic, as XLA on the GPU by default), and each variant is judged against the larger of that and ``CURVE_TOLERANCE``.
+    deterministic, as XLA on the GPU by default), and each variant is judged against the larger of that and
+    ``CURVE_TOLERANCE``.
     """
     names = list(curves)
     steps = len(curves[names[0]])
@@ -210,7 +211,8 @@ def print_curves(curves: dict[str, np.ndarray]) -> float:
             gap = max(gap, abs(d[-1]))
             if noise is not None:
                 bound = max(CURVE_TOLERANCE, noise)
-                line += f"  -> {'within' if abs(d[-1]) <= bound else 'OUTSIDE'} max({CURVE_TOLERANCE}, noise {noise:.4f})"
+                verdict = "within" if abs(d[-1]) <= bound else "OUTSIDE"
+                line += f"  -> {verdict} max({CURVE_TOLERANCE}, noise {noise:.4f})"
         print(line)
     return gap
 

@@ -230,8 +230,8 @@ def optimizer_bytes(cfg, sizes: dict, state_dtype: str) -> float:
 
 def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cross_entropy: str,
                  mlp: str = "fused", state_dtype: str = "float32", offload_state: bool = False) -> dict:
-    """Device memory per device. With ``offload_state`` the moments live in host memory (XLA moves them through
-    the device tensor by tensor during the update, not counted)."""
+    """Device memory per device. With ``offload_state`` the moments live in host memory and are not counted
+    (assumed to pass through the device a tensor at a time during the update; not measured on a GPU)."""
     params, gathered_layer, _ = param_shard_bytes(cfg, sizes)
     grads = params * 4 / DTYPE_BYTES[cfg.param_dtype]
     opt = 0.0 if offload_state else optimizer_bytes(cfg, sizes, state_dtype)

@@ -168,3 +168,23 @@ def test_fused_tp_keeps_tensor_sharding():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fused_tp all-gathers 0" in res.stdout, res.stdout
     assert "ok" in res.stdout
+
+
+def test_bench_six_matmuls_are_the_mlp_gradients_matmuls():
+    """The bench's matmul-only ceiling does the MLP's forward and backward products on the same shapes."""
+    from pallas_kernels.bench.mlp import mlp_matmuls
+
+    rng = np.random.default_rng(0)
+    n, d, f = 8, 4, 6
+    x, dy = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    w_gate_up, w_down = rng.normal(size=(d, 2, f)), rng.normal(size=(f, d))
+    h, dgu = rng.normal(size=(n, f)), rng.normal(size=(n, 2 * f))
+    outs = mlp_matmuls(*(jnp.asarray(a, jnp.float32) for a in (x, w_gate_up, w_down, dy, h, dgu)))
+    w = w_gate_up.reshape(d, 2 * f)
+    want = (x @ w, h @ w_down, dy @ w_down.T, h.T @ dy, dgu @ w.T, x.T @ dgu)
+    assert [o.shape for o in outs] == [(n, 2 * f), (n, d), (n, f), (f, d), (n, d), (d, 2 * f)]
+    for got, ref in zip(outs, want):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+    # 2 x (each product's m * n * k) sums to the MLP's forward+backward FLOPs, 18 N d f.
+    flops = 2 * (n * d * 2 * f + n * f * d + n * d * f + f * n * d + n * 2 * f * d + d * n * 2 * f)
+    assert flops == 18 * n * d * f

@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from litespark_jax import trace_summary
@@ -30,7 +29,7 @@ from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
 from litespark_jax.train.optimizer import build_optimizer
-from litespark_jax.train.state import TrainState, abstract_model, init_model, state_shardings
+from litespark_jax.train.state import abstract_model, init_train_state, state_shardings
 from litespark_jax.train.step import compiler_options, make_train_step
 
 
@@ -72,12 +71,9 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
     graphdef, abstract_params = abstract_model(config.model)
     state_sharding = state_shardings(optimizer, abstract_params, mesh, rules, config.optim.offload_state)
 
-    def init():
-        _, params = init_model(config.model, config.train.seed)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-
     with use_rules(mesh, rules):
-        state = jax.jit(init, out_shardings=state_sharding)()
+        state = jax.jit(lambda: init_train_state(config.model, optimizer, config.train.seed),
+                        out_shardings=state_sharding)()
         data_sharding = batch_sharding(mesh, rules)
         device_batch = {k: jax.device_put(v, data_sharding) for k, v in batch.items()}
         step_fn = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(state_sharding, data_sharding),

@@ -388,7 +388,7 @@ def xla_memory(config, sizes: dict) -> dict:
     from litespark_jax.parallel.logical import use_rules
     from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
     from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
-    from litespark_jax.train.state import TrainState, abstract_model, init_model, state_shardings
+    from litespark_jax.train.state import abstract_model, init_train_state, state_shardings
     from litespark_jax.train.step import make_train_step
 
     n = math.prod(sizes.values())
@@ -398,11 +398,7 @@ def xla_memory(config, sizes: dict) -> dict:
     state_sharding = state_shardings(optimizer, abstract, mesh, offload_opt_state=config.optim.offload_state)
     b_sharding = batch_sharding(mesh)
 
-    def init():
-        _, params = init_model(config.model, 0)
-        return TrainState(step=jax.numpy.zeros((), "int32"), params=params, opt_state=optimizer.init(params))
-
-    state_shapes = jax.eval_shape(init)
+    state_shapes = jax.eval_shape(lambda: init_train_state(config.model, optimizer, 0))
     state_in = state_shapes  # the jit's in_shardings place them
     B, S = config.train.global_batch_size, config.train.seq_len
     batch = {k: jax.ShapeDtypeStruct((B, S), dt) for k, dt in

@@ -98,8 +98,8 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
         "busy_ms_per_step": busy,
         "span_ms_per_step": (end - start) / 1000.0 / steps,
         "categories": {c: {"ms": ms, "share": ms / busy} for c, ms in per_category.most_common()},
-        "top_ops": [{"op": op, "category": op_category[op].most_common(1)[0][0], "ms": ms, "calls": op_calls[op] // max(steps, 1),
-                     "share": ms / busy} for op, ms in per_op.most_common(top)],
+        "top_ops": [{"op": op, "category": op_category[op].most_common(1)[0][0], "ms": ms,
+                     "calls": op_calls[op] // max(steps, 1), "share": ms / busy} for op, ms in per_op.most_common(top)],
     }
 
 

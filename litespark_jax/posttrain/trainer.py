@@ -25,7 +25,6 @@ from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_step, token
 from litespark_jax.posttrain.template import TemplateTokens, get_template
 from litespark_jax.train.loop import Trainer
 from litespark_jax.train.state import TrainState, abstract_model, init_model
-from litespark_jax.train.step import compiler_options
 
 log = logging.getLogger("litespark_jax")
 
@@ -211,7 +210,7 @@ class DPOTrainer(_PosttrainMixin, Trainer):
                               config.optim.offload_state),
                 in_shardings=(self.state_sharding, self.batch_sharding),
                 out_shardings=(self.state_sharding, None), donate_argnums=0,
-                compiler_options=compiler_options(config))
+                compiler_options=self.compiler_options)
             self._dpo_eval = jax.jit(make_dpo_eval(p, config.model, self.graphdef),
                                      in_shardings=(params_sharding, self.batch_sharding))
             self._token_logps = jax.jit(

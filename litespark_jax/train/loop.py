@@ -7,13 +7,13 @@ progress bar live here; the step itself (``step.py``) is pure.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from litespark_jax import data as data_lib
@@ -30,7 +30,7 @@ from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mes
 from litespark_jax.parallel.watchdog import StepWatchdog
 from litespark_jax.train.guards import Guards
 from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
-from litespark_jax.train.state import TrainState, abstract_model, init_model, state_shardings
+from litespark_jax.train.state import TrainState, abstract_model, init_train_state, state_shardings
 from litespark_jax.train.step import compiler_options, make_eval_step, make_train_step
 
 log = logging.getLogger("litespark_jax")
@@ -71,13 +71,14 @@ class Trainer:
                                               config.optim.offload_state)
         params_sharding = self.state_sharding.params
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        self.compiler_options = compiler_options(config)  # checked once; subclasses' steps reuse it
         with self._sharding_context():
             self._train_step = jax.jit(
                 make_train_step(config, self.graphdef, self.optimizer, self.schedule),
                 in_shardings=(self.state_sharding, self.batch_sharding),
                 out_shardings=(self.state_sharding, None),
                 donate_argnums=0,
-                compiler_options=compiler_options(config),
+                compiler_options=self.compiler_options,
             )
             self._eval_step = jax.jit(make_eval_step(config, self.graphdef),
                                       in_shardings=(params_sharding, self.batch_sharding))
@@ -100,12 +101,7 @@ class Trainer:
             return manager.restore(target, step)
 
     def init_state(self) -> TrainState:
-        cfg, seed = self.config, self.config.train.seed
-
-        def init():
-            _, params = init_model(cfg.model, seed)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
-
+        init = functools.partial(init_train_state, self.config.model, self.optimizer, self.config.train.seed)
         with self._sharding_context():
             return jax.jit(init, out_shardings=self.state_sharding)()
 

@@ -45,6 +45,7 @@ _BASELINE_REST = [
     "model.cross_entropy_impl=reference",
     "model.rms_norm_impl=reference",
     "model.remat_policy=full",
+    "model.scan_layers=true",  # the usual lax.scan over layers (as before the presets unrolled theirs)
     "optim.state_dtype=float32",
 ]
 

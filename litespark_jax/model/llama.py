@@ -29,6 +29,16 @@ def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
     return layers
 
 
+def _unstack(stacked, n: int) -> list:
+    """The ``n`` per-layer states of a stacked state, by one split per leaf.
+
+    A split's gradient is one concatenate; indexing ``a[i]`` instead gives each layer's gradient as a full-size
+    zero-padded array, and the ``n`` of them are summed (seen in the CPU-compiled step: a pad per leaf per layer).
+    """
+    pieces = jax.tree.map(lambda a: [p.squeeze(0) for p in jnp.split(a, n, axis=0)], stacked)
+    return [jax.tree.map(lambda leaf: leaf[i], pieces, is_leaf=lambda v: isinstance(v, list)) for i in range(n)]
+
+
 class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -59,8 +69,8 @@ class Llama(nnx.Module):
         if cfg.scan_layers:
             x, _ = jax.lax.scan(lambda carry, s: (layer_fn(carry, s), None), x, stacked)
         else:
-            for i in range(cfg.num_layers):
-                x = layer_fn(x, jax.tree.map(lambda a: a[i], stacked))
+            for layer_state in _unstack(stacked, cfg.num_layers):
+                x = layer_fn(x, layer_state)
         return self.final_norm(x)
 
     def output_weight(self):

@@ -70,6 +70,10 @@ class ModelConfig:
     scan_layers: bool = True
     """Run the layer stack with lax.scan. False unrolls it: same numbers, longer compile, and on a GPU faster (no
     scan-stacked residual buffers to zero-fill and copy into; the 3B/1B presets use it)."""
+    cast_weights_once: bool = False
+    """Cast the layers' weight matrices to the compute dtype once per step, before the layer stack, instead of
+    inside each layer (where a remat backward casts them again): one pass over the weights instead of two or three,
+    and weight gradients in the compute dtype until the optimizer; costs 2 bytes per parameter held through the step."""
     attention_impl: str = "auto"
     """Attention kernel: auto, reference, cudnn, pallas (see pallas_kernels)."""
     mlp_impl: str = "auto"

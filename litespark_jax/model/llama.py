@@ -29,6 +29,13 @@ def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
     return layers
 
 
+def _cast_matrices(stacked, dtype):
+    """Every stacked weight matrix in ``dtype`` (the layers' own ``astype`` then does nothing); norm scales, [layers,
+    d] here, keep their dtype, as the norm kernels read them in float32."""
+    return jax.tree.map(lambda a: a.astype(dtype) if a.ndim >= 3 and jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        stacked)
+
+
 def _unstack(stacked, n: int) -> list:
     """The ``n`` per-layer states of a stacked state, by one split per leaf.
 
@@ -58,6 +65,8 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
         x = constrain(x, ("batch", "seq", "embed"))
         graphdef, stacked = nnx.split(self.layers)
+        if cfg.cast_weights_once:
+            stacked = _cast_matrices(stacked, cfg.dtype)
         # A constant of the config, not state: computed here so it never becomes a trainable leaf.
         inv_freq = inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
 

@@ -154,6 +154,26 @@ def test_unrolled_layers_have_the_scanned_gradients_without_padded_copies():
     assert " pad(" not in hlo
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_casting_weights_once_changes_no_number(scan):
+    """Layers cast their float32 weights to bf16 where they use them; casting the stack once before the layers
+    (the 3B preset) must give bitwise the same loss and gradients (on the CPU), with the gradients back in the parameters' float32."""
+    cfg = dataclasses.replace(CONFIGS["gqa-tied"], num_layers=3, dtype="bfloat16", scan_layers=scan,
+                              remat_policy="full")
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, 16)))
+
+    def loss_and_grads(c):
+        graphdef, params = nnx.split(make_model(c), nnx.Param)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens).astype(jnp.float32) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (l1, g1), (l2, g2) = loss_and_grads(cfg), loss_and_grads(dataclasses.replace(cfg, cast_weights_once=True))
+    assert float(l1) == float(l2)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("policy", ["full", "save_matmuls", "save_attention"])
 def test_remat_policies_change_memory_not_numbers(policy):
     cfg = CONFIGS["gqa-tied"]

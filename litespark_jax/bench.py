@@ -67,6 +67,9 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
             profile_dir: str | None = None) -> dict:
     """Compile and time ``steps`` optimizer steps of ``config`` on ``batch``; with ``profile_dir``, then trace
     ``PROFILED_STEPS`` more into ``profile_dir/name`` and print where their device time went."""
+    if batch["inputs"].shape != (config.train.global_batch_size, config.train.seq_len):
+        raise ValueError(f"{name}: batch {batch['inputs'].shape} is not the config's "
+                         f"{config.train.global_batch_size} x {config.train.seq_len}")
     mesh, rules = build_mesh(config.mesh), DEFAULT_RULES
     optimizer = build_optimizer(config.optim, config.train.steps)
     graphdef, abstract_params = abstract_model(config.model)
@@ -285,7 +288,7 @@ def main(argv=None) -> int:
                     f.write(json.dumps({"config": args.config, "time": time.time(), "variant": name,
                                         "curve": [round(float(x), 5) for x in losses]}) + "\n")
         return 0
-    batch = synthetic_batch(variants[0][1])
+    batches = {}  # one synthetic batch per (batch size, sequence length): variants may change either
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}", flush=True)
     rows = []
     for name, config in variants:
@@ -295,8 +298,12 @@ def main(argv=None) -> int:
               f"{config.train.seq_len} accum={config.train.grad_accum_steps}"
               + (f" xla_options={config.train.xla_options}" if config.train.xla_options else "")
               + (" offload_state" if config.optim.offload_state else ""), flush=True)
+        shape = (config.train.global_batch_size, config.train.seq_len)
+        if shape not in batches:  # same seed: a larger batch's first rows are the smaller one's
+            batches[shape] = synthetic_batch(config)
         try:
-            rows.append(measure(name, config, batch, args.steps, args.warmup, args.compile_only, args.profile))
+            rows.append(measure(name, config, batches[shape], args.steps, args.warmup, args.compile_only,
+                                args.profile))
         except jax.errors.JaxRuntimeError as e:  # out of memory: report it and measure the other variants
             print(f"# {name}: failed: {str(e).splitlines()[0][:160]}", flush=True)
             gc.collect()

@@ -61,3 +61,28 @@ def test_variants_with_their_own_xla_options_are_timed_in_one_process(capsys):
     assert "# exact: " in out and "xla_options={'xla_cpu_enable_fast_math': False" in out
     assert [line.split()[0] for line in out.splitlines() if line.startswith(("litespark ", "exact "))] == \
         ["litespark", "exact"]
+
+
+def test_a_variant_with_another_batch_size_is_timed_on_a_batch_of_its_size(monkeypatch, capsys):
+    """A variant may change the batch (e.g. to spend freed memory): it must get its own batch, else its tokens/s
+    would count sequences it never ran (this happened on the H100: 'batch 6' timed the 4-sequence batch)."""
+    seen = {}
+
+    def fake_measure(name, config, batch, *args):
+        seen[name] = batch["inputs"].shape
+        return {"variant": name, "tokens_per_s": 1.0, "tflops_per_device": 1.0, "mfu_causal": None,
+                "mfu_noncausal": None, "step_s": 1.0, "compiled_memory_gib": None, "peak_memory_gib": None,
+                "compile_s": 0.0, "avg_power_w": None, "joules_per_token": None, "final_loss": 0.0}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    assert bench.main(["--config", "configs/tiny.yaml", "--variant", "b3:train.global_batch_size=3",
+                       "train.seq_len=64", "train.global_batch_size=2"]) == 0
+    assert seen == {"litespark": (2, 64), "b3": (3, 64)}
+
+
+def test_measure_refuses_a_batch_of_another_shape():
+    config = bench.load_config("configs/tiny.yaml", ["train.seq_len=64", "train.global_batch_size=3"])
+    batch = bench.synthetic_batch(bench.load_config("configs/tiny.yaml", ["train.seq_len=64",
+                                                                           "train.global_batch_size=2"]))
+    with pytest.raises(ValueError, match="not the config's 3 x 64"):
+        bench.measure("b3", config, batch, steps=1, warmup=0)

@@ -45,7 +45,7 @@ def run_config_command(prog: str, description: str, run: Callable[[Config], obje
 
 
 # XLA's GPU client takes 75% of the card by default; a one-GPU training step that keeps its activations needs more
-# (the 3B preset's step is 66 GiB on an 80 GB H100). cuBLAS/cuDNN workspaces live in the rest. An explicit setting
+# (the 3B preset's step is 71 GiB on an 80 GB H100). cuBLAS/cuDNN workspaces live in the rest. An explicit setting
 # (launch/env.sh uses 0.9 on clusters) wins.
 GPU_MEMORY_FRACTION = "0.95"
 

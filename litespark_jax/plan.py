@@ -210,10 +210,6 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention
     # Backward peak: the recomputed layer, the attention's backward working set, the residual stream's cotangent.
     forward = attn_fwd + 2 * x + q + kvb
     backward = recomputed + attn_bwd + mlp_gather + T * d * 4
-    if attention == "reference" and mlp == "fused":
-        # The CPU check only: XLA's CPU backend materializes the SwiGLU backward's float32 operands of its [N, 2, f]
-        # select (pallas_kernels.mlp.fused.swiglu_backward); an H100 fuses them into the one pass.
-        backward += T * 2 * f * 4
     V = cfg.vocab_size / t
     if cross_entropy == "reference":
         head = T * V * 4 * 3  # float32 logits, softmax, gradient

@@ -5,8 +5,10 @@ SwiGLU epilogue, down projection, and a hand-written VJP that keeps only ``x`` a
 dtype), ``fused_bf16`` (the same, with the gate/up matmul's output rounded to ``x``'s dtype before the SwiGLU
 epilogue, as a cuBLAS bf16 step does: half the epilogue's memory traffic, but 1.5% slower end to end on the 3B),
 ``fused_tp`` (the same with 3-D einsums, so a tensor-parallel ``f`` axis stays sharded instead of the gate/up weight
-being all-gathered; untimed on a GPU), and ``mosaic_gpu`` (Hopper only: the gate/up matmul with the SwiGLU epilogue
-as a Pallas Mosaic GPU kernel, backward as ``fused``; passes its GPU test on an H100).
+being all-gathered; untimed on a GPU), ``mosaic_gpu`` (Hopper only: the gate/up matmul with the SwiGLU epilogue
+as a Pallas Mosaic GPU kernel, backward as ``fused``; passes its GPU test on an H100), and
+``mosaic_gpu_fused_bwd`` (the same with the backward's ``dh`` matmul and SwiGLU gradient as one Pallas kernel,
+``mosaic_gpu_bwd.py``; checked on the CPU only, not yet compiled or timed on a GPU, so never ``auto``).
 ``auto`` picks ``mosaic_gpu`` on Hopper where it tiles, else ``fused`` (pure JAX: the CPU runs the same code as the
 GPU), which runs forward+backward 1.8x faster than autodiff of the reference on an H100 (docs/perf/kernels.md).
 """
@@ -25,6 +27,7 @@ FUSED = "fused"
 FUSED_BF16 = "fused_bf16"
 FUSED_TP = "fused_tp"
 MOSAIC_GPU = "mosaic_gpu"
+MOSAIC_GPU_FUSED_BWD = "mosaic_gpu_fused_bwd"
 
 
 def _auto(*, x_shape=None, w_shape=None, dtype=None, **_):
@@ -44,6 +47,7 @@ registry.register(FUSED)(fused.mlp)
 registry.register(FUSED_BF16)(functools.partial(fused.mlp, gate_up_f32=False))
 registry.register(FUSED_TP)(fused.mlp_tp)
 registry.register(MOSAIC_GPU, available=is_hopper)(mosaic_gpu.mlp)
+registry.register(MOSAIC_GPU_FUSED_BWD, available=is_hopper)(mosaic_gpu.mlp_fused_backward)
 
 
 def mlp(x, w_gate_up, w_down, *, impl: str = "auto"):

@@ -91,17 +91,24 @@ def _mlp_fwd(x2, w_gate_up, w_down, gate_up_f32, tp_safe):
 def _mlp_bwd(gate_up_f32, tp_safe, res, dy):
     del gate_up_f32
     x2, gu, w_gate_up, w_down = res
-    d, two, f = w_gate_up.shape
     dy = dy.astype(x2.dtype)
     dh = jnp.dot(dy, w_down.T, preferred_element_type=jnp.float32).astype(x2.dtype)
     dgu, h = swiglu_backward(gu, dh)
-    dw_down = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(w_down.dtype)
     if tp_safe:
+        dw_down = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(w_down.dtype)
         # XLA's CPU backend has no standalone bf16 x bf16 -> f32 dot for these: upcast there (CPU speed is moot).
         up = (lambda a: a.astype(jnp.float32)) if platform() == "cpu" else (lambda a: a)
         dx = jnp.einsum("ntf,dtf->nd", up(dgu), up(w_gate_up), preferred_element_type=jnp.float32)
         dw_gu = jnp.einsum("nd,ntf->dtf", up(x2), up(dgu), preferred_element_type=jnp.float32)
         return dx.astype(x2.dtype), dw_gu.astype(w_gate_up.dtype), dw_down
+    return matmul_grads(x2, dy, dgu, h, w_gate_up, w_down)
+
+
+def matmul_grads(x2, dy, dgu, h, w_gate_up, w_down):
+    """(dx, dw_gate_up, dw_down) from the SwiGLU gradient ``dgu`` [N, 2, f] and the rebuilt ``h`` [N, f]: the
+    backward's three matmuls after ``dh``, in ``x2``'s dtype with float32 accumulation."""
+    d, two, f = w_gate_up.shape
+    dw_down = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(w_down.dtype)
     dgu = dgu.reshape(-1, two * f)  # [N, 2f]
     dx = jnp.dot(dgu, w_gate_up.reshape(d, two * f).T, preferred_element_type=jnp.float32).astype(x2.dtype)
     dw_gu = jnp.dot(x2.T, dgu, preferred_element_type=jnp.float32).astype(w_gate_up.dtype).reshape(d, two, f)

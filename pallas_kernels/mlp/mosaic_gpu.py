@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.mlp import fused
+from pallas_kernels.mlp import fused, mosaic_gpu_bwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,30 +176,47 @@ def swiglu_gate_up(x2, w_gate_up, *, config: SwiGLUConfig = SwiGLUConfig(), inte
     return h, gu.reshape(m, 2, f)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _mlp(x2, w_gate_up, w_down, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _mlp(x2, w_gate_up, w_down, config, interpret, bwd_config):
     h, _ = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
     return jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
 
 
-def _mlp_fwd(x2, w_gate_up, w_down, config, interpret):
+def _mlp_fwd(x2, w_gate_up, w_down, config, interpret, bwd_config):
     h, gu = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
     out = jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
     return out, (x2, checkpoint_name(gu, fused.GATE_UP_NAME), w_gate_up, w_down)
 
 
-def _mlp_bwd(config, interpret, res, dy):
-    return fused._mlp_bwd(False, False, res, dy)
+def _mlp_bwd(config, interpret, bwd_config, res, dy):
+    if bwd_config is None:
+        return fused._mlp_bwd(False, False, res, dy)
+    x2, gu, w_gate_up, w_down = res
+    dy = dy.astype(x2.dtype)
+    dgu, h = mosaic_gpu_bwd.swiglu_backward_fused(dy, w_down, gu, config=bwd_config, interpret=interpret)
+    return fused.matmul_grads(x2, dy, dgu, h, w_gate_up, w_down)
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
-def mlp(x, w_gate_up, w_down, *, config: SwiGLUConfig = SwiGLUConfig(), interpret=None):
-    """Same contract as ``reference.mlp``; shapes that don't tile with ``config`` fall back to ``fused``."""
+def mlp(x, w_gate_up, w_down, *, config: SwiGLUConfig = SwiGLUConfig(),
+        bwd_config: mosaic_gpu_bwd.BackwardConfig | None = None, interpret=None):
+    """Same contract as ``reference.mlp``; shapes that don't tile with ``config`` fall back to ``fused``. With
+    ``bwd_config`` the backward's ``dh`` matmul and SwiGLU gradient run as the ``mosaic_gpu_bwd`` kernel (where it
+    tiles), else as ``fused``'s XLA backward."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not supported(x2.shape[0], x2.shape[1], w_gate_up.shape[2], config):
+    n, d, f = x2.shape[0], x2.shape[1], w_gate_up.shape[2]
+    if not supported(n, d, f, config):
         return fused.mlp(x, w_gate_up, w_down)
-    out = _mlp(x2, w_gate_up, w_down, config, interpret)
+    if bwd_config is not None and not mosaic_gpu_bwd.supported(n, d, f, bwd_config):
+        bwd_config = None
+    out = _mlp(x2, w_gate_up, w_down, config, interpret, bwd_config)
     return out.reshape(*lead, w_down.shape[1])
+
+
+def mlp_fused_backward(x, w_gate_up, w_down, *, interpret=None):
+    """``mlp`` with the Pallas backward kernel (``mosaic_gpu_bwd``; registered as ``mosaic_gpu_fused_bwd``, untimed
+    on a GPU, so ``auto`` does not pick it)."""
+    return mlp(x, w_gate_up, w_down, bwd_config=mosaic_gpu_bwd.BackwardConfig(), interpret=interpret)

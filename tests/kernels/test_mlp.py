@@ -111,6 +111,38 @@ def test_mosaic_gpu_interpret():
     _check(fn, (2, 128), 128, 192, jnp.bfloat16, 2e-2)
 
 
+def test_mosaic_gpu_fused_backward_interpret():
+    """The Pallas backward kernel (dh matmul with the SwiGLU gradient in its epilogue) in GPU interpret mode on the
+    CPU: 2 x 2 CTA tiles, 2 k-steps, through the MLP's custom VJP (forward kernel too)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from pallas_kernels.mlp import mosaic_gpu_bwd
+
+    config = mosaic_gpu.SwiGLUConfig(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64,
+                                     grid_tile_width=2)
+    bwd = mosaic_gpu_bwd.BackwardConfig(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64,
+                                        grid_tile_width=2)
+    assert mosaic_gpu_bwd.supported(256, 128, 256, bwd)
+    fn = lambda x, wgu, wd: mosaic_gpu.mlp(x, wgu, wd, config=config, bwd_config=bwd,
+                                           interpret=plgpu.InterpretGPUParams())
+    _check(fn, (2, 128), 128, 256, jnp.bfloat16, 2e-2)
+
+
+def test_mosaic_gpu_fused_backward_lowers_for_cuda_at_the_3b_shape():
+    """Mosaic GPU's layout inference and its shared-memory check run when lowering for CUDA, without a GPU: the
+    default config must fit the 3B MLP (a 3-stage pipeline does not: 245 KB of SMEM)."""
+    from pallas_kernels.mlp import mosaic_gpu_bwd
+
+    n, d, f = 16384, 3072, 8192
+    args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((f, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n, 2, f), jnp.bfloat16))
+    jax.jit(mosaic_gpu_bwd.swiglu_backward_fused).trace(*args).lower(lowering_platforms=("cuda",))
+    too_deep = mosaic_gpu_bwd.BackwardConfig(max_concurrent_steps=3)
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.jit(lambda *a: mosaic_gpu_bwd.swiglu_backward_fused(*a, config=too_deep)).trace(*args).lower(
+            lowering_platforms=("cuda",))
+
+
 def test_mosaic_gpu_falls_back_on_untiled_shapes():
     _check(lambda *a: mosaic_gpu.mlp(*a), (5, 7), 24, 40, jnp.float32, 1e-5)
 

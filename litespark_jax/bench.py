@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+import pallas_kernels
 from litespark_jax import trace_summary
 from litespark_jax.cli import run_main
 from litespark_jax.config import Config, load_config
@@ -71,6 +72,7 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         raise ValueError(f"{name}: batch {batch['inputs'].shape} is not the config's "
                          f"{config.train.global_batch_size} x {config.train.seq_len}")
     mesh, rules = build_mesh(config.mesh), DEFAULT_RULES
+    pallas_kernels.use_table(config.model.kernel_table)  # per variant: None resets what another variant loaded
     optimizer = build_optimizer(config.optim, config.train.steps)
     graphdef, abstract_params = abstract_model(config.model)
     state_sharding = state_shardings(optimizer, abstract_params, mesh, rules, config.optim.offload_state)

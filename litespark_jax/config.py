@@ -82,6 +82,9 @@ class ModelConfig:
     """Loss kernel: auto, reference, or a fused implementation."""
     rms_norm_impl: str = "auto"
     """RMSNorm kernel: auto, reference, or a fused implementation."""
+    kernel_table: str | None = None
+    """A tuned dispatch table (JSON from python -m litespark_jax.autotune): kernels left on auto use its measured
+    choice for the exact calls it timed on this device kind, the built-in rule elsewhere."""
 
     @property
     def resolved_head_dim(self) -> int:
@@ -414,6 +417,13 @@ def validate(config: Config) -> None:
                        ("optim.state_dtype", o.state_dtype)):
         if value not in DTYPES:
             raise ConfigError(f"{key} must be one of {', '.join(DTYPES)}, got {value!r}")
+    if m.kernel_table is not None:
+        from pallas_kernels.tuned import TableError, read
+
+        try:
+            read(m.kernel_table)
+        except TableError as e:
+            raise ConfigError(f"model.kernel_table: {e}") from None
     if m.remat_policy not in REMAT_POLICIES:
         raise ConfigError(
             f"model.remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {m.remat_policy!r}"

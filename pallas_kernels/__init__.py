@@ -10,4 +10,15 @@ from pallas_kernels.cross_entropy import cross_entropy
 from pallas_kernels.mlp import mlp
 from pallas_kernels.rms_norm import rms_norm
 
-__all__ = ["attention", "cross_entropy", "mlp", "rms_norm"]
+from pallas_kernels.tuned import use_table
+
+
+def registries() -> dict:
+    """Each kernel's implementation registry, by kernel name."""
+    import importlib
+
+    modules = (importlib.import_module(f"pallas_kernels.{name}") for name in __all__[:4])  # not the functions
+    return {m.registry.kernel: m.registry for m in modules}
+
+
+__all__ = ["attention", "cross_entropy", "mlp", "rms_norm", "registries", "use_table"]

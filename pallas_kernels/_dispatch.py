@@ -7,6 +7,7 @@ always gets the pure-JAX reference, so tests and laptops run the same model code
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -29,6 +30,21 @@ def is_hopper() -> bool:
     return str(capability).startswith("9")
 
 
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def record_calls():
+    """Collect ``(kernel, impl, shape_info)`` of every kernel call resolved inside (e.g. while tracing a step with
+    ``jax.eval_shape``): the calls ``python -m litespark_jax.autotune`` times."""
+    calls: list = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
 class Registry:
     """The implementations of one kernel, by name, and the rule that picks one for ``impl="auto"``."""
 
@@ -44,6 +60,10 @@ class Registry:
 
         return decorator
 
+    def rule(self, **shape_info) -> str:
+        """What the built-in ``auto`` rule picks for this call (no tuned table)."""
+        return self._auto(**shape_info)
+
     def names(self) -> list[str]:
         return sorted(self._impls)
 
@@ -51,8 +71,22 @@ class Registry:
         return name in self._impls and self._impls[name][1]()
 
     def resolve(self, impl: str, **shape_info) -> tuple[str, Callable]:
-        """The (name, function) that ``impl`` means here; raises ValueError for unknown or unavailable names."""
-        name = self._auto(**shape_info) if impl == "auto" else impl
+        """The (name, function) that ``impl`` means here; raises ValueError for unknown or unavailable names.
+
+        ``auto`` takes the tuned table's choice for this exact call when one is loaded (``pallas_kernels.tuned``)
+        and available here, else the kernel's rule."""
+        for calls in _recorders:
+            calls.append((self.kernel, impl, dict(shape_info)))
+        name = None
+        if impl == "auto":
+            from pallas_kernels import tuned
+
+            name = tuned.tuned_choice(self.kernel, shape_info)
+            if name is not None and not self.available(name):
+                name = None
+            name = name or self.rule(**shape_info)
+        else:
+            name = impl
         if name not in self._impls:
             raise ValueError(
                 f"{self.kernel}: unknown impl {impl!r}; choose one of {['auto', *self.names()]}"

@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 from tqdm import tqdm
 
+import pallas_kernels
 from litespark_jax import data as data_lib
 from litespark_jax import trace_summary
 from litespark_jax.data.global_batch import to_global_arrays
@@ -72,6 +73,9 @@ class Trainer:
         params_sharding = self.state_sharding.params
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         self.compiler_options = compiler_options(config)  # checked once; subclasses' steps reuse it
+        if config.model.kernel_table:
+            n = pallas_kernels.use_table(config.model.kernel_table)
+            log.info("kernel table %s: %d tuned calls apply on this device", config.model.kernel_table, n)
         with self._sharding_context():
             self._train_step = jax.jit(
                 make_train_step(config, self.graphdef, self.optimizer, self.schedule),

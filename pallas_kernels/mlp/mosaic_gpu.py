@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.mlp import fused, mosaic_gpu_bwd
+from pallas_kernels.mlp import _mgpu_matmul, fused, mosaic_gpu_bwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +34,6 @@ class SwiGLUConfig:
     max_concurrent_steps: int = 3
     epi_tile_m: int = 64
     grid_tile_width: int = 8
-
-
-def _num_sms() -> int:
-    try:
-        return jax.devices()[0].core_count
-    except Exception:  # noqa: BLE001 - CPU devices in interpret mode
-        return 4
 
 
 def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):
@@ -56,31 +49,10 @@ def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):
     cta_tile_m = 2 * tile_m
     m_iters, n_iters, k_iters = m // cta_tile_m, f // half, k // tile_k
 
-    swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
-    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
-    out_swizzle = plgpu.find_swizzle(half * jnp.dtype(dtype).itemsize * 8)
-    out_transforms = (
-        plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
-        plgpu.SwizzleTransform(out_swizzle),
-    )
-
-    def get_pipeline(pipeline_body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            pipeline_body,
-            grid=(k_iters,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((cta_tile_m, tile_k), lambda kk: (0, kk), transforms=transforms,
-                                memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=transforms,
-                                memory_space=plgpu.SMEM),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=config.max_concurrent_steps,
-            compute_context=compute_context,
-        )
+    out_transforms = _mgpu_matmul.tile_transforms(dtype, half)
+    get_pipeline = functools.partial(_mgpu_matmul.pipeline, dtype=dtype, cta_tile_m=cta_tile_m, tile_n=tile_n,
+                                     tile_k=tile_k, k_iters=k_iters,
+                                     max_concurrent_steps=config.max_concurrent_steps)
 
     ignore = lambda *_, **__: None
 
@@ -155,23 +127,13 @@ def interleave(w_gate_up, half: int):
 
 def swiglu_gate_up(x2, w_gate_up, *, config: SwiGLUConfig = SwiGLUConfig(), interpret=None):
     """(h [N, f], gate_up [N, 2, f]) for x2 [N, d] and w_gate_up [d, 2, f], both in x2's dtype."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     m, k = x2.shape
     _, _, f = w_gate_up.shape
     if not supported(m, k, f, config):
         raise ValueError(f"mlp/mosaic_gpu: shape N={m}, d={k}, f={f} does not tile with {config}")
     w_il = interleave(w_gate_up.astype(x2.dtype), config.tile_n // 2)
-    call = plgpu.kernel(
-        functools.partial(_kernel, config=config),
-        out_type=(jax.ShapeDtypeStruct((m, f), x2.dtype), jax.ShapeDtypeStruct((m, 2 * f), x2.dtype)),
-        grid=(_num_sms(),),
-        grid_names=("cluster_grid",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **({"interpret": interpret} if interpret is not None else {}),
-    )
+    out_type = (jax.ShapeDtypeStruct((m, f), x2.dtype), jax.ShapeDtypeStruct((m, 2 * f), x2.dtype))
+    call = _mgpu_matmul.launch(_kernel, config, out_type, interpret)
     h, gu = call(x2, w_il)
     return h, gu.reshape(m, 2, f)
 

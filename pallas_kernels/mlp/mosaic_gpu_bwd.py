@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.mlp import _mgpu_matmul
+
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
@@ -41,13 +43,6 @@ def supported(m: int, k: int, f: int, config: BackwardConfig = BackwardConfig())
             and config.tile_m % config.epi_tile_m == 0)
 
 
-def _num_sms() -> int:
-    try:
-        return jax.devices()[0].core_count
-    except Exception:  # noqa: BLE001 - CPU devices in interpret mode
-        return 4
-
-
 def _kernel(dy_gmem, wdt_gmem, gu_gmem, dgu_gmem, h_gmem, *, config: BackwardConfig):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -59,29 +54,10 @@ def _kernel(dy_gmem, wdt_gmem, gu_gmem, dgu_gmem, h_gmem, *, config: BackwardCon
     epi_m = config.epi_tile_m
     cta_tile_m = 2 * tile_m
     m_iters, n_iters, k_iters = m // cta_tile_m, f // tile_n, k // tile_k
-    itemsize = jnp.dtype(dtype).itemsize
-
-    swizzle = plgpu.find_swizzle(tile_k * itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-    epi_swizzle = plgpu.find_swizzle(tile_n * itemsize * 8)
-    epi_transforms = (plgpu.TilingTransform((8, epi_swizzle // itemsize)), plgpu.SwizzleTransform(epi_swizzle))
-
-    def get_pipeline(pipeline_body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            pipeline_body,
-            grid=(k_iters,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((cta_tile_m, tile_k), lambda kk: (0, kk), transforms=transforms,
-                                memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=transforms,
-                                memory_space=plgpu.SMEM),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=config.max_concurrent_steps,
-            compute_context=compute_context,
-        )
+    epi_transforms = _mgpu_matmul.tile_transforms(dtype, tile_n)
+    get_pipeline = functools.partial(_mgpu_matmul.pipeline, dtype=dtype, cta_tile_m=cta_tile_m, tile_n=tile_n,
+                                     tile_k=tile_k, k_iters=k_iters,
+                                     max_concurrent_steps=config.max_concurrent_steps)
 
     ignore = lambda *_, **__: None
 
@@ -146,21 +122,11 @@ def _kernel(dy_gmem, wdt_gmem, gu_gmem, dgu_gmem, h_gmem, *, config: BackwardCon
 def swiglu_backward_fused(dy, w_down, gu, *, config: BackwardConfig = BackwardConfig(), interpret=None):
     """(dgu [N, 2, f], h [N, f]) in ``dy``'s dtype for ``dy`` [N, d], ``w_down`` [f, d] and the saved
     pre-activation ``gu`` [N, 2, f]: ``dgu`` is the gradient of ``silu(gate) * up`` at ``dh = dy W_down^T``."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     m, k = dy.shape
     f = w_down.shape[0]
     if not supported(m, k, f, config):
         raise ValueError(f"mlp/mosaic_gpu_bwd: shape N={m}, d={k}, f={f} does not tile with {config}")
-    call = plgpu.kernel(
-        functools.partial(_kernel, config=config),
-        out_type=(jax.ShapeDtypeStruct((m, 2 * f), dy.dtype), jax.ShapeDtypeStruct((m, f), dy.dtype)),
-        grid=(_num_sms(),),
-        grid_names=("cluster_grid",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **({"interpret": interpret} if interpret is not None else {}),
-    )
+    out_type = (jax.ShapeDtypeStruct((m, 2 * f), dy.dtype), jax.ShapeDtypeStruct((m, f), dy.dtype))
+    call = _mgpu_matmul.launch(_kernel, config, out_type, interpret)
     dgu, h = call(dy, w_down.T.astype(dy.dtype), gu.reshape(m, 2 * f).astype(dy.dtype))
     return dgu.reshape(m, 2, f), h

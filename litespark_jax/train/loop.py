@@ -73,9 +73,9 @@ class Trainer:
         params_sharding = self.state_sharding.params
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         self.compiler_options = compiler_options(config)  # checked once; subclasses' steps reuse it
+        n_tuned = pallas_kernels.use_table(config.model.kernel_table)  # None: a table an earlier run loaded goes
         if config.model.kernel_table:
-            n = pallas_kernels.use_table(config.model.kernel_table)
-            log.info("kernel table %s: %d tuned calls apply on this device", config.model.kernel_table, n)
+            log.info("kernel table %s: %d tuned calls apply on this device", config.model.kernel_table, n_tuned)
         with self._sharding_context():
             self._train_step = jax.jit(
                 make_train_step(config, self.graphdef, self.optimizer, self.schedule),

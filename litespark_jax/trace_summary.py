@@ -1,6 +1,6 @@
 """Where a step's device time goes: a summary of a ``jax.profiler`` trace, by kernel category and by XLA op.
 
-    python -m litespark_jax.trace_summary TRACE_DIR [--steps N] [--top 25]
+    python -m litespark_jax.trace_summary TRACE_DIR [--steps N] [--top 25] [--hlo XLA_DUMP_DIR]
 
 Reads the newest ``perfetto_trace.json.gz`` under ``TRACE_DIR`` (``jax.profiler.trace(dir,
 create_perfetto_trace=True)``, which ``python -m litespark_jax.bench --profile DIR`` writes) and sums the durations
@@ -18,6 +18,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 
 from litespark_jax.errors import UserError
@@ -103,6 +104,53 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
     }
 
 
+_HLO_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.+?) [a-z][a-z0-9\-]*\(")
+
+
+def hlo_sources(dump_dir: str) -> dict[str, tuple[str, str]]:
+    """``instruction name -> (shape, op_name)`` from the optimized HLO XLA dumped into ``dump_dir``
+    (``XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text``): the jax operation each kernel came from."""
+    paths = glob.glob(os.path.join(dump_dir, "**", "*after_optimizations.txt"), recursive=True)
+    if not paths:
+        raise UserError(f"{dump_dir}: no *after_optimizations.txt under it (dump with XLA_FLAGS=--xla_dump_to=DIR "
+                        "--xla_dump_hlo_as_text)")
+    sources = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                m = _HLO_INSTRUCTION.match(line)
+                if m:
+                    op_name = re.search(r'op_name="([^"]*)"', line)
+                    shape = re.sub(r"\{[^}]*\}", "", m.group(2))  # drop layouts
+                    sources[m.group(1)] = (shape, op_name.group(1) if op_name else "")
+    return sources
+
+
+def by_source(summary: dict, sources: dict[str, tuple[str, str]], top: int = 25) -> list[dict]:
+    """The non-matmul time grouped by (category, output shape, jax op_name): the same fusion of every layer of an
+    unrolled model, which the trace names differently per layer, adds up to one row."""
+    groups: dict[tuple, dict] = {}
+    for o in summary["top_ops"]:
+        if o["category"] == "matmul":
+            continue
+        shape, source = sources.get(o["op"], ("?", "(not in the HLO dump)"))
+        key = (o["category"], shape, source)
+        g = groups.setdefault(key, {"category": o["category"], "shape": shape, "source": source, "ms": 0.0,
+                                    "calls": 0, "ops": 0})
+        g["ms"] += o["ms"]
+        g["calls"] += o["calls"]
+        g["ops"] += 1
+    return sorted(groups.values(), key=lambda g: -g["ms"])[:top]
+
+
+def format_by_source(rows: list[dict]) -> str:
+    lines = [f"non-matmul time by source (top {len(rows)}):"]
+    for g in rows:
+        source = g["source"].removeprefix("jit(")[-80:]
+        lines.append(f"  {g['ms']:>9.2f} ms x{g['calls']:<4} {g['category'][:18]:<18} {g['shape'][:44]:<44} {source}")
+    return "\n".join(lines)
+
+
 def summarize_trace(trace_dir: str, steps: int) -> dict:
     """``summarize`` of the newest trace under ``trace_dir``, also written to ``trace_dir/summary.json``."""
     summary = summarize(load_events(find_trace(trace_dir)), steps)
@@ -129,11 +177,19 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1, help="steps inside the trace, to report time per step")
     parser.add_argument("--top", type=int, default=25, help="how many ops to list")
     parser.add_argument("--json", default=None, help="also write the summary as JSON here")
+    parser.add_argument("--hlo", default=None, metavar="DUMP_DIR",
+                        help="XLA's HLO dump of the traced program: also group the non-matmul time by the jax "
+                             "operation, output shape and category it came from")
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    summary = summarize(load_events(find_trace(args.trace_dir)), args.steps, args.top)
+    events = load_events(find_trace(args.trace_dir))
+    summary = summarize(events, args.steps, args.top)
     print(format_summary(summary))
+    if args.hlo:
+        every_op = summarize(events, args.steps, top=len(events))
+        summary["by_source"] = by_source(every_op, hlo_sources(args.hlo), args.top)
+        print(format_by_source(summary["by_source"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

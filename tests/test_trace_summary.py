@@ -55,3 +55,51 @@ def test_bench_profile_writes_a_summary_of_a_real_step(tmp_path, capsys):
     assert summary["source"] == "cpu" and summary["steps"] == bench.PROFILED_STEPS
     assert summary["busy_ms_per_step"] > 0
     assert sum(c["share"] for c in summary["categories"].values()) == pytest.approx(1.0)
+
+
+_HLO = """HloModule jit_train_step, entry_computation_layout={()->()}
+
+ENTRY %main.1 () -> f32[] {
+  %input_concatenate_fusion.27 = bf16[16384,2,8192]{2,1,0} fusion(%a, %b), kind=kInput, calls=%fused_concatenate.27, metadata={op_name="jit(train_step)/transpose(jvp())/checkpoint/stack" scheduling_name="input_concatenate_fusion.27"}
+  %input_concatenate_fusion.26 = bf16[16384,2,8192]{2,1,0} fusion(%c, %d), kind=kInput, calls=%fused_concatenate.26, metadata={op_name="jit(train_step)/transpose(jvp())/checkpoint/stack" scheduling_name="input_concatenate_fusion.26"}
+  %loop_convert_fusion = (f32[16384,8192]{1,0}, bf16[16384,8192]{1,0}) fusion(%e), kind=kLoop, calls=%fused_convert, metadata={op_name="jit(train_step)/transpose(jvp())/checkpoint/div"}
+  ROOT %custom-call.1 = bf16[16384,8192]{1,0} custom-call(%f, %g), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/dot_general"}
+}
+"""
+
+
+def test_hlo_dump_groups_the_same_fusion_of_every_layer(tmp_path, capsys):
+    """Unrolled layers give each layer's fusion its own name in the trace; with the optimized HLO dump beside it,
+    the summary adds them up by jax operation and shape, and leaves matmuls out of that list."""
+    import gzip
+
+    (tmp_path / "hlo").mkdir()
+    (tmp_path / "hlo" / "module_0001.jit_train_step.sm_9.0a_gpu_after_optimizations.txt").write_text(_HLO)
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "ts": 0, "dur": 500, "name": "input_concatenate_fusion_27",
+         "args": {"hlo_op": "input_concatenate_fusion.27"}},
+        {"ph": "X", "pid": 1, "ts": 500, "dur": 700, "name": "input_concatenate_fusion_26",
+         "args": {"hlo_op": "input_concatenate_fusion.26"}},
+        {"ph": "X", "pid": 1, "ts": 1200, "dur": 300, "name": "loop_convert_fusion",
+         "args": {"hlo_op": "loop_convert_fusion"}},
+        {"ph": "X", "pid": 1, "ts": 1500, "dur": 5000, "name": "nvjet_gemm", "args": {"hlo_op": "custom-call.1"}},
+        {"ph": "X", "pid": 1, "ts": 6500, "dur": 100, "name": "loop_add_fusion", "args": {"hlo_op": "fusion.99"}},
+    ]
+    trace = tmp_path / "trace" / "plugins" / "profile"
+    trace.mkdir(parents=True)
+    with gzip.open(trace / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert trace_summary.main([str(tmp_path / "trace"), "--hlo", str(tmp_path / "hlo")]) == 0
+    out = capsys.readouterr().out.split("non-matmul time by source")[1].splitlines()[1:]
+    assert len(out) == 3  # both concatenates in one row, the convert, the op missing from the dump; no matmul
+    ms, _, calls, *_ = out[0].split()
+    assert float(ms) == pytest.approx(1.2) and calls == "x2"
+    assert "bf16[16384,2,8192]" in out[0] and "checkpoint/stack" in out[0]
+    assert "(f32[16384,8192], bf16[16384,8192])" in out[1] and "checkpoint/div" in out[1]
+    assert "(not in the HLO dump)" in out[2]
+
+
+def test_hlo_dump_dir_without_a_dump_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no \\*after_optimizations.txt"):
+        trace_summary.hlo_sources(str(tmp_path))

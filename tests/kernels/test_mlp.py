@@ -128,12 +128,15 @@ def test_mosaic_gpu_fused_backward_interpret():
     _check(fn, (2, 128), 128, 256, jnp.bfloat16, 2e-2)
 
 
-def test_mosaic_gpu_fused_backward_lowers_for_cuda_at_the_3b_shape():
-    """Mosaic GPU's layout inference and its shared-memory check run when lowering for CUDA, without a GPU: the
-    default config must fit the 3B MLP (a 3-stage pipeline does not: 245 KB of SMEM)."""
+def test_mosaic_gpu_kernels_lower_for_cuda_at_the_3b_shape():
+    """Mosaic GPU's layout inference and its shared-memory check run when lowering for CUDA, without a GPU: both MLP
+    kernels' default configs must fit the 3B MLP (the backward with a 3-stage pipeline does not: 245 KB of SMEM)."""
     from pallas_kernels.mlp import mosaic_gpu_bwd
 
     n, d, f = 16384, 3072, 8192
+    jax.jit(mosaic_gpu.swiglu_gate_up).trace(
+        jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, 2, f), jnp.bfloat16)
+    ).lower(lowering_platforms=("cuda",))
     args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((f, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((n, 2, f), jnp.bfloat16))
     jax.jit(mosaic_gpu_bwd.swiglu_backward_fused).trace(*args).lower(lowering_platforms=("cuda",))

@@ -23,7 +23,7 @@ import numpy as np
 import pallas_kernels
 from pallas_kernels import tuned
 from pallas_kernels._dispatch import record_calls
-from pallas_kernels.bench.mlp import time_ms
+from pallas_kernels.bench.mlp import rel_err, time_ms
 
 
 def model_calls(config) -> list[tuple[str, dict]]:
@@ -85,11 +85,6 @@ def _forward_backward(fn, kwargs: dict):
     return jax.jit(run, static_argnums=1)
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def tune_call(kernel: str, info: dict, *, iters: int, tolerance: float, seed: int = 0) -> dict:
     """Time every available implementation of one call; the entry for the table."""
     registry = pallas_kernels.registries()[kernel]
@@ -109,7 +104,7 @@ def tune_call(kernel: str, info: dict, *, iters: int, tolerance: float, seed: in
         raise RuntimeError(f"autotune: the default {kernel} implementation {default!r} failed: {errors.get(default)}")
     eligible = {}
     for name, outs in results.items():
-        err = max(_rel(o, r) for o, r in zip(outs, results[default]))
+        err = max(rel_err(o, r) for o, r in zip(outs, results[default]))
         if err <= tolerance:
             eligible[name] = ms[name]
         else:

@@ -184,10 +184,10 @@ def main(argv=None) -> int:
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     events = load_events(find_trace(args.trace_dir))
-    summary = summarize(events, args.steps, args.top)
+    every_op = summarize(events, args.steps, top=len(events))
+    summary = {**every_op, "top_ops": every_op["top_ops"][:args.top]}
     print(format_summary(summary))
     if args.hlo:
-        every_op = summarize(events, args.steps, top=len(events))
         summary["by_source"] = by_source(every_op, hlo_sources(args.hlo), args.top)
         print(format_by_source(summary["by_source"]))
     if args.json:

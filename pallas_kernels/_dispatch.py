@@ -77,16 +77,13 @@ class Registry:
         and available here, else the kernel's rule."""
         for calls in _recorders:
             calls.append((self.kernel, impl, dict(shape_info)))
-        name = None
+        name = impl
         if impl == "auto":
             from pallas_kernels import tuned
 
             name = tuned.tuned_choice(self.kernel, shape_info)
-            if name is not None and not self.available(name):
-                name = None
-            name = name or self.rule(**shape_info)
-        else:
-            name = impl
+            if name is None or not self.available(name):
+                name = self.rule(**shape_info)
         if name not in self._impls:
             raise ValueError(
                 f"{self.kernel}: unknown impl {impl!r}; choose one of {['auto', *self.names()]}"

@@ -23,7 +23,6 @@ import numpy as np
 
 VERSION = 1
 _table: dict[tuple[str, str], str] = {}
-_table_path: str | None = None
 
 
 class TableError(ValueError):
@@ -78,9 +77,7 @@ def read(path: str) -> dict:
 def use_table(path: str | None) -> int:
     """Make ``auto`` consult the table at ``path`` (None: stop). Returns how many entries apply on this device;
     a table measured on another device kind applies to nothing, and says so on stderr."""
-    global _table_path
     _table.clear()
-    _table_path = path
     if path is None:
         return 0
     data = read(path)

@@ -8,7 +8,7 @@ reference beside the fast versions.
 from pallas_kernels.attention import attention
 from pallas_kernels.cross_entropy import cross_entropy
 from pallas_kernels.mlp import mlp
-from pallas_kernels.rms_norm import rms_norm
+from pallas_kernels.rms_norm import rms_norm, rms_norm_and_skip
 
 from pallas_kernels.tuned import use_table
 
@@ -23,4 +23,4 @@ def registries() -> dict:
     return {m.registry.kernel: m.registry for m in modules}
 
 
-__all__ = ["attention", "cross_entropy", "mlp", "rms_norm", "registries", "use_table"]
+__all__ = ["attention", "cross_entropy", "mlp", "rms_norm", "rms_norm_and_skip", "registries", "use_table"]

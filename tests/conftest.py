@@ -1,9 +1,13 @@
-"""Suite-wide settings: float32 matmuls on CPU, and GPU tests skipped (reported as skipped) without a GPU."""
+"""Suite-wide settings: float32 matmuls on CPU, Triton kernels interpreted, and GPU tests skipped (reported as skipped)
+without a GPU."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu" if os.environ.get("LITESPARK_TEST_GPU") != "1" else "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton is imported.
+if os.environ.get("LITESPARK_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

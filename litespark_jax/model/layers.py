@@ -33,8 +33,17 @@ class RMSNorm(nnx.Module):
         self.eps = cfg.norm_eps
         self.impl = cfg.rms_norm_impl
 
+    def _impl(self):
+        # The Triton kernels are custom calls, which the SPMD partitioner cannot split; XLA's fusions can.
+        return "fused" if self.impl == "auto" and _multi_device_mesh() else self.impl
+
     def __call__(self, x):
-        return pallas_kernels.rms_norm(x, self.scale[...], eps=self.eps, impl=self.impl)
+        return pallas_kernels.rms_norm(x, self.scale[...], eps=self.eps, impl=self._impl())
+
+    def with_skip(self, x):
+        """``(self(x), x)`` for a pre-norm block, whose residual connection also reads ``x``: kernels that can
+        sum the two gradients of ``x`` inside the norm's backward do (``pallas_kernels.rms_norm_and_skip``)."""
+        return pallas_kernels.rms_norm_and_skip(x, self.scale[...], eps=self.eps, impl=self._impl())
 
 
 class Attention(nnx.Module):
@@ -97,9 +106,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, inv_freq):
-        h = checkpoint_name(self.attention_norm(x), "attention_in")
+        h, x = self.attention_norm.with_skip(x)
+        h = checkpoint_name(h, "attention_in")
         h = checkpoint_name(self.attention(h, positions, segment_ids, inv_freq), "attention_proj")
         x = checkpoint_name(constrain(x + h, ("batch", "seq", "embed")), "residual_mid")
-        h = checkpoint_name(self.mlp_norm(x), "mlp_in")
+        h, x = self.mlp_norm.with_skip(x)
+        h = checkpoint_name(h, "mlp_in")
         h = checkpoint_name(self.mlp(h), "mlp_out")
         return constrain(x + h, ("batch", "seq", "embed"))

@@ -8,9 +8,11 @@ epilogue, as a cuBLAS bf16 step does: half the epilogue's memory traffic, but 1.
 being all-gathered; untimed on a GPU), ``mosaic_gpu`` (Hopper only: the gate/up matmul with the SwiGLU epilogue
 as a Pallas Mosaic GPU kernel, backward as ``fused``; passes its GPU test on an H100), and
 ``mosaic_gpu_fused_bwd`` (the same with the backward's ``dh`` matmul and SwiGLU gradient as one Pallas kernel,
-``mosaic_gpu_bwd.py``; checked on the CPU only, not yet compiled or timed on a GPU, so never ``auto``).
-``auto`` picks ``mosaic_gpu`` on Hopper where it tiles, else ``fused`` (pure JAX: the CPU runs the same code as the
-GPU), which runs forward+backward 1.8x faster than autodiff of the reference on an H100 (docs/perf/kernels.md).
+``mosaic_gpu_bwd.py``: correct on an H100 but slower than XLA's backward, so never ``auto``) and
+``mosaic_gpu_triton_bwd`` (``mosaic_gpu`` with the backward's SwiGLU gradient as one Triton pass through jax-triton,
+``triton_kernel.py``). ``auto`` picks ``mosaic_gpu_triton_bwd`` on Hopper where it tiles and jax-triton is
+installed, ``mosaic_gpu`` without jax-triton, else ``fused`` (pure JAX: the CPU runs the same code as the GPU),
+which runs forward+backward 1.8x faster than autodiff of the reference on an H100 (docs/perf/kernels.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 
 import jax.numpy as jnp
 
+from pallas_kernels import _triton
 from pallas_kernels._dispatch import REFERENCE, Registry, is_hopper
 from pallas_kernels.mlp import fused, mosaic_gpu, reference
 
@@ -28,16 +31,18 @@ FUSED_BF16 = "fused_bf16"
 FUSED_TP = "fused_tp"
 MOSAIC_GPU = "mosaic_gpu"
 MOSAIC_GPU_FUSED_BWD = "mosaic_gpu_fused_bwd"
+MOSAIC_GPU_TRITON_BWD = "mosaic_gpu_triton_bwd"
 
 
 def _auto(*, x_shape=None, w_shape=None, dtype=None, **_):
-    """``mosaic_gpu`` on Hopper for bf16 shapes it tiles (measured on an H100: +2.8% end to end on the 3B step,
-    fwd+bwd 87.7-89.4% of the matmul rate vs ``fused``'s 86.0-87.6%; docs/perf/kernels.md), else ``fused``. It is a
-    custom call, so a caller running under a multi-device mesh must ask for ``fused`` (the model does)."""
+    """On Hopper, for bf16 shapes the Pallas kernel tiles: ``mosaic_gpu_triton_bwd`` where jax-triton runs, else
+    ``mosaic_gpu`` (measured on an H100: ``mosaic_gpu`` +2.8% end to end on the 3B step over ``fused``, the Triton
+    backward +1.0% more; docs/perf/kernels.md). Elsewhere ``fused``. Both are custom calls, so a caller running under
+    a multi-device mesh must ask for ``fused`` (the model does)."""
     if x_shape is not None and w_shape is not None and jnp.dtype(dtype) == jnp.bfloat16 and is_hopper():
         m = math.prod(x_shape[:-1])
         if mosaic_gpu.supported(m, x_shape[-1], w_shape[2]):
-            return MOSAIC_GPU
+            return MOSAIC_GPU_TRITON_BWD if _triton.available() else MOSAIC_GPU
     return FUSED
 
 
@@ -48,6 +53,8 @@ registry.register(FUSED_BF16)(functools.partial(fused.mlp, gate_up_f32=False))
 registry.register(FUSED_TP)(fused.mlp_tp)
 registry.register(MOSAIC_GPU, available=is_hopper)(mosaic_gpu.mlp)
 registry.register(MOSAIC_GPU_FUSED_BWD, available=is_hopper)(mosaic_gpu.mlp_fused_backward)
+registry.register(MOSAIC_GPU_TRITON_BWD, available=lambda: is_hopper() and _triton.available())(
+    mosaic_gpu.mlp_triton_backward)
 
 
 def mlp(x, w_gate_up, w_down, *, impl: str = "auto"):

@@ -138,24 +138,36 @@ def swiglu_gate_up(x2, w_gate_up, *, config: SwiGLUConfig = SwiGLUConfig(), inte
     return h, gu.reshape(m, 2, f)
 
 
+TRITON_BACKWARD = "triton"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _mlp(x2, w_gate_up, w_down, config, interpret, bwd_config):
+def _mlp(x2, w_gate_up, w_down, config, interpret, backward):
     h, _ = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
     return jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
 
 
-def _mlp_fwd(x2, w_gate_up, w_down, config, interpret, bwd_config):
+def _mlp_fwd(x2, w_gate_up, w_down, config, interpret, backward):
     h, gu = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
     out = jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
     return out, (x2, checkpoint_name(gu, fused.GATE_UP_NAME), w_gate_up, w_down)
 
 
-def _mlp_bwd(config, interpret, bwd_config, res, dy):
-    if bwd_config is None:
-        return fused._mlp_bwd(False, False, res, dy)
+def _mlp_bwd(config, interpret, backward, res, dy):
+    """``backward``: None (XLA: ``fused``'s), a ``mosaic_gpu_bwd.BackwardConfig`` (the ``dh`` matmul with the SwiGLU
+    gradient in its epilogue) or ``TRITON_BACKWARD`` (XLA's ``dh`` matmul, then the one-pass Triton SwiGLU gradient)."""
     x2, gu, w_gate_up, w_down = res
     dy = dy.astype(x2.dtype)
-    dgu, h = mosaic_gpu_bwd.swiglu_backward_fused(dy, w_down, gu, config=bwd_config, interpret=interpret)
+    if isinstance(backward, mosaic_gpu_bwd.BackwardConfig):
+        dgu, h = mosaic_gpu_bwd.swiglu_backward_fused(dy, w_down, gu, config=backward, interpret=interpret)
+    else:
+        dh = jnp.dot(dy, w_down.T, preferred_element_type=jnp.float32).astype(x2.dtype)
+        if backward == TRITON_BACKWARD:
+            from pallas_kernels.mlp import triton_kernel  # needs triton: imported only when asked for
+
+            dgu, h = triton_kernel.swiglu_backward(gu, dh, interpret=interpret is not None)
+        else:
+            dgu, h = fused.swiglu_backward(gu, dh)
     return fused.matmul_grads(x2, dy, dgu, h, w_gate_up, w_down)
 
 
@@ -163,22 +175,28 @@ _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
 def mlp(x, w_gate_up, w_down, *, config: SwiGLUConfig = SwiGLUConfig(),
-        bwd_config: mosaic_gpu_bwd.BackwardConfig | None = None, interpret=None):
-    """Same contract as ``reference.mlp``; shapes that don't tile with ``config`` fall back to ``fused``. With
-    ``bwd_config`` the backward's ``dh`` matmul and SwiGLU gradient run as the ``mosaic_gpu_bwd`` kernel (where it
-    tiles), else as ``fused``'s XLA backward."""
+        bwd_config: mosaic_gpu_bwd.BackwardConfig | None = None, triton_backward: bool = False, interpret=None):
+    """Same contract as ``reference.mlp``; shapes that don't tile with ``config`` fall back to ``fused``. The
+    backward's SwiGLU gradient: with ``bwd_config``, inside the ``mosaic_gpu_bwd`` kernel (where it tiles); with
+    ``triton_backward``, the one-pass Triton kernel (``triton_kernel.py``); else ``fused``'s two XLA passes."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     n, d, f = x2.shape[0], x2.shape[1], w_gate_up.shape[2]
     if not supported(n, d, f, config):
         return fused.mlp(x, w_gate_up, w_down)
-    if bwd_config is not None and not mosaic_gpu_bwd.supported(n, d, f, bwd_config):
-        bwd_config = None
-    out = _mlp(x2, w_gate_up, w_down, config, interpret, bwd_config)
+    backward = TRITON_BACKWARD if triton_backward else None
+    if bwd_config is not None and mosaic_gpu_bwd.supported(n, d, f, bwd_config):
+        backward = bwd_config
+    out = _mlp(x2, w_gate_up, w_down, config, interpret, backward)
     return out.reshape(*lead, w_down.shape[1])
 
 
 def mlp_fused_backward(x, w_gate_up, w_down, *, interpret=None):
-    """``mlp`` with the Pallas backward kernel (``mosaic_gpu_bwd``; registered as ``mosaic_gpu_fused_bwd``, untimed
-    on a GPU, so ``auto`` does not pick it)."""
+    """``mlp`` with the Pallas backward kernel (``mosaic_gpu_bwd``; registered as ``mosaic_gpu_fused_bwd``): slower
+    than XLA's backward on an H100 (docs/perf/kernels.md, run 4), so ``auto`` does not pick it."""
     return mlp(x, w_gate_up, w_down, bwd_config=mosaic_gpu_bwd.BackwardConfig(), interpret=interpret)
+
+
+def mlp_triton_backward(x, w_gate_up, w_down, *, interpret=None):
+    """``mlp`` with the one-pass Triton SwiGLU gradient in the backward (registered as ``mosaic_gpu_triton_bwd``)."""
+    return mlp(x, w_gate_up, w_down, triton_backward=True, interpret=interpret)

@@ -94,6 +94,8 @@ def test_auto_picks_the_pallas_kernel_on_hopper_for_tiled_bf16_shapes(monkeypatc
     monkeypatch.setattr(mlp_module, "is_hopper", lambda: True)
     auto = mlp_module._auto
     assert auto(x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16) == "mosaic_gpu"
+    monkeypatch.setattr(mlp_module._triton, "available", lambda: True)  # with jax-triton: its SwiGLU backward
+    assert auto(x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16) == "mosaic_gpu_triton_bwd"
     assert auto(x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.float32) == "fused"
     assert auto(x_shape=(3, 5, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16) == "fused"  # rows don't tile
     monkeypatch.setattr(mlp_module, "is_hopper", lambda: False)
@@ -126,6 +128,38 @@ def test_mosaic_gpu_fused_backward_interpret():
     fn = lambda x, wgu, wd: mosaic_gpu.mlp(x, wgu, wd, config=config, bwd_config=bwd,
                                            interpret=plgpu.InterpretGPUParams())
     _check(fn, (2, 128), 128, 256, jnp.bfloat16, 2e-2)
+
+
+def test_triton_swiglu_backward_interpret(monkeypatch):
+    """The one-pass Triton SwiGLU gradient in Triton's interpreter against float64, with a column block that does not
+    divide f (masked lanes)."""
+    from pallas_kernels.mlp import triton_kernel
+
+    monkeypatch.setattr(triton_kernel, "BLOCK", 64)
+    rng = np.random.default_rng(next(_seed))
+    n, f = 5, 160
+    gu = jnp.asarray(rng.standard_normal((n, 2, f)) * 2, jnp.bfloat16)
+    dh = jnp.asarray(rng.standard_normal((n, f)), jnp.bfloat16)
+    dgu, h = jax.jit(lambda gu, dh: triton_kernel.swiglu_backward(gu, dh, interpret=True))(gu, dh)
+    g, u = (np.asarray(gu[:, i], np.float64) for i in (0, 1))
+    dh64 = np.asarray(dh, np.float64)
+    sig = 1 / (1 + np.exp(-g))
+    assert dgu.shape == gu.shape and dgu.dtype == h.dtype == jnp.bfloat16
+    assert _rel(dgu[:, 0], dh64 * u * (sig + g * sig * (1 - sig))) < 4e-3
+    assert _rel(dgu[:, 1], dh64 * g * sig) < 4e-3
+    assert _rel(h, g * sig * u) < 4e-3
+
+
+def test_mosaic_gpu_triton_backward_interpret():
+    """``mosaic_gpu_triton_bwd``: the Pallas forward kernel in Mosaic GPU interpret mode and the Triton SwiGLU
+    gradient in Triton's interpreter, forward and all gradients through the custom VJP."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    config = mosaic_gpu.SwiGLUConfig(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64,
+                                     grid_tile_width=2)
+    fn = lambda x, wgu, wd: mosaic_gpu.mlp(x, wgu, wd, config=config, triton_backward=True,
+                                           interpret=plgpu.InterpretGPUParams())
+    _check(fn, (2, 128), 128, 192, jnp.bfloat16, 2e-2)
 
 
 def test_mosaic_gpu_kernels_lower_for_cuda_at_the_3b_shape():

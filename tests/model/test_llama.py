@@ -252,6 +252,26 @@ def test_mlp_auto_is_fused_under_a_multi_device_mesh(monkeypatch, devices, want)
     assert asked == [want]
 
 
+@pytest.mark.parametrize("devices, want", [(1, "auto"), (8, "fused")])
+def test_rms_norm_auto_is_fused_under_a_multi_device_mesh(monkeypatch, devices, want):
+    """Likewise the Triton RMSNorm (a custom call): both the plain norm and the (norm, skip) pair."""
+    import types
+
+    from litespark_jax.model import layers
+    from pallas_kernels.rms_norm import reference as norm_reference
+
+    asked = []
+    monkeypatch.setattr(layers.pallas_kernels, "rms_norm", lambda x, s, eps, impl: asked.append(impl) or
+                        norm_reference.rms_norm(x, s, eps=eps))
+    monkeypatch.setattr(layers.pallas_kernels, "rms_norm_and_skip", lambda x, s, eps, impl: asked.append(impl) or
+                        (norm_reference.rms_norm(x, s, eps=eps), x))
+    monkeypatch.setattr(layers, "active", lambda: (types.SimpleNamespace(size=devices), {}))
+    norm = layers.RMSNorm(8, CONFIGS["gqa-tied"])
+    norm(jnp.ones((2, 8)))
+    norm.with_skip(jnp.ones((2, 8)))
+    assert asked == [want, want]
+
+
 def test_parameter_count_matches_config():
     for cfg in CONFIGS.values():
         state = nnx.state(make_model(cfg))  # everything a train state would hold: parameters only

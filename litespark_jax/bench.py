@@ -177,6 +177,9 @@ def loss_curves(config_path: str, specs: list[tuple[str, list[str]]], steps: int
         print(f"# {name}: {steps} steps on {config.data.train_files}", flush=True)
         curves[name] = np.array([h["loss"] for h in train(config).history])
         gc.collect()
+        if len(curves[name]) < steps:  # the loop saved and left early (a SIGTERM, e.g. a timeout)
+            print(f"# {name}: stopped after {len(curves[name])} of {steps} steps; no further variants", flush=True)
+            break
     return curves
 
 
@@ -193,7 +196,10 @@ def print_curves(curves: dict[str, np.ndarray]) -> float:
     ``CURVE_TOLERANCE``.
     """
     names = list(curves)
-    steps = len(curves[names[0]])
+    steps = min(len(c) for c in curves.values())
+    if steps < max(len(c) for c in curves.values()):
+        print(f"# comparing the first {steps} steps, which every variant ran")
+        curves = {n: c[:steps] for n, c in curves.items()}
     print("step " + " ".join(f"{n:>14}" for n in names))
     for i in sorted({*range(0, steps, max(steps // 10, 1)), steps - 1}):
         print(f"{i + 1:>4} " + " ".join(f"{curves[n][i]:>14.4f}" for n in names))
@@ -283,12 +289,12 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             curves = loss_curves(args.config, specs, args.curve_steps, args.curve_dir or tmp)
-        print_curves(curves)
         if args.jsonl:
             with open(args.jsonl, "a") as f:
                 for name, losses in curves.items():
                     f.write(json.dumps({"config": args.config, "time": time.time(), "variant": name,
                                         "curve": [round(float(x), 5) for x in losses]}) + "\n")
+        print_curves(curves)
         return 0
     batches = {}  # one synthetic batch per (batch size, sequence length): variants may change either
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}", flush=True)

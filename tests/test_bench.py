@@ -40,6 +40,30 @@ def test_curve_noise_reruns_the_baseline_and_judges_each_gap_against_it(tmp_path
     assert ("-> within max(0.02, noise 0.0000)" in out) == (gap <= 0.02)
 
 
+def test_a_curve_cut_short_stops_the_comparison_and_keeps_what_ran(monkeypatch, capsys):
+    """A run that leaves early (the loop saves and exits on SIGTERM, e.g. a timeout) ends the curve runs, and the
+    gaps are taken over the steps every variant ran instead of failing on the shorter curve."""
+    import numpy as np
+
+    from litespark_jax.train import loop
+
+    lengths = iter([6, 4])
+
+    class Result:
+        def __init__(self, n):
+            self.history = [{"loss": 5.0 - 0.1 * i} for i in range(n)]
+
+    monkeypatch.setattr(loop, "train", lambda config: Result(next(lengths)))
+    specs = [("litespark", []), ("baseline", []), ("baseline-rerun", [])]
+    curves = bench.loss_curves("configs/tiny.yaml", specs, 6, "/tmp/unused")
+    assert [len(c) for c in curves.values()] == [6, 4]  # the rerun never started
+    assert "baseline: stopped after 4 of 6 steps" in capsys.readouterr().out
+    assert bench.print_curves(curves) == 0.0
+    out = capsys.readouterr().out
+    assert "comparing the first 4 steps" in out and "litespark - baseline: final +0.0000" in out
+    assert np.isclose(curves["litespark"][-1], 4.5)  # the caller's curves are left whole
+
+
 def test_curve_noise_without_a_curve_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--config", "configs/tiny.yaml", "--curve-noise"])

@@ -25,10 +25,12 @@ from litespark_jax.errors import UserError
 
 # Substrings of kernel names, checked in order, that say what a kernel does. Names seen on H100 with jax 0.11:
 # cuBLAS/cuBLASLt "sm90_xmma_gemm_*", "nvjet_*", cutlass "cutlass_*"; cuDNN flash attention "cudnn_generated_*";
-# XLA fusions "loop_*_fusion", "input_*_fusion"; Triton GEMM fusions "gemm_fusion_*"/"triton_*".
+# XLA fusions "loop_*_fusion", "input_*_fusion"; Triton GEMM fusions "gemm_fusion_*"/"triton_*"; our jax-triton
+# kernels are named after their functions, "*_triton" (pallas_kernels/*/triton_kernel.py).
 CATEGORIES = (
     ("attention (cuDNN)", ("cudnn", "fmha", "flash_fprop", "flash_bprop")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
+    ("Triton (jax-triton)", ("_triton",)),
     ("Pallas / Mosaic GPU", ("mosaic", "pallas", "_attention", "_flash", "swiglu")),
     ("copy / memset", ("memcpy", "memset", "copy", "transpose")),
     ("reduction fusion", ("input_", "reduce", "reduction")),

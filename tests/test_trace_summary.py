@@ -14,6 +14,8 @@ def test_categories_of_known_kernel_names():
     assert trace_summary.categorize("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention (cuDNN)"
     assert trace_summary.categorize("loop_multiply_fusion_3") == "elementwise fusion"
     assert trace_summary.categorize("input_reduce_fusion_1") == "reduction fusion"
+    assert trace_summary.categorize("rms_norm_backward_triton") == "Triton (jax-triton)"
+    assert trace_summary.categorize("swiglu_backward_triton") == "Triton (jax-triton)"
     assert trace_summary.categorize("something_else") == "other"
 
 

@@ -18,7 +18,7 @@ BLOCK = 1024  # columns per program: 8 bf16 (16 bytes) per thread of 4 warps
 
 
 @triton.jit
-def _swiglu_backward_kernel(gu_ptr, dh_ptr, dgu_ptr, h_ptr, f: tl.constexpr, block: tl.constexpr):
+def swiglu_backward_triton(gu_ptr, dh_ptr, dgu_ptr, h_ptr, f: tl.constexpr, block: tl.constexpr):
     row = tl.cast(tl.program_id(0), tl.int64)
     cols = tl.program_id(1) * block + tl.arange(0, block)
     mask = cols < f
@@ -40,5 +40,5 @@ def swiglu_backward(gu, dh, *, interpret: bool = False):
     contract."""
     n, _, f = gu.shape
     out_shape = (jax.ShapeDtypeStruct(gu.shape, dh.dtype), jax.ShapeDtypeStruct(dh.shape, dh.dtype))
-    return _triton.call(_swiglu_backward_kernel, gu, dh, out_shape=out_shape, grid=(n, triton.cdiv(f, BLOCK)),
+    return _triton.call(swiglu_backward_triton, gu, dh, out_shape=out_shape, grid=(n, triton.cdiv(f, BLOCK)),
                         interpret=interpret, num_warps=4, f=f, block=BLOCK)

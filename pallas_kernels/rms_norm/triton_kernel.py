@@ -29,8 +29,8 @@ BACKWARD_PROGRAMS = 528  # 4 per SM on an H100 SXM (132 SMs): each sums its rows
 
 
 @triton.jit
-def _forward_kernel(x_ptr, scale_ptr, y_ptr, rstd_ptr, n_cols: tl.constexpr, eps: tl.constexpr,
-                    block: tl.constexpr):
+def rms_norm_forward_triton(x_ptr, scale_ptr, y_ptr, rstd_ptr, n_cols: tl.constexpr, eps: tl.constexpr,
+                            block: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, block)
     mask = cols < n_cols
@@ -44,8 +44,8 @@ def _forward_kernel(x_ptr, scale_ptr, y_ptr, rstd_ptr, n_cols: tl.constexpr, eps
 
 
 @triton.jit
-def _backward_kernel(dy_ptr, x_ptr, scale_ptr, rstd_ptr, dskip_ptr, dx_ptr, dscale_ptr, n_rows: tl.constexpr,
-                     n_cols: tl.constexpr, add_skip: tl.constexpr, block: tl.constexpr):
+def rms_norm_backward_triton(dy_ptr, x_ptr, scale_ptr, rstd_ptr, dskip_ptr, dx_ptr, dscale_ptr,
+                             n_rows: tl.constexpr, n_cols: tl.constexpr, add_skip: tl.constexpr, block: tl.constexpr):
     """Program p handles rows p, p + P, p + 2P, ...; ``dskip`` (the gradient of the residual stream that also read
     ``x``) is added into ``dx`` when ``add_skip``."""
     pid = tl.program_id(0)
@@ -84,7 +84,7 @@ def _warps(n_cols: int) -> int:
 def _forward(x2, scale, eps, interpret):
     n_rows, n_cols = x2.shape
     out_shape = (jax.ShapeDtypeStruct(x2.shape, x2.dtype), jax.ShapeDtypeStruct((n_rows,), jnp.float32))
-    return _triton.call(_forward_kernel, x2, scale, out_shape=out_shape, grid=(n_rows,), interpret=interpret,
+    return _triton.call(rms_norm_forward_triton, x2, scale, out_shape=out_shape, grid=(n_rows,), interpret=interpret,
                         num_warps=_warps(n_cols), n_cols=n_cols, eps=float(eps), block=_block(n_cols))
 
 
@@ -94,7 +94,7 @@ def _backward(dy, x2, scale, rstd, dskip, interpret):
     out_shape = (jax.ShapeDtypeStruct(x2.shape, x2.dtype), jax.ShapeDtypeStruct((programs, n_cols), jnp.float32))
     add_skip = dskip is not None
     dx, partial = _triton.call(
-        _backward_kernel, dy.astype(x2.dtype), x2, scale, rstd, dskip.astype(x2.dtype) if add_skip else dy,
+        rms_norm_backward_triton, dy.astype(x2.dtype), x2, scale, rstd, dskip.astype(x2.dtype) if add_skip else dy,
         out_shape=out_shape, grid=(programs,), interpret=interpret, num_warps=_warps(n_cols), n_rows=n_rows,
         n_cols=n_cols, add_skip=add_skip, block=_block(n_cols))
     return dx, jnp.sum(partial, axis=0).astype(scale.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 
 import jax
 import numpy as np
@@ -39,6 +40,11 @@ def call(kernel, *arrays, out_shape, grid, interpret: bool = False, num_warps: i
                                         **constexprs))
 
 
+# Triton's interpreter patches triton.language module-wide while a kernel runs, so callbacks of several devices (a
+# shard_map on a CPU mesh runs them on concurrent threads) must take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def _interpret(kernel, arrays, out_shape, grid, constexprs):
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -51,7 +57,8 @@ def _interpret(kernel, arrays, out_shape, grid, constexprs):
 
         args = [_to_torch(np.asarray(a)) for a in host_arrays]
         outs = [torch.zeros(s.shape, dtype=_torch_dtype(s.dtype)) for s in out_shape]
-        kernel[grid](*args, *outs, **constexprs)
+        with _INTERPRETER_LOCK:
+            kernel[grid](*args, *outs, **constexprs)
         return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shape))
 
     return tuple(jax.pure_callback(host, out_shape, *arrays))

@@ -2,7 +2,8 @@
 
 Parameters are stored in ``param_dtype`` (float32) and cast to the compute ``dtype`` where they are used. Every
 parameter carries ``logical_axes`` metadata and key activations are pinned with ``constrain``, so the sharding
-rules (not this file) decide where things live. The math is delegated to ``pallas_kernels``, which picks the
+rules (not this file) decide where things live. The math is delegated to ``pallas_kernels`` (through
+``litespark_jax.parallel.kernels``, which runs its custom-call kernels per device under a mesh), which picks the
 implementation for the platform.
 """
 
@@ -13,11 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-import pallas_kernels
 from litespark_jax.config import ACTIVATION_NAMES, ModelConfig
 from litespark_jax.model.rope import apply_rope
-from litespark_jax.parallel.kernels import attention as sharded_attention
-from litespark_jax.parallel.logical import active, constrain
+from litespark_jax.parallel import kernels as sharded
+from litespark_jax.parallel.logical import constrain
 
 __all__ = ["ACTIVATION_NAMES", "Attention", "DecoderLayer", "MLP", "RMSNorm"]
 
@@ -28,22 +28,21 @@ def normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
+    SCALE_AXES = ("embed",)
+
     def __init__(self, dim: int, cfg: ModelConfig):
-        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype), logical_axes=("embed",))
+        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype), logical_axes=self.SCALE_AXES)
         self.eps = cfg.norm_eps
         self.impl = cfg.rms_norm_impl
 
-    def _impl(self):
-        # The Triton kernels are custom calls, which the SPMD partitioner cannot split; XLA's fusions can.
-        return "fused" if self.impl == "auto" and _multi_device_mesh() else self.impl
-
     def __call__(self, x):
-        return pallas_kernels.rms_norm(x, self.scale[...], eps=self.eps, impl=self._impl())
+        return sharded.rms_norm(x, self.scale[...], eps=self.eps, impl=self.impl, scale_axes=self.SCALE_AXES)
 
     def with_skip(self, x):
         """``(self(x), x)`` for a pre-norm block, whose residual connection also reads ``x``: kernels that can
         sum the two gradients of ``x`` inside the norm's backward do (``pallas_kernels.rms_norm_and_skip``)."""
-        return pallas_kernels.rms_norm_and_skip(x, self.scale[...], eps=self.eps, impl=self._impl())
+        return sharded.rms_norm_and_skip(x, self.scale[...], eps=self.eps, impl=self.impl,
+                                         scale_axes=self.SCALE_AXES)
 
 
 class Attention(nnx.Module):
@@ -68,7 +67,7 @@ class Attention(nnx.Module):
         k = checkpoint_name(constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim")), "key")
         v = checkpoint_name(constrain(v, ("batch", "seq", "kv_heads", "head_dim")), "value")
         # Through the shard_map wrapper: custom-call kernels run per device on whole sequences and whole heads.
-        out = sharded_attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.impl)
+        out = sharded.attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.impl)
         out = checkpoint_name(out, "attention_out")
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))
 
@@ -76,24 +75,20 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU feed-forward block with the gate and up projections in one weight ([d_model, 2, d_ff])."""
 
+    GATE_UP_AXES = ("embed", None, "mlp")
+    DOWN_AXES = ("mlp", "embed")
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f, pd, std = cfg.d_model, cfg.d_ff, cfg.param_dtype, cfg.init_std
-        self.w_gate_up = normal_param(rngs, (d, 2, f), ("embed", None, "mlp"), std, pd)
-        self.w_down = normal_param(rngs, (f, d), ("mlp", "embed"), std, pd)
+        self.w_gate_up = normal_param(rngs, (d, 2, f), self.GATE_UP_AXES, std, pd)
+        self.w_down = normal_param(rngs, (f, d), self.DOWN_AXES, std, pd)
         self.dtype = jnp.dtype(cfg.dtype)
         self.impl = cfg.mlp_impl
 
     def __call__(self, x):
         dt = self.dtype
-        impl = self.impl
-        if impl == "auto" and _multi_device_mesh():
-            impl = "fused"  # a Pallas custom call cannot be split by the SPMD partitioner; XLA's matmuls can
-        return pallas_kernels.mlp(x, self.w_gate_up[...].astype(dt), self.w_down[...].astype(dt), impl=impl)
-
-
-def _multi_device_mesh() -> bool:
-    current = active()
-    return current is not None and current[0].size > 1
+        return sharded.mlp(x, self.w_gate_up[...].astype(dt), self.w_down[...].astype(dt), impl=self.impl,
+                           weight_axes=(self.GATE_UP_AXES, self.DOWN_AXES))
 
 
 class DecoderLayer(nnx.Module):

@@ -1,7 +1,13 @@
 """Kernels under sharding: ``shard_map`` wrappers that hand each device whole sequences and whole heads.
 
-A Pallas or cuDNN kernel is a custom call that XLA's SPMD partitioner cannot split, so under a mesh it must run
-inside ``shard_map`` on per-device blocks. ``attention`` here has the signature of ``pallas_kernels.attention`` and:
+A Pallas, Triton or cuDNN kernel is a custom call that XLA's SPMD partitioner cannot split, so under a mesh it must
+run inside ``shard_map`` on per-device blocks. ``rms_norm``, ``rms_norm_and_skip`` and ``mlp`` here have the
+signatures of their ``pallas_kernels`` functions and work on rows ([batch, seq, ...] activations, weights whole):
+when every mesh axis of more than one device splits rows (data, fsdp, context: data parallelism, FSDP, context
+parallelism), each device runs the kernel on its rows, with the weights gathered whole (as FSDP gathers them for
+XLA's matmuls) and their gradients summed over the mesh; when another axis splits the work (tensor), ``auto`` becomes
+the XLA implementation (``fused``), which the partitioner can split. ``attention`` has the signature of
+``pallas_kernels.attention`` and:
 
 * splits the batch over the batch mesh axes (data, fsdp) and the heads over ``tensor``;
 * for context parallelism (the sequence split over ``context``) re-shards Q, K, V from sequence-split to head-split
@@ -73,3 +79,96 @@ def attention(q, k, v, *, segment_ids=None, causal: bool = True, softmax_scale: 
         out = jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=in_specs[:3],
                             out_specs=qkv_spec, check_vma=False)(q, k, v)
     return constrain(out, logical_to_spec(("batch", "seq", "heads", "head_dim"), rules))
+
+
+# The XLA implementation of each row kernel, which GSPMD partitions when a shard_map over rows does not fit the mesh.
+_XLA_FALLBACK = "fused"
+
+
+def _row_axes(mesh, rules, x) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(batch axes, seq axes) of more than one device, or None when some other axis of more than one device exists
+    or ``x`` is not [batch, seq, ...]: then per-device rows are not the whole computation."""
+    sizes = dict(mesh.shape)
+    batch = tuple(a for a in _axes(rules, "batch") if sizes[a] > 1)
+    seq = tuple(a for a in _axes(rules, "seq") if sizes[a] > 1 and a not in batch)
+    if x.ndim < 3 or any(size > 1 and a not in (*batch, *seq) for a, size in sizes.items()):
+        return None
+    return batch, seq
+
+
+def _names(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _spec_over_every_axis(entries: list, mesh) -> P:
+    """``entries`` with the one-device mesh axes they leave out added to the first dimension.
+
+    A shard_map input that leaves a mesh axis out is replicated over it, and the map's transpose then sums that
+    input's gradient over the axis: the data-parallel gradient sum where the axis has several devices, but an
+    all-reduce per input even over a one-device axis. Naming those avoids them without a partly automatic map
+    (which host callbacks, such as Triton's interpreter, do not support)."""
+    used = {a for e in entries for a in _names(e)}
+    rest = tuple(a for a, size in mesh.shape.items() if size == 1 and a not in used)
+    first = (*_names(entries[0]), *rest)
+    return P(first[0] if len(first) == 1 else (first or None), *entries[1:])
+
+
+def _weight_layout(axes, mesh, rules) -> tuple[P, list[tuple[int, tuple[str, ...]]]]:
+    """The shard_map spec of a weight with logical ``axes`` (its FSDP sharding: the mesh axes of more than one
+    device that its rules name) and the (dimension, mesh axes) to all-gather it over inside."""
+    sizes = dict(mesh.shape)
+    entries, gathers = [], []
+    for dim, entry in enumerate(logical_to_spec(axes, rules)):
+        names = tuple(a for a in _names(entry) if sizes[a] > 1)
+        entries.append(names[0] if len(names) == 1 else (names or None))
+        if names:
+            gathers.append((dim, names))
+    return _spec_over_every_axis(entries, mesh), gathers
+
+
+def _over_rows(fn, x, weights, weight_axes, impl: str, n_out: int = 1):
+    """``fn(x, *weights, impl=...)`` on each device's rows under the active mesh (see the module docstring).
+
+    Each weight enters sharded as the rules shard it (FSDP) and is all-gathered whole inside, so its gradient
+    leaves reduce-scattered, as XLA's own FSDP matmuls do; over the axes that do not shard it (data) it is
+    replicated, and its gradient is summed over them."""
+    current = active()
+    if current is None or current[0].size == 1:
+        return fn(x, *weights, impl=impl)
+    mesh, rules = current
+    row_axes = _row_axes(mesh, rules, x)
+    if row_axes is None:
+        return fn(x, *weights, impl=_XLA_FALLBACK if impl == "auto" else impl)
+    batch, seq = row_axes
+    spec = _spec_over_every_axis([batch or None, seq or None, *([None] * (x.ndim - 2))], mesh)
+    layouts = [_weight_layout(axes, mesh, rules) for axes in weight_axes]
+
+    def local(x, *weights):
+        whole = []
+        for w, (_, gathers) in zip(weights, layouts):
+            for dim, names in gathers:
+                w = jax.lax.all_gather(w, names, axis=dim, tiled=True)
+            whole.append(w)
+        return fn(x, *whole, impl=impl)
+
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    in_specs = (spec, *(weight_spec for weight_spec, _ in layouts))
+    out_specs = spec if n_out == 1 else (spec,) * n_out
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(x, *weights)
+
+
+def rms_norm(x, scale, *, eps: float = 1e-5, impl: str = "auto", scale_axes=(None,)):
+    """``pallas_kernels.rms_norm`` under the active mesh; ``scale_axes``: the scale's logical axes."""
+    return _over_rows(lambda x, s, impl: pallas_kernels.rms_norm(x, s, eps=eps, impl=impl), x, (scale,),
+                      (scale_axes,), impl)
+
+
+def rms_norm_and_skip(x, scale, *, eps: float = 1e-5, impl: str = "auto", scale_axes=(None,)):
+    """``pallas_kernels.rms_norm_and_skip`` under the active mesh."""
+    return _over_rows(lambda x, s, impl: pallas_kernels.rms_norm_and_skip(x, s, eps=eps, impl=impl), x, (scale,),
+                      (scale_axes,), impl, n_out=2)
+
+
+def mlp(x, w_gate_up, w_down, *, impl: str = "auto", weight_axes=((None, None, None), (None, None))):
+    """``pallas_kernels.mlp`` under the active mesh; ``weight_axes``: the two weights' logical axes."""
+    return _over_rows(pallas_kernels.mlp, x, (w_gate_up, w_down), weight_axes, impl)

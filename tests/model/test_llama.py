@@ -234,42 +234,37 @@ def test_no_recompute_names_policy_keeps_the_gradients(mlp_impl):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("devices, want", [(1, "auto"), (8, "fused")])
-def test_mlp_auto_is_fused_under_a_multi_device_mesh(monkeypatch, devices, want):
-    """A Pallas custom call cannot be partitioned by GSPMD, so under a mesh of several devices the model asks for
-    the XLA ``fused`` MLP instead of letting ``auto`` pick the Mosaic GPU kernel."""
+@pytest.mark.parametrize("axes, want", [({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, "auto"),
+                                        ({"data": 2, "fsdp": 2, "tensor": 2, "context": 1}, "fused")])
+def test_row_kernels_fall_back_to_xla_where_rows_are_not_the_whole_split(monkeypatch, axes, want):
+    """Without a mesh (or on one device) the model's norm and MLP ask for ``auto``; under a mesh whose tensor axis
+    splits the work, a per-device kernel over rows would not be the whole computation, so they ask for the XLA
+    ``fused`` implementations, which the partitioner can split. (Meshes of row axes only run the kernels in
+    ``shard_map``: tests/parallel/test_meshes.py checks those against one device.)"""
     import types
 
     from litespark_jax.model import layers
+    from litespark_jax.parallel import kernels
     from pallas_kernels.mlp import reference as mlp_reference
-
-    asked = []
-    monkeypatch.setattr(layers.pallas_kernels, "mlp", lambda x, wgu, wd, impl: asked.append(impl) or
-                        mlp_reference.mlp(x, wgu, wd))
-    monkeypatch.setattr(layers, "active", lambda: (types.SimpleNamespace(size=devices), {}))
-    mlp = layers.MLP(CONFIGS["gqa-tied"], rngs=nnx.Rngs(0))
-    mlp(jnp.ones((2, 4, CONFIGS["gqa-tied"].d_model)))
-    assert asked == [want]
-
-
-@pytest.mark.parametrize("devices, want", [(1, "auto"), (8, "fused")])
-def test_rms_norm_auto_is_fused_under_a_multi_device_mesh(monkeypatch, devices, want):
-    """Likewise the Triton RMSNorm (a custom call): both the plain norm and the (norm, skip) pair."""
-    import types
-
-    from litespark_jax.model import layers
     from pallas_kernels.rms_norm import reference as norm_reference
 
     asked = []
-    monkeypatch.setattr(layers.pallas_kernels, "rms_norm", lambda x, s, eps, impl: asked.append(impl) or
-                        norm_reference.rms_norm(x, s, eps=eps))
-    monkeypatch.setattr(layers.pallas_kernels, "rms_norm_and_skip", lambda x, s, eps, impl: asked.append(impl) or
-                        (norm_reference.rms_norm(x, s, eps=eps), x))
-    monkeypatch.setattr(layers, "active", lambda: (types.SimpleNamespace(size=devices), {}))
-    norm = layers.RMSNorm(8, CONFIGS["gqa-tied"])
-    norm(jnp.ones((2, 8)))
-    norm.with_skip(jnp.ones((2, 8)))
-    assert asked == [want, want]
+    record = lambda impl, value: asked.append(impl) or value  # noqa: E731
+    monkeypatch.setattr(kernels.pallas_kernels, "mlp", lambda x, wgu, wd, impl: record(
+        impl, mlp_reference.mlp(x, wgu, wd)))
+    monkeypatch.setattr(kernels.pallas_kernels, "rms_norm", lambda x, s, eps, impl: record(
+        impl, norm_reference.rms_norm(x, s, eps=eps)))
+    monkeypatch.setattr(kernels.pallas_kernels, "rms_norm_and_skip", lambda x, s, eps, impl: record(
+        impl, (norm_reference.rms_norm(x, s, eps=eps), x)))
+    mesh = types.SimpleNamespace(shape=axes, size=int(np.prod(list(axes.values()))))
+    monkeypatch.setattr(kernels, "active", lambda: (mesh, {"batch": ("data", "fsdp"), "seq": "context"}))
+    cfg = CONFIGS["gqa-tied"]
+    x = jnp.ones((2, 4, cfg.d_model))
+    layers.MLP(cfg, rngs=nnx.Rngs(0))(x)
+    norm = layers.RMSNorm(cfg.d_model, cfg)
+    norm(x)
+    norm.with_skip(x)
+    assert asked == [want] * 3
 
 
 def test_parameter_count_matches_config():

@@ -55,6 +55,39 @@ def flat(tree):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def row_kernel_errors(mesh):
+    """The row-kernel wrappers (``kernels.rms_norm_and_skip`` with the Triton kernels in Triton's interpreter,
+    ``kernels.mlp`` with ``fused``) on this mesh against the plain calls: outputs and all gradients, largest error."""
+    import pallas_kernels
+    from pallas_kernels.rms_norm import _NORM_AND_SKIP, registry, triton_kernel
+
+    name = "triton_interpret"
+    if name not in registry.names():
+        registry.register(name)(lambda x, s, eps: triton_kernel.rms_norm(x, s, eps=eps, interpret=True))
+        _NORM_AND_SKIP[name] = lambda x, s, eps: triton_kernel.rms_norm_and_skip(x, s, eps=eps, interpret=True)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(BATCH, SEQ, MODEL.d_model)), jnp.float32)
+    scale = jnp.asarray(1 + 0.1 * rng.normal(size=MODEL.d_model), jnp.float32)
+    wgu = jnp.asarray(rng.normal(size=(MODEL.d_model, 2, MODEL.d_ff)) / 8, jnp.float32)
+    wd = jnp.asarray(rng.normal(size=(MODEL.d_ff, MODEL.d_model)) / 11, jnp.float32)
+
+    def norm_loss(fn):
+        def loss(x, s):
+            y, skip = fn(x, s, eps=1e-5, impl=name)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(skip) * y)
+        return jax.jit(jax.value_and_grad(loss, (0, 1)))
+
+    def mlp_loss(fn):
+        return jax.jit(jax.value_and_grad(lambda x, a, b: jnp.sum(jnp.sin(fn(x, a, b, impl="fused"))), (0, 1, 2)))
+
+    plain = (norm_loss(pallas_kernels.rms_norm_and_skip)(x, scale), mlp_loss(pallas_kernels.mlp)(x, wgu, wd))
+    with use_rules(mesh, DEFAULT_RULES):
+        wrapped = (norm_loss(kernels.rms_norm_and_skip)(x, scale), mlp_loss(kernels.mlp)(x, wgu, wd))
+    err = lambda a, b: max(float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-12))  # noqa: E731
+                           for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return err(wrapped[0], plain[0]), err(wrapped[1], plain[1])
+
+
 def main(shapes):
     graphdef, params = init_model(MODEL, seed=0)
     batch = make_batch()
@@ -97,11 +130,13 @@ def main(shapes):
         with use_rules(mesh, DEFAULT_RULES):
             wrapped = jax.jit(lambda q, k, v, s: kernels.attention(q, k, v, segment_ids=s, causal=True,
                                                                    impl="reference"))(q, k, v, seg)
+        norm_err, mlp_err = row_kernel_errors(mesh)
         print(json.dumps({
             "mesh": shape, "loss": float(loss), "ref_loss": float(ref_loss), "max_grad_rel_err": max_grad_err,
             "param_bytes_per_device": per_device, "grad_bytes_per_device": grad_per_device,
             "param_bytes_total": total_bytes,
             "attention_wrapper_err": float(jnp.max(jnp.abs(wrapped - plain))),
+            "norm_wrapper_err": norm_err, "mlp_wrapper_err": mlp_err,
         }), flush=True)
 
 

@@ -40,6 +40,19 @@ def test_mesh_matches_one_device(mesh_results, shape):
     assert abs(row["loss"] - row["ref_loss"]) < 1e-5 * abs(row["ref_loss"])
     assert row["max_grad_rel_err"] < 1e-4
     assert row["attention_wrapper_err"] < 1e-5
+    assert row["norm_wrapper_err"] < 1e-5 and row["mlp_wrapper_err"] < 1e-5
+
+
+def test_row_kernels_run_per_device_only_where_every_split_is_over_rows():
+    from litespark_jax.parallel.kernels import _row_axes
+
+    rules = {"batch": ("data", "fsdp"), "seq": "context"}
+    mesh = lambda **axes: SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, "context": 1, **axes})  # noqa
+    x = np.zeros((2, 4, 8))
+    assert _row_axes(mesh(data=2, fsdp=4), rules, x) == (("data", "fsdp"), ())
+    assert _row_axes(mesh(fsdp=2, context=4), rules, x) == (("fsdp",), ("context",))
+    assert _row_axes(mesh(data=2, tensor=2), rules, x) is None  # tensor splits heads / f, not rows
+    assert _row_axes(mesh(data=2), rules, np.zeros((8, 16))) is None  # not [batch, seq, ...]
 
 
 @pytest.mark.parametrize("shape", MESHES)

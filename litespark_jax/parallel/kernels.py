@@ -38,6 +38,23 @@ def _axes(rules, name) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _names(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _spec_over_every_axis(entries: list, mesh) -> P:
+    """``entries`` with the one-device mesh axes they leave out added to the first dimension.
+
+    A shard_map input that leaves a mesh axis out is replicated over it, and the map's transpose then sums that
+    input's gradient over the axis: the data-parallel gradient sum where the axis has several devices, but an
+    all-reduce per input even over a one-device axis. Naming those avoids them without a partly automatic map
+    (which host callbacks, such as Triton's interpreter, do not support)."""
+    used = {a for e in entries for a in _names(e)}
+    rest = tuple(a for a, size in mesh.shape.items() if size == 1 and a not in used)
+    first = (*_names(entries[0]), *rest)
+    return P(first[0] if len(first) == 1 else (first or None), *entries[1:])
+
+
 def attention(q, k, v, *, segment_ids=None, causal: bool = True, softmax_scale: float | None = None,
               impl: str = "auto"):
     current = active()
@@ -61,8 +78,8 @@ def attention(q, k, v, *, segment_ids=None, causal: bool = True, softmax_scale: 
         k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
     batch_spec = batch_axes or None
     head_spec = head_axes or None
-    qkv_spec = P(batch_spec, None, head_spec, None)
-    seg_spec = P(batch_spec, None)
+    qkv_spec = _spec_over_every_axis([batch_spec, None, head_spec, None], mesh)
+    seg_spec = _spec_over_every_axis([batch_spec, None], mesh)
 
     def local(q, k, v, segment_ids):
         return pallas_kernels.attention(q, k, v, segment_ids=segment_ids, causal=causal,
@@ -94,23 +111,6 @@ def _row_axes(mesh, rules, x) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     if x.ndim < 3 or any(size > 1 and a not in (*batch, *seq) for a, size in sizes.items()):
         return None
     return batch, seq
-
-
-def _names(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _spec_over_every_axis(entries: list, mesh) -> P:
-    """``entries`` with the one-device mesh axes they leave out added to the first dimension.
-
-    A shard_map input that leaves a mesh axis out is replicated over it, and the map's transpose then sums that
-    input's gradient over the axis: the data-parallel gradient sum where the axis has several devices, but an
-    all-reduce per input even over a one-device axis. Naming those avoids them without a partly automatic map
-    (which host callbacks, such as Triton's interpreter, do not support)."""
-    used = {a for e in entries for a in _names(e)}
-    rest = tuple(a for a, size in mesh.shape.items() if size == 1 and a not in used)
-    first = (*_names(entries[0]), *rest)
-    return P(first[0] if len(first) == 1 else (first or None), *entries[1:])
 
 
 def _weight_layout(axes, mesh, rules) -> tuple[P, list[tuple[int, tuple[str, ...]]]]:

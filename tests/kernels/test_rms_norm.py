@@ -133,3 +133,29 @@ def test_triton_interpret_needs_the_environment_variable():
 def test_gpu_bfloat16(impl):
     _check(lambda *a, **k: rms_norm(*a, impl=impl, **k), (4, 4096, 3072), jnp.bfloat16, 2e-2)
     _check_skip(lambda *a, **k: rms_norm_and_skip(*a, impl=impl, **k), (4, 4096, 3072), jnp.bfloat16, 2e-2)
+
+
+def test_triton_is_off_where_jax_triton_does_not_import(monkeypatch):
+    """A GPU with a jax-triton that fails to import (a Triton it was not built for) keeps the XLA kernels, with a
+    warning, instead of failing inside the traced step."""
+    import builtins
+    import importlib.util
+
+    from pallas_kernels import _triton
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "jax_triton":
+            raise ImportError("triton 9.9 is not supported")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(_triton, "platform", lambda: "gpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(builtins, "__import__", broken)
+    _triton.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="does not import"):
+            assert _triton.available() is False
+    finally:
+        _triton.available.cache_clear()

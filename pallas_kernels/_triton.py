@@ -59,6 +59,7 @@ def _interpret(kernel, arrays, out_shape, grid, constexprs):
         # triton.jit decides at decoration time, and Triton's own tl.sum & co. are jit functions too.
         raise RuntimeError("Triton interpret mode needs TRITON_INTERPRET=1 in the environment before triton is "
                            "imported (tests/conftest.py sets it when no GPU tests are asked for)")
+
     def host(*host_arrays):
         import torch
 

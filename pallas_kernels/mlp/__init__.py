@@ -37,8 +37,9 @@ MOSAIC_GPU_TRITON_BWD = "mosaic_gpu_triton_bwd"
 def _auto(*, x_shape=None, w_shape=None, dtype=None, **_):
     """On Hopper, for bf16 shapes the Pallas kernel tiles: ``mosaic_gpu_triton_bwd`` where jax-triton runs, else
     ``mosaic_gpu`` (measured on an H100: ``mosaic_gpu`` +2.8% end to end on the 3B step over ``fused``, the Triton
-    backward +1.0% more; docs/perf/kernels.md). Elsewhere ``fused``. Both are custom calls, so a caller running under
-    a multi-device mesh must ask for ``fused`` (the model does)."""
+    backward +1.0% more; docs/perf/kernels.md). Elsewhere ``fused``. Both are custom calls, which the SPMD
+    partitioner cannot split: under a multi-device mesh, call them through ``litespark_jax.parallel.kernels.mlp``
+    (the model does), which runs them per device or falls back to ``fused``."""
     if x_shape is not None and w_shape is not None and jnp.dtype(dtype) == jnp.bfloat16 and is_hopper():
         m = math.prod(x_shape[:-1])
         if mosaic_gpu.supported(m, x_shape[-1], w_shape[2]):

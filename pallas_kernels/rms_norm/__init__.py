@@ -23,8 +23,8 @@ TRITON = "triton"
 
 
 def _auto(*, x_shape=None, dtype=None, **_):
-    """``triton`` for bf16 rows it holds where jax-triton runs (a custom call: a caller under a multi-device mesh
-    must ask for ``fused``; the model does), else ``fused``."""
+    """``triton`` for bf16 rows it holds where jax-triton runs, else ``fused``. ``triton`` is a custom call: under a
+    multi-device mesh, call it through ``litespark_jax.parallel.kernels`` (the model does)."""
     if x_shape is not None and jnp.dtype(dtype) == jnp.bfloat16 and _triton.available():
         from pallas_kernels.rms_norm import triton_kernel
 

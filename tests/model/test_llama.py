@@ -235,11 +235,13 @@ def test_no_recompute_names_policy_keeps_the_gradients(mlp_impl):
 
 
 @pytest.mark.parametrize("axes, want", [({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, "auto"),
-                                        ({"data": 2, "fsdp": 2, "tensor": 2, "context": 1}, "fused")])
+                                        ({"data": 2, "fsdp": 2, "tensor": 2, "context": 1}, "fused"),
+                                        ({"data": 1, "fsdp": 8, "tensor": 1, "context": 1}, "fused")])
 def test_row_kernels_fall_back_to_xla_where_rows_are_not_the_whole_split(monkeypatch, axes, want):
     """Without a mesh (or on one device) the model's norm and MLP ask for ``auto``; under a mesh whose tensor axis
-    splits the work, a per-device kernel over rows would not be the whole computation, so they ask for the XLA
-    ``fused`` implementations, which the partitioner can split. (Meshes of row axes only run the kernels in
+    splits the work, a per-device kernel over rows would not be the whole computation, and under FSDP the weights
+    would have to be gathered inside the map (whose memory grew on the CPU), so they ask for the XLA ``fused``
+    implementations, which the partitioner splits. (Data- and context-parallel meshes run the kernels in
     ``shard_map``: tests/parallel/test_meshes.py checks those against one device.)"""
     import types
 
@@ -257,7 +259,9 @@ def test_row_kernels_fall_back_to_xla_where_rows_are_not_the_whole_split(monkeyp
     monkeypatch.setattr(kernels.pallas_kernels, "rms_norm_and_skip", lambda x, s, eps, impl: record(
         impl, (norm_reference.rms_norm(x, s, eps=eps), x)))
     mesh = types.SimpleNamespace(shape=axes, size=int(np.prod(list(axes.values()))))
-    monkeypatch.setattr(kernels, "active", lambda: (mesh, {"batch": ("data", "fsdp"), "seq": "context"}))
+    from litespark_jax.parallel.mesh import DEFAULT_RULES
+
+    monkeypatch.setattr(kernels, "active", lambda: (mesh, DEFAULT_RULES))
     cfg = CONFIGS["gqa-tied"]
     x = jnp.ones((2, 4, cfg.d_model))
     layers.MLP(cfg, rngs=nnx.Rngs(0))(x)

@@ -2,10 +2,11 @@
 
 A Pallas, Triton or cuDNN kernel is a custom call that XLA's SPMD partitioner cannot split, so under a mesh it must
 run inside ``shard_map`` on per-device blocks. ``rms_norm``, ``rms_norm_and_skip`` and ``mlp`` here have the
-signatures of their ``pallas_kernels`` functions and work on rows ([batch, seq, ...] activations): when every mesh
-axis of more than one device splits rows and leaves the weights whole (data and context parallelism), each device
-runs the kernel on its rows and the weights' gradients are summed over the mesh; when another axis splits the work
-(tensor) or the weights (fsdp), ``auto`` becomes the XLA implementation (``fused``), which the partitioner splits. ``attention`` has the signature of
+signatures of their ``pallas_kernels`` functions and work on rows ([batch, seq, ...] activations, weights whole):
+when every mesh axis of more than one device splits rows (data, fsdp, context: data parallelism, FSDP, context
+parallelism), each device runs the kernel on its rows, with the weights gathered whole (as FSDP gathers them for
+XLA's matmuls) and their gradients summed over the mesh; when another axis splits the work (tensor), ``auto`` becomes
+the XLA implementation (``fused``), which the partitioner can split. ``attention`` has the signature of
 ``pallas_kernels.attention`` and:
 
 * splits the batch over the batch mesh axes (data, fsdp) and the heads over ``tensor``;
@@ -28,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import pallas_kernels
 from litespark_jax.errors import ConfigError
 from litespark_jax.parallel.logical import active, logical_to_spec
+from pallas_kernels.mlp.fused import GATE_UP_NAME
 
 
 def _axes(rules, name) -> tuple[str, ...]:
@@ -99,6 +101,8 @@ def attention(q, k, v, *, segment_ids=None, causal: bool = True, softmax_scale: 
 
 # The XLA implementation of each row kernel, which GSPMD partitions when a shard_map over rows does not fit the mesh.
 _XLA_FALLBACK = "fused"
+# What the row kernels name among their backward residuals: kept across an FSDP map's rematerialization.
+_KERNEL_RESIDUALS = (GATE_UP_NAME,)
 
 
 def _row_axes(mesh, rules, x) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
@@ -112,34 +116,53 @@ def _row_axes(mesh, rules, x) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     return batch, seq
 
 
-def _sharded_weight(axes, mesh, rules) -> bool:
-    """Whether the rules shard a weight with logical ``axes`` over a mesh axis of several devices (FSDP)."""
+def _weight_layout(axes, mesh, rules) -> tuple[P, list[tuple[int, tuple[str, ...]]]]:
+    """The shard_map spec of a weight with logical ``axes`` (its FSDP sharding: the mesh axes of more than one
+    device that its rules name) and the (dimension, mesh axes) to all-gather it over inside."""
     sizes = dict(mesh.shape)
-    return any(sizes[a] > 1 for entry in logical_to_spec(axes, rules) for a in _names(entry))
+    entries, gathers = [], []
+    for dim, entry in enumerate(logical_to_spec(axes, rules)):
+        names = tuple(a for a in _names(entry) if sizes[a] > 1)
+        entries.append(names[0] if len(names) == 1 else (names or None))
+        if names:
+            gathers.append((dim, names))
+    return _spec_over_every_axis(entries, mesh), gathers
 
 
 def _over_rows(fn, x, weights, weight_axes, impl: str, n_out: int = 1):
     """``fn(x, *weights, impl=...)`` on each device's rows under the active mesh (see the module docstring).
 
-    Only where the weights are whole on every device (data and context parallelism): their gradients are then
-    summed over the mesh by shard_map's transpose. FSDP-sharded weights go to XLA instead: gathered inside the map,
-    the kernels' custom VJPs keep the gathered weights for the backward, and XLA's CPU footprint of a 1x8 FSDP step
-    grew by 10-16% (1B preset, tiny and small models), where XLA's own FSDP matmuls gather them again."""
+    Each weight enters sharded as the rules shard it (FSDP) and is all-gathered whole inside, so its gradient
+    leaves reduce-scattered, as XLA's own FSDP matmuls do; over the axes that do not shard it (data) it is
+    replicated, and its gradient is summed over them. The kernels' custom VJPs keep their weights for the backward:
+    kept gathered, every layer's whole weights would stay in memory until then (XLA's CPU footprint of 1x8 FSDP
+    steps grew 10-16%), so the map is rematerialized keeping only the kernels' named residuals (the MLP's
+    pre-activation) and the weights are gathered again in the backward (then within 0-3% of XLA's own FSDP)."""
     current = active()
     if current is None or current[0].size == 1:
         return fn(x, *weights, impl=impl)
     mesh, rules = current
     row_axes = _row_axes(mesh, rules, x)
-    if row_axes is None or any(_sharded_weight(axes, mesh, rules) for axes in weight_axes):
+    if row_axes is None:
         return fn(x, *weights, impl=_XLA_FALLBACK if impl == "auto" else impl)
     batch, seq = row_axes
     spec = _spec_over_every_axis([batch or None, seq or None, *([None] * (x.ndim - 2))], mesh)
-    weight_specs = [_spec_over_every_axis([None] * w.ndim, mesh) for w in weights]
+    layouts = [_weight_layout(axes, mesh, rules) for axes in weight_axes]
+
+    def local(x, *weights):
+        whole = []
+        for w, (_, gathers) in zip(weights, layouts):
+            for dim, names in gathers:
+                w = jax.lax.all_gather(w, names, axis=dim, tiled=True)
+            whole.append(w)
+        return fn(x, *whole, impl=impl)
+
+    if any(gathers for _, gathers in layouts):
+        local = jax.checkpoint(local, policy=jax.checkpoint_policies.save_only_these_names(*_KERNEL_RESIDUALS))
     x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    in_specs = (spec, *(weight_spec for weight_spec, _ in layouts))
     out_specs = spec if n_out == 1 else (spec,) * n_out
-    local = jax.shard_map(lambda x, *w: fn(x, *w, impl=impl), mesh=mesh, in_specs=(spec, *weight_specs),
-                          out_specs=out_specs, check_vma=False)
-    return local(x, *weights)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(x, *weights)
 
 
 def rms_norm(x, scale, *, eps: float = 1e-5, impl: str = "auto", scale_axes=(None,)):

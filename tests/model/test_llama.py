@@ -235,13 +235,11 @@ def test_no_recompute_names_policy_keeps_the_gradients(mlp_impl):
 
 
 @pytest.mark.parametrize("axes, want", [({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, "auto"),
-                                        ({"data": 2, "fsdp": 2, "tensor": 2, "context": 1}, "fused"),
-                                        ({"data": 1, "fsdp": 8, "tensor": 1, "context": 1}, "fused")])
+                                        ({"data": 2, "fsdp": 2, "tensor": 2, "context": 1}, "fused")])
 def test_row_kernels_fall_back_to_xla_where_rows_are_not_the_whole_split(monkeypatch, axes, want):
     """Without a mesh (or on one device) the model's norm and MLP ask for ``auto``; under a mesh whose tensor axis
-    splits the work, a per-device kernel over rows would not be the whole computation, and under FSDP the weights
-    would have to be gathered inside the map (whose memory grew on the CPU), so they ask for the XLA ``fused``
-    implementations, which the partitioner splits. (Data- and context-parallel meshes run the kernels in
+    splits the work, a per-device kernel over rows would not be the whole computation, so they ask for the XLA
+    ``fused`` implementations, which the partitioner splits. (Data, FSDP and context meshes run the kernels in
     ``shard_map``: tests/parallel/test_meshes.py checks those against one device.)"""
     import types
 

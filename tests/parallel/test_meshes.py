@@ -122,4 +122,9 @@ def test_fsdp_all_gathers_happen_inside_the_layer_scan():
     row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     # The forward and the (rematerialized) backward scans gather their layer's weights in the loop body.
     assert row["loop_bodies"] >= 2 and row["all_gather_in_loops"] > 0
+    # The norm and MLP kernels in shard_map: each layer's two norm scales and two MLP weights (and the final norm)
+    # leave reduce-scattered, and no more all-reduces than with XLA's partitioner (none over one-device axes).
+    mapped, xla = row["row_kernels_in_shard_map"], row["row_kernels_to_xla"]
+    assert mapped["reduce-scatter"] >= 4 * row["layers"] + 1
+    assert mapped["all-reduce"] <= xla["all-reduce"]
 

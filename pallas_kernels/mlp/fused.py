@@ -91,17 +91,27 @@ def _mlp_fwd(x2, w_gate_up, w_down, gate_up_f32, tp_safe):
 def _mlp_bwd(gate_up_f32, tp_safe, res, dy):
     del gate_up_f32
     x2, gu, w_gate_up, w_down = res
-    dy = dy.astype(x2.dtype)
+    return backward(x2, dy.astype(x2.dtype), gu, w_gate_up, w_down,
+                    matmuls=_matmul_grads_tp if tp_safe else matmul_grads)
+
+
+def backward(x2, dy, gu, w_gate_up, w_down, swiglu=None, matmuls=None):
+    """(dx, dw_gate_up, dw_down) from the saved ``x2`` and pre-activation ``gu``: the ``dh`` matmul, the SwiGLU
+    gradient (``swiglu``: this module's two XLA passes by default, or a kernel with ``swiglu_backward``'s contract),
+    then the three matmuls after it (``matmuls``: ``matmul_grads`` by default)."""
     dh = jnp.dot(dy, w_down.T, preferred_element_type=jnp.float32).astype(x2.dtype)
-    dgu, h = swiglu_backward(gu, dh)
-    if tp_safe:
-        dw_down = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(w_down.dtype)
-        # XLA's CPU backend has no standalone bf16 x bf16 -> f32 dot for these: upcast there (CPU speed is moot).
-        up = (lambda a: a.astype(jnp.float32)) if platform() == "cpu" else (lambda a: a)
-        dx = jnp.einsum("ntf,dtf->nd", up(dgu), up(w_gate_up), preferred_element_type=jnp.float32)
-        dw_gu = jnp.einsum("nd,ntf->dtf", up(x2), up(dgu), preferred_element_type=jnp.float32)
-        return dx.astype(x2.dtype), dw_gu.astype(w_gate_up.dtype), dw_down
-    return matmul_grads(x2, dy, dgu, h, w_gate_up, w_down)
+    dgu, h = (swiglu or swiglu_backward)(gu, dh)
+    return (matmuls or matmul_grads)(x2, dy, dgu, h, w_gate_up, w_down)
+
+
+def _matmul_grads_tp(x2, dy, dgu, h, w_gate_up, w_down):
+    """``matmul_grads`` with 3-D einsums, which keep a tensor-sharded ``f`` axis sharded."""
+    dw_down = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(w_down.dtype)
+    # XLA's CPU backend has no standalone bf16 x bf16 -> f32 dot for these: upcast there (CPU speed is moot).
+    up = (lambda a: a.astype(jnp.float32)) if platform() == "cpu" else (lambda a: a)
+    dx = jnp.einsum("ntf,dtf->nd", up(dgu), up(w_gate_up), preferred_element_type=jnp.float32)
+    dw_gu = jnp.einsum("nd,ntf->dtf", up(x2), up(dgu), preferred_element_type=jnp.float32)
+    return dx.astype(x2.dtype), dw_gu.astype(w_gate_up.dtype), dw_down
 
 
 def matmul_grads(x2, dy, dgu, h, w_gate_up, w_down):

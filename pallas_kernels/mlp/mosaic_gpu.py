@@ -160,15 +160,13 @@ def _mlp_bwd(config, interpret, backward, res, dy):
     dy = dy.astype(x2.dtype)
     if isinstance(backward, mosaic_gpu_bwd.BackwardConfig):
         dgu, h = mosaic_gpu_bwd.swiglu_backward_fused(dy, w_down, gu, config=backward, interpret=interpret)
-    else:
-        dh = jnp.dot(dy, w_down.T, preferred_element_type=jnp.float32).astype(x2.dtype)
-        if backward == TRITON_BACKWARD:
-            from pallas_kernels.mlp import triton_kernel  # needs triton: imported only when asked for
+        return fused.matmul_grads(x2, dy, dgu, h, w_gate_up, w_down)
+    if backward == TRITON_BACKWARD:
+        from pallas_kernels.mlp import triton_kernel  # needs triton: imported only when asked for
 
-            dgu, h = triton_kernel.swiglu_backward(gu, dh, interpret=interpret is not None)
-        else:
-            dgu, h = fused.swiglu_backward(gu, dh)
-    return fused.matmul_grads(x2, dy, dgu, h, w_gate_up, w_down)
+        swiglu = functools.partial(triton_kernel.swiglu_backward, interpret=interpret is not None)
+        return fused.backward(x2, dy, gu, w_gate_up, w_down, swiglu=swiglu)
+    return fused.backward(x2, dy, gu, w_gate_up, w_down)
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)

@@ -28,7 +28,7 @@ from litespark_jax.config import Config, load_config
 from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
-from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
+from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, mesh_shape
 from litespark_jax.train.optimizer import build_optimizer
 from litespark_jax.train.state import abstract_model, init_train_state, state_shardings
 from litespark_jax.train.step import compiler_options, make_train_step
@@ -133,7 +133,11 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
                           - memory.alias_size_in_bytes)
     return {
         "variant": name,
+        "devices": n_dev,
+        "mesh": mesh_shape(config.mesh, n_dev),
+        "global_batch": t.global_batch_size,
         "tokens_per_s": tps,
+        "tokens_per_s_per_device": tps / n_dev,
         "tflops_per_device": tflops,
         "mfu_causal": tflops / peak if peak else None,
         "mfu_noncausal": tps * flops_full / n_dev / 1e12 / peak if peak else None,
@@ -234,11 +238,14 @@ def _pct(value):
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'variant':<12} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU(nc)':>7} {'step s':>7} "
+    """One line per variant; TFLOP/s, MFU, memory and watts are per device, tok/s and J/tok for the whole job."""
+    per_device = any(r["devices"] > 1 for r in rows)
+    header = (f"{'variant':<12} {'tok/s':>10} " + (f"{'tok/s/GPU':>9} " if per_device else "") + f"{'TFLOP/s':>8} {'MFU':>6} {'MFU(nc)':>7} {'step s':>7} "
               f"{'mem GiB':>8} {'compile':>7} {'W':>6} {'J/tok':>7} {'loss':>7}")
     print(header)
     for r in rows:
-        print(f"{r['variant']:<12} {r['tokens_per_s']:>10,.0f} {r['tflops_per_device']:>8.1f} "
+        print(f"{r['variant']:<12} {r['tokens_per_s']:>10,.0f} "
+              + (f"{r['tokens_per_s_per_device']:>9,.0f} " if per_device else "") + f"{r['tflops_per_device']:>8.1f} "
               f"{_pct(r['mfu_causal']):>6} {_pct(r['mfu_noncausal']):>7} {r['step_s']:>7.3f} "
               f"{_fmt(r['compiled_memory_gib'], '>8.2f')} {r['compile_s']:>6.1f}s {_fmt(r['avg_power_w'], '>6.0f')} "
               f"{_fmt(r['joules_per_token'], '>7.4f')} {r['final_loss']:>7.3f}")
@@ -327,8 +334,10 @@ def main(argv=None) -> int:
             print(line)
     if args.jsonl:
         with open(args.jsonl, "a") as f:
-            for row in rows:
-                f.write(json.dumps({"config": args.config, "time": time.time(), **row}) + "\n")
+            overrides = dict(specs)
+            for row in rows:  # with its overrides, so a row can be re-planned (python -m litespark_jax.plan)
+                f.write(json.dumps({"config": args.config, "overrides": overrides[row["variant"]], "time": time.time(),
+                                    **row}) + "\n")
     return 0
 
 

@@ -14,7 +14,8 @@ are counted in ``optim.state_dtype``; ``remat_policy=names`` keeps each saved ``
 own ``memory_analysis()`` (arguments + outputs - aliased + temporaries); on CPU the attention is the reference
 (materialized scores), so the check models that too (see docs/SCALING.md for what the CPU step holds).
 
-The time model: compute = model FLOPs (plus remat recompute) / (peak x achievable efficiency); FSDP all-gathers and
+The time model: compute = model FLOPs (plus remat recompute) / (peak x step efficiency), the efficiency measured end
+to end on one GPU (``EFFICIENCY["compute"]``, ``--efficiency``); FSDP all-gathers and
 reduce-scatters and the data-parallel all-reduce overlap with compute (XLA's latency-hiding scheduler), tensor- and
 context-parallel collectives sit on the critical path. A collective over an axis that spans nodes runs at the
 inter-node (InfiniBand) rate, otherwise at the NVLink rate. All constants are in ``GPUS`` and ``EFFICIENCY``.
@@ -46,7 +47,10 @@ GPUS = {
     "h200": GPU("H200 SXM 141GB", 989.0, 0.9 * 141e9 / GiB, 450.0, 50.0, 64.0),
 }
 EFFICIENCY = {
-    "matmul": 0.72,  # fraction of peak reached by the model's matmuls (cuBLAS bf16, large shapes)
+    # Fraction of peak at which a whole one-GPU step runs its FLOPs (model + recompute): matmuls, attention and every
+    # memory-bound kernel together. Measured: the 3B preset on one H100, 53.4% MFU (docs/SCALING.md). It was an
+    # assumed 0.72 (matmuls alone), which put every step-time prediction 26-33% under the measured H100 steps.
+    "compute": 0.534,
     "nvlink": 0.80,  # NCCL bus bandwidth / link bandwidth
     "ib": 0.80,
     "host": 0.75,  # pinned host <-> device copies / PCIe link rate (an assumption: not measured here)
@@ -260,10 +264,11 @@ def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cros
 
 def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, attention: str = "flash",
               cross_entropy: str = "chunked", mlp: str = "fused", state_dtype: str = "float32",
-              offload_state: bool = False) -> Plan:
+              offload_state: bool = False, efficiency: float | None = None) -> Plan:
     """One mesh's plan. ``state_dtype`` is ``optim.state_dtype``: both Adam moments are stored in it;
     ``offload_state`` is ``optim.offload_state``: they live in host memory and cross the host link twice a step
-    (counted as exposed: the update that needs them comes after the backward)."""
+    (counted as exposed: the update that needs them comes after the backward); ``efficiency`` replaces
+    ``EFFICIENCY["compute"]`` (e.g. one measured for another model or kernel set)."""
     from litespark_jax.metrics import model_flops_per_token
 
     n_dev = math.prod(sizes.values())
@@ -280,7 +285,7 @@ def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, a
         keeps_all = NO_RECOMPUTE_NAMES <= saved and saved & {"residual_mid", "attention_proj", "mlp_in"}
         recompute = 0.0 if keeps_all else 0.15
     flops = (model_flops + recompute * layer_flops) / n_dev
-    compute_s = flops / (gpu.peak_tflops * 1e12 * EFFICIENCY["matmul"])
+    compute_s = flops / (gpu.peak_tflops * 1e12 * (efficiency or EFFICIENCY["compute"]))
 
     a = DTYPE_BYTES[cfg.dtype]
     params_total = cfg.num_params()
@@ -442,7 +447,7 @@ def describe(plan: Plan, gpu: GPU) -> str:
 def limiter(plan: Plan) -> str:
     t = plan.times
     exposed = max(0.0, t["fsdp_dp_comm"] - EFFICIENCY["overlap"] * t["compute"])
-    parts = {"matmul efficiency (compute bound)": t["compute"], "exposed FSDP/DP collectives": exposed,
+    parts = {"compute (step efficiency)": t["compute"], "exposed FSDP/DP collectives": exposed,
              "tensor-parallel all-reduces": t["tensor_comm"], "context-parallel all-to-alls": t["context_comm"]}
     return max(parts, key=parts.get)
 
@@ -460,10 +465,15 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=10, help="rows of the candidate table")
     parser.add_argument("--attention", choices=("flash", "reference"), default=None,
                         help="attention memory model (default: flash on GPU plans, reference with --xla-check)")
+    parser.add_argument("--efficiency", type=float, default=None,
+                        help=f"fraction of peak a one-GPU step reaches on its FLOPs (default "
+                             f"{EFFICIENCY['compute']}, measured on the 3B preset; see docs/SCALING.md)")
     parser.add_argument("--xla-check", action="store_true",
                         help="compile the step on CPU host devices and compare with XLA's memory analysis")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    if args.efficiency is not None and not 0 < args.efficiency <= 1:
+        parser.error(f"--efficiency {args.efficiency}: a fraction of the peak, in (0, 1]")
     n = args.nodes * args.gpus_per_node
     if args.xla_check:
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -478,10 +488,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg, train, gpu = config.model, config.train, GPUS[args.gpu]
-    attention = args.attention or ("reference" if args.xla_check else "flash")
-    ce = _resolved_ce(cfg, train, n)
-    kw = dict(attention=attention, cross_entropy=ce, mlp="reference" if cfg.mlp_impl == "reference" else "fused",
-              state_dtype=config.optim.state_dtype, offload_state=config.optim.offload_state)
+    kw = plan_options(config, n, args.attention or ("reference" if args.xla_check else "flash"), args.efficiency)
+    attention, ce = kw["attention"], kw["cross_entropy"]
     print(f"{args.config or 'defaults'}: {cfg.num_params() / 1e9:.2f}B parameters, global batch "
           f"{train.global_batch_size} x {train.seq_len} tokens, remat={cfg.remat_policy}"
           + (f" (saving {', '.join(cfg.remat_save_names)})" if cfg.remat_policy == "names" else "")
@@ -530,6 +538,14 @@ def main(argv=None) -> int:
               f"outputs {_gib(figure['outputs'])}, aliased {_gib(figure['aliased'])}, temp {_gib(figure['temp'])}); "
               f"predicted {_gib(predicted)} GiB: {100 * error:+.1f}%")
     return 0
+
+
+def plan_options(config, n_devices: int, attention: str = "flash", efficiency: float | None = None) -> dict:
+    """``plan_mesh``'s keyword arguments for a loaded config (the kernels and optimizer state it runs with)."""
+    cfg = config.model
+    return dict(attention=attention, cross_entropy=_resolved_ce(cfg, config.train, n_devices),
+                mlp="reference" if cfg.mlp_impl == "reference" else "fused", state_dtype=config.optim.state_dtype,
+                offload_state=config.optim.offload_state, efficiency=efficiency)
 
 
 def _resolved_ce(cfg, train, n_devices: int) -> str:

@@ -94,7 +94,8 @@ def test_a_variant_with_another_batch_size_is_timed_on_a_batch_of_its_size(monke
 
     def fake_measure(name, config, batch, *args):
         seen[name] = batch["inputs"].shape
-        return {"variant": name, "tokens_per_s": 1.0, "tflops_per_device": 1.0, "mfu_causal": None,
+        return {"variant": name, "devices": 1, "tokens_per_s": 1.0, "tokens_per_s_per_device": 1.0,
+                "tflops_per_device": 1.0, "mfu_causal": None,
                 "mfu_noncausal": None, "step_s": 1.0, "compiled_memory_gib": None, "peak_memory_gib": None,
                 "compile_s": 0.0, "avg_power_w": None, "joules_per_token": None, "final_loss": 0.0}
 
@@ -110,3 +111,25 @@ def test_measure_refuses_a_batch_of_another_shape():
                                                                            "train.global_batch_size=2"]))
     with pytest.raises(ValueError, match="not the config's 3 x 64"):
         bench.measure("b3", config, batch, steps=1, warmup=0)
+
+
+def test_weak_scaling_script_runs_the_same_per_device_batch_over_an_fsdp_mesh(tmp_path):
+    """launch/bench_weak_scaling.sh on 2 CPU devices: LiteSpark and the baseline each get N x their per-GPU batch
+    on an FSDP-N mesh, and the rows report tokens/s per device (the weak-scaling figure)."""
+    import os
+    import subprocess
+
+    out = tmp_path / "ws.jsonl"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               OUT=str(out), CONFIG="configs/tiny.yaml", PER_GPU="3", BASE_PER_GPU="2", STEPS="1")
+    proc = subprocess.run(["bash", "launch/bench_weak_scaling.sh", "2"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"litespark", "baseline"}
+    for name, per_gpu in (("litespark", 3), ("baseline", 2)):
+        r = rows[name]
+        assert r["devices"] == 2 and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1, "context": 1}
+        assert r["global_batch"] == 2 * per_gpu
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2)
+    assert "tok/s/GPU" in proc.stdout

@@ -6,15 +6,22 @@
 The calls are the ones the model's loss resolves with ``impl="auto"`` (recorded while tracing it, so the shapes are
 exactly the training step's). For each, every implementation available here runs forward+backward on random
 inputs; one whose outputs or gradients differ from the built-in ``auto`` choice's by more than ``--tolerance``
-(relative L2) is not eligible; the fastest eligible one is written to the table (``pallas_kernels.tuned``), with
-all the timings. ``auto`` then uses the table's choice for those exact calls on this device kind.
+(relative L2) is not eligible; the fastest eligible one is the call's pick. Isolated timings can mislead (on an
+H100 the 3B preset's picks made the whole step 0.9% slower: a kernel that wins alone may lose inside the step,
+where XLA fuses around it and it shares the card), so then the step check trains a few steps with ``auto``'s rule
+and with each differing pick alone, and a pick that does not speed up the whole step by ``--margin`` goes back to
+the default (``kernel_best`` keeps what the isolated timing chose). The table (``pallas_kernels.tuned``) is written
+with all the timings; ``auto`` then uses its choices for those exact calls on this device kind.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +123,47 @@ def tune_call(kernel: str, info: dict, *, iters: int, tolerance: float, seed: in
     return entry
 
 
+def step_check(config, table: dict, *, steps: int, warmup: int, margin: float) -> None:
+    """Keep each pick that differs from ``auto``'s rule only if the training step is at least ``margin`` faster
+    with it alone (same synthetic batch, one process); others fall back to the default. Edits ``table``."""
+    from litespark_jax import bench
+
+    changed = [e for e in table["entries"] if e["best"] != e["default"]]
+    if not changed:
+        return
+    batch = bench.synthetic_batch(config)
+    if any(e["call"].get("has_segments") for e in table["entries"]):  # the calls were recorded with packed rows
+        batch["segment_ids"] = np.ones_like(batch["inputs"])
+
+    def tokens_per_s(name: str, entries: list | None) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = None
+            if entries is not None:
+                path = os.path.join(tmp, "candidate.json")
+                with open(path, "w") as f:
+                    json.dump({**table, "entries": entries}, f)
+            candidate = dataclasses.replace(config, model=dataclasses.replace(config.model, kernel_table=path))
+            return bench.measure(name, candidate, batch, steps, warmup)["tokens_per_s"]
+
+    try:
+        base = tokens_per_s("auto", None)
+        for e in changed:
+            with record_calls() as calls:
+                tps = tokens_per_s(f"{e['kernel']}={e['best']}", [e])
+            if (e["kernel"], tuned.call_key(e["call"])) not in {(k, tuned.call_key(i)) for k, _, i in calls}:
+                raise RuntimeError(f"autotune step check: the training step never made the tuned {e['kernel']} call "
+                                   f"{e['call']}, so it cannot judge it (a bug: the step's batch differs from the "
+                                   "one the calls were recorded with)")
+            e["step_tokens_per_s"] = {e["default"]: round(base, 1), e["best"]: round(tps, 1)}
+            verdict = "kept" if tps >= base * (1 + margin) else f"not kept (under +{margin:.1%}): {e['default']}"
+            print(f"step check {e['kernel']}: auto {base:,.0f} tok/s, {e['best']} {tps:,.0f} "
+                  f"({tps / base - 1:+.1%}): {verdict}", flush=True)
+            if tps < base * (1 + margin):
+                e["kernel_best"], e["best"] = e["best"], e["default"]
+    finally:
+        pallas_kernels.use_table(None)
+
+
 def main(argv=None) -> int:
     from litespark_jax.config import load_config
 
@@ -126,8 +174,16 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=10, help="timed calls per implementation (median)")
     parser.add_argument("--tolerance", type=float, default=3e-2,
                         help="largest relative L2 difference from the default implementation's outputs and gradients")
+    parser.add_argument("--step-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the training step with each pick that differs from auto's rule and keep only "
+                             "those that make it faster")
+    parser.add_argument("--step-steps", type=int, default=5, help="timed training steps per step-check variant")
+    parser.add_argument("--margin", type=float, default=0.005,
+                        help="how much faster (fraction) the step must be to keep a pick (run-to-run noise is ~0.5%%)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    if args.step_steps < 1 or args.margin < 0:
+        parser.error("--step-steps must be >= 1 and --margin >= 0")
     config = load_config(args.config, args.overrides)
     pallas_kernels.use_table(None)  # time against the built-in rule, not an older table
     entries = []
@@ -138,6 +194,8 @@ def main(argv=None) -> int:
         entries.append(entry)
     table = {"version": tuned.VERSION, "device_kind": tuned.device_kind(), "jax": jax.__version__,
              "config": args.config, "overrides": args.overrides, "entries": entries}
+    if args.step_check:
+        step_check(config, table, steps=args.step_steps, warmup=2, margin=args.margin)
     with open(args.out, "w") as f:
         json.dump(table, f, indent=1)
     changed = sum(e["best"] != e["default"] for e in entries)

@@ -8,6 +8,10 @@ of the kernels that ran on the GPU(s). Time is per traced step when ``--steps`` 
 (CUDA graphs) show up as ``command_buffer_N`` ops with their kernels' categories mixed; trace with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see each kernel under its own XLA op. Without a GPU in the trace
 (a CPU run) the XLA CPU thunks are summarised instead, so the tool can be tested anywhere.
+
+With several GPUs in the trace it also says, per GPU and step, how long the NCCL collectives ran, how much of that
+no other kernel ran beside them (exposed communication), and how much of the step that GPU ran no computation at all
+(the span minus the union of its non-collective kernels): what FSDP or data parallelism costs beyond the compute.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from litespark_jax.errors import UserError
 # cuBLAS/cuBLASLt "sm90_xmma_gemm_*", "nvjet_*", cutlass "cutlass_*"; cuDNN flash attention "cudnn_generated_*";
 # XLA fusions "loop_*_fusion", "input_*_fusion"; Triton GEMM fusions "gemm_fusion_*"/"triton_*"; our jax-triton
 # kernels are named after their functions, "*_triton" (pallas_kernels/*/triton_kernel.py).
+COLLECTIVE = "collective (NCCL)"
 CATEGORIES = (
+    (COLLECTIVE, ("nccl",)),  # first: "ncclDevKernel_ReduceScatter_Sum_bf16_*" is no reduction fusion
     ("attention (cuDNN)", ("cudnn", "fmha", "flash_fprop", "flash_bprop")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
     ("Triton (jax-triton)", ("_triton",)),
@@ -98,12 +104,59 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
     return {
         "source": source,
         "steps": steps,
+        "devices": len({e.get("pid") for e in kernels}),
         "busy_ms_per_step": busy,
         "span_ms_per_step": (end - start) / 1000.0 / steps,
+        "per_device": _overlap(kernels, end - start, steps),
         "categories": {c: {"ms": ms, "share": ms / busy} for c, ms in per_category.most_common()},
         "top_ops": [{"op": op, "category": op_category[op].most_common(1)[0][0], "ms": ms,
                      "calls": op_calls[op] // max(steps, 1), "share": ms / busy} for op, ms in per_op.most_common(top)],
     }
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def _length(intervals) -> float:
+    return sum(hi - lo for lo, hi in intervals)
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length of the overlap of two merged, sorted interval lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def _overlap(kernels: list[dict], span_us: float, steps: int) -> dict:
+    """Per device (averaged over them), ms per step: collectives, the part of them with no other kernel running
+    on that device, and the part of the span that device computed nothing (span - union of its other kernels)."""
+    by_device = collections.defaultdict(list)
+    for e in kernels:
+        by_device[e.get("pid")].append(e)
+    collective = exposed = idle = 0.0
+    for events in by_device.values():
+        comm = _merged([(e["ts"], e["ts"] + e["dur"]) for e in events if categorize(e.get("name", "")) == COLLECTIVE])
+        compute = _merged([(e["ts"], e["ts"] + e["dur"]) for e in events
+                           if categorize(e.get("name", "")) != COLLECTIVE])
+        collective += _length(comm)
+        exposed += _length(comm) - _intersection(comm, compute)
+        idle += span_us - _length(compute)
+    scale = 1000.0 * steps * len(by_device)
+    return {"collective_ms": collective / scale, "exposed_collective_ms": exposed / scale,
+            "compute_idle_ms": idle / scale}
 
 
 _HLO_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.+?) [a-z][a-z0-9\-]*\(")
@@ -166,6 +219,11 @@ def format_summary(s: dict) -> str:
              f"({s['source']}, {s['steps']} step(s))"]
     for category, v in s["categories"].items():
         lines.append(f"  {category:<22} {v['ms']:>9.1f} ms  {100 * v['share']:5.1f}%")
+    d = s.get("per_device")
+    if d and s.get("devices", 1) > 1:
+        lines.append(f"per device ({s['devices']}): {s['busy_ms_per_step'] / s['devices']:.1f} ms busy; collectives "
+                     f"{d['collective_ms']:.1f} ms, {d['exposed_collective_ms']:.1f} ms of them exposed (nothing else "
+                     f"running); no computation running for {d['compute_idle_ms']:.1f} ms of the span")
     lines.append(f"top {len(s['top_ops'])} ops:")
     for o in s["top_ops"]:
         lines.append(f"  {o['ms']:>9.2f} ms {100 * o['share']:5.1f}% x{o['calls']:<4} {o['category']:<20} {o['op'][:90]}")

@@ -105,3 +105,28 @@ def test_hlo_dump_groups_the_same_fusion_of_every_layer(tmp_path, capsys):
 def test_hlo_dump_dir_without_a_dump_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no \\*after_optimizations.txt"):
         trace_summary.hlo_sources(str(tmp_path))
+
+
+def test_collectives_exposed_and_compute_idle_per_device():
+    """Two GPUs: GPU 0's all-gather runs 2 ms, 1 of them beside a GEMM on another stream; GPU 1's reduce-scatter
+    runs alone. Collectives per device (2 + 1) / 2 = 1.5 ms, exposed (1 + 1) / 2 = 1 ms; the span is 6 ms, GPU 0
+    computes for 5 of it (two GEMMs, overlapping ones counted once), GPU 1 for 3: idle (1 + 3) / 2 = 2 ms."""
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:1"}},
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 0, "dur": 2000, "name": "ncclDevKernel_AllGather_RING_LL"},
+        {"ph": "X", "pid": 1, "tid": 8, "ts": 1000, "dur": 3000, "name": "nvjet_gemm"},
+        {"ph": "X", "pid": 1, "tid": 9, "ts": 2000, "dur": 1000, "name": "loop_add_fusion"},
+        {"ph": "X", "pid": 1, "tid": 8, "ts": 4000, "dur": 2000, "name": "nvjet_gemm"},
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 0, "dur": 1000, "name": "ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL"},
+        {"ph": "X", "pid": 2, "tid": 8, "ts": 1000, "dur": 3000, "name": "nvjet_gemm"},
+    ]
+    s = trace_summary.summarize(events, steps=1)
+    assert s["devices"] == 2
+    assert trace_summary.categorize("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL") == "collective (NCCL)"
+    assert s["categories"]["collective (NCCL)"]["ms"] == pytest.approx(3.0)
+    d = s["per_device"]
+    assert d["collective_ms"] == pytest.approx(1.5)
+    assert d["exposed_collective_ms"] == pytest.approx(1.0)
+    assert d["compute_idle_ms"] == pytest.approx(2.0)
+    assert "1.0 ms of them exposed" in trace_summary.format_summary(s)

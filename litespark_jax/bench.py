@@ -240,7 +240,8 @@ def _pct(value):
 def print_table(rows: list[dict]) -> None:
     """One line per variant; TFLOP/s, MFU, memory and watts are per device, tok/s and J/tok for the whole job."""
     per_device = any(r["devices"] > 1 for r in rows)
-    header = (f"{'variant':<12} {'tok/s':>10} " + (f"{'tok/s/GPU':>9} " if per_device else "") + f"{'TFLOP/s':>8} {'MFU':>6} {'MFU(nc)':>7} {'step s':>7} "
+    header = (f"{'variant':<12} {'tok/s':>10} " + (f"{'tok/s/GPU':>9} " if per_device else "")
+              + f"{'TFLOP/s':>8} {'MFU':>6} {'MFU(nc)':>7} {'step s':>7} "
               f"{'mem GiB':>8} {'compile':>7} {'W':>6} {'J/tok':>7} {'loss':>7}")
     print(header)
     for r in rows:

@@ -128,3 +128,17 @@ def test_planner_within_fifteen_percent_of_the_measured_h100_runs():
         print(f"{r['config']} x{r['devices']}: step {step_error:+.1%}, memory {memory_error:+.1%}")
         assert abs(step_error) <= 0.15 and abs(memory_error) <= 0.15, (r["config"], r["devices"], step_error,
                                                                        memory_error)
+
+
+def test_a_measured_share_of_fsdp_traffic_shows_on_the_step_even_when_compute_could_cover_it():
+    from litespark_jax.config import load_config
+
+    config = load_config("configs/llama-3.2-3b.yaml", ["train.global_batch_size=12"])
+    sizes = {"data": 1, "fsdp": 2, "tensor": 1, "context": 1}
+    p = plan.plan_mesh(config.model, config.train, plan.GPUS["h100"], sizes, dict.fromkeys(sizes, 1), 1,
+                       **plan.plan_options(config, 2))
+    comm, compute = p.times["fsdp_dp_comm"], p.times["compute"]
+    assert 0 < comm < plan.EFFICIENCY["overlap"] * compute  # the compute could hide all of it ...
+    assert p.step_s == pytest.approx(compute + plan.EFFICIENCY["exposed_comm"] * comm)  # ... but not in practice
+    # With far too little compute to overlap, what it cannot cover shows (more than the measured share).
+    assert plan.exposed_comm(10.0, 0.1) == pytest.approx(10.0 - 0.1 * plan.EFFICIENCY["overlap"])

@@ -132,8 +132,7 @@ def step_check(config, table: dict, *, steps: int, warmup: int, margin: float) -
     if not changed:
         return
     batch = bench.synthetic_batch(config)
-    if any(e["call"].get("has_segments") for e in table["entries"]):  # the calls were recorded with packed rows
-        batch["segment_ids"] = np.ones_like(batch["inputs"])
+    batch["segment_ids"] = np.ones_like(batch["inputs"])  # as in model_calls: the calls were recorded with packed rows
 
     def tokens_per_s(name: str, entries: list | None) -> float:
         with tempfile.TemporaryDirectory() as tmp:

@@ -89,11 +89,11 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
     per_op = collections.Counter()
     op_calls = collections.Counter()
     op_category: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for e in kernels:
+    categories = [categorize(e.get("name", "?")) for e in kernels]
+    for e, category in zip(kernels, categories):
         ms = e["dur"] / 1000.0 / steps
         name = e.get("name", "?")
         op = e.get("args", {}).get("hlo_op") or name
-        category = categorize(name)
         per_category[category] += ms
         per_op[op] += ms
         op_calls[op] += 1
@@ -107,7 +107,7 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
         "devices": len({e.get("pid") for e in kernels}),
         "busy_ms_per_step": busy,
         "span_ms_per_step": (end - start) / 1000.0 / steps,
-        "per_device": _overlap(kernels, end - start, steps),
+        "per_device": _overlap(kernels, categories, end - start, steps),
         "categories": {c: {"ms": ms, "share": ms / busy} for c, ms in per_category.most_common()},
         "top_ops": [{"op": op, "category": op_category[op].most_common(1)[0][0], "ms": ms,
                      "calls": op_calls[op] // max(steps, 1), "share": ms / busy} for op, ms in per_op.most_common(top)],
@@ -140,17 +140,16 @@ def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
     return total
 
 
-def _overlap(kernels: list[dict], span_us: float, steps: int) -> dict:
+def _overlap(kernels: list[dict], categories: list[str], span_us: float, steps: int) -> dict:
     """Per device (averaged over them), ms per step: collectives, the part of them with no other kernel running
-    on that device, and the part of the span that device computed nothing (span - union of its other kernels)."""
-    by_device = collections.defaultdict(list)
-    for e in kernels:
-        by_device[e.get("pid")].append(e)
+    on that device, and the part of the span that device computed nothing (span - union of its other kernels).
+    ``categories``: each kernel's ``categorize``."""
+    by_device = collections.defaultdict(lambda: ([], []))  # pid -> (collective, other) intervals
+    for e, category in zip(kernels, categories):
+        by_device[e.get("pid")][category != COLLECTIVE].append((e["ts"], e["ts"] + e["dur"]))
     collective = exposed = idle = 0.0
-    for events in by_device.values():
-        comm = _merged([(e["ts"], e["ts"] + e["dur"]) for e in events if categorize(e.get("name", "")) == COLLECTIVE])
-        compute = _merged([(e["ts"], e["ts"] + e["dur"]) for e in events
-                           if categorize(e.get("name", "")) != COLLECTIVE])
+    for comm, compute in by_device.values():
+        comm, compute = _merged(comm), _merged(compute)
         collective += _length(comm)
         exposed += _length(comm) - _intersection(comm, compute)
         idle += span_us - _length(compute)

@@ -32,15 +32,13 @@ from litespark_jax.parallel.logical import active, logical_to_spec
 from pallas_kernels.mlp.fused import GATE_UP_NAME
 
 
-def _axes(rules, name) -> tuple[str, ...]:
-    value = rules.get(name)
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
 def _names(entry) -> tuple[str, ...]:
+    """The mesh axes of one spec entry (None, an axis name, or a tuple of them)."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _axes(rules, name) -> tuple[str, ...]:
+    return _names(rules.get(name))
 
 
 def _spec_over_every_axis(entries: list, mesh) -> P:

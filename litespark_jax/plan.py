@@ -220,8 +220,17 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention
     forward = attn_fwd + 2 * x + q + kvb
     backward = recomputed + attn_bwd + mlp_gather + T * d * 4
     V = cfg.vocab_size / t
+    if cross_entropy == "single_pass" and t > 1:
+        cross_entropy = "chunked"  # a tensor-sharded vocabulary runs the vocabulary-chunked kernel
     if cross_entropy == "reference":
         head = T * V * 4 * 3  # float32 logits, softmax, gradient
+    elif cross_entropy == "single_pass":
+        from pallas_kernels.cross_entropy.single_pass import default_row_chunk
+
+        rows = default_row_chunk(int(T), int(V))
+        # A row chunk's float32 logits and its gradient in the compute dtype (the exponentials fuse into it), the
+        # float32 weight-gradient accumulator and the input gradient, formed in the forward.
+        head = rows * V * (4 + a) + d * V * 4 + T * d * a
     else:
         chunk = default_vocab_chunk(int(T), int(V))
         head = T * min(chunk, V) * (4 + 4 + 2) + T * d * 4
@@ -560,12 +569,12 @@ def plan_options(config, n_devices: int, attention: str = "flash", efficiency: f
 
 
 def _resolved_ce(cfg, train, n_devices: int) -> str:
-    if cfg.cross_entropy_impl in ("reference", "chunked"):
+    if cfg.cross_entropy_impl in ("reference", "chunked", "single_pass"):
         return cfg.cross_entropy_impl
     from pallas_kernels.cross_entropy import _CHUNKED_MIN_LOGIT_BYTES
 
     tokens = train.global_batch_size // train.grad_accum_steps * train.seq_len  # upper bound per device
-    return "chunked" if 4 * tokens * cfg.vocab_size >= _CHUNKED_MIN_LOGIT_BYTES else "reference"
+    return "single_pass" if 4 * tokens * cfg.vocab_size >= _CHUNKED_MIN_LOGIT_BYTES else "reference"
 
 
 if __name__ == "__main__":

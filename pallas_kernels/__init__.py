@@ -6,7 +6,7 @@ reference beside the fast versions.
 """
 
 from pallas_kernels.attention import attention
-from pallas_kernels.cross_entropy import cross_entropy
+from pallas_kernels.cross_entropy import cross_entropy, cross_entropy_sum
 from pallas_kernels.mlp import mlp
 from pallas_kernels.rms_norm import rms_norm, rms_norm_and_skip
 
@@ -18,9 +18,10 @@ def registries() -> dict:
     import importlib
 
     # The submodules, not the functions of the same names imported above.
-    modules = (importlib.import_module(f"pallas_kernels.{name}")
-               for name in ("attention", "cross_entropy", "mlp", "rms_norm"))
-    return {m.registry.kernel: m.registry for m in modules}
+    modules = [importlib.import_module(f"pallas_kernels.{name}")
+               for name in ("attention", "cross_entropy", "mlp", "rms_norm")]
+    found = [m.registry for m in modules] + [modules[1].sum_registry]
+    return {r.kernel: r for r in found}
 
 
-__all__ = ["attention", "cross_entropy", "mlp", "rms_norm", "rms_norm_and_skip", "registries", "use_table"]
+__all__ = ["attention", "cross_entropy", "cross_entropy_sum", "mlp", "rms_norm", "rms_norm_and_skip", "registries", "use_table"]

@@ -20,6 +20,7 @@ Without an active mesh (``use_rules``) it is exactly ``pallas_kernels.attention`
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import pallas_kernels
 from litespark_jax.errors import ConfigError
 from litespark_jax.parallel.logical import active, logical_to_spec
+from pallas_kernels.cross_entropy import CHUNKED, SINGLE_PASS
 from pallas_kernels.mlp.fused import GATE_UP_NAME
 
 
@@ -178,3 +180,40 @@ def rms_norm_and_skip(x, scale, *, eps: float = 1e-5, impl: str = "auto", scale_
 def mlp(x, w_gate_up, w_down, *, impl: str = "auto", weight_axes=((None, None, None), (None, None))):
     """``pallas_kernels.mlp`` under the active mesh; ``weight_axes``: the two weights' logical axes."""
     return _over_rows(pallas_kernels.mlp, x, (w_gate_up, w_down), weight_axes, impl)
+
+
+def cross_entropy_sum(x, w, targets, weights, *, z_loss_weight: float = 0.0, impl: str = "auto",
+                      w_axes=("embed", "vocab")):
+    """``pallas_kernels.cross_entropy_sum`` under the active mesh; ``w_axes``: the output weight's logical axes.
+
+    When the mesh splits only rows, each device sums its own rows' losses with the weight gathered whole, and the
+    per-device sums are added outside the map: a kernel that loops over token chunks (``single_pass``) would
+    otherwise leave the partitioner a sharded contraction per chunk, i.e. one reduction of the whole weight
+    gradient per chunk instead of one per step. When another axis splits the work (tensor: a sharded vocabulary),
+    the partitioner runs the vocabulary-chunked kernel (``chunked``) instead of ``single_pass``."""
+    call = functools.partial(pallas_kernels.cross_entropy_sum, z_loss_weight=z_loss_weight)
+    current = active()
+    if current is None or current[0].size == 1:
+        return call(x, w, targets, weights, impl=impl)
+    mesh, rules = current
+    row_axes = _row_axes(mesh, rules, x)
+    if row_axes is None:
+        if impl in ("auto", SINGLE_PASS):
+            rule = pallas_kernels.registries()["cross_entropy_sum"].rule(x_shape=x.shape, w_shape=w.shape)
+            impl = CHUNKED if rule == SINGLE_PASS else rule
+        return call(x, w, targets, weights, impl=impl)
+    batch, seq = row_axes
+    x_spec = _spec_over_every_axis([batch or None, seq or None, None], mesh)
+    row_spec = P(*x_spec[:2])
+    w_spec, gathers = _weight_layout(w_axes, mesh, rules)
+
+    def local(x, w, targets, weights):
+        for dim, names in gathers:
+            w = jax.lax.all_gather(w, names, axis=dim, tiled=True)
+        return call(x, w, targets, weights, impl=impl).reshape(1)
+
+    constrain = lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))  # noqa: E731
+    x, targets, weights = constrain(x, x_spec), constrain(targets, row_spec), constrain(weights, row_spec)
+    per_device = jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, row_spec, row_spec),
+                               out_specs=P(tuple(mesh.axis_names)), check_vma=False)(x, w, targets, weights)
+    return jnp.sum(per_device)

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import pallas_kernels
 from litespark_jax.config import Config
 from litespark_jax.errors import ConfigError
+from litespark_jax.parallel import kernels as sharded
 from litespark_jax.train.state import TrainState
 
 
@@ -25,11 +25,10 @@ def token_loss_sum(params, graphdef, batch, *, z_loss_weight: float, impl: str):
     """(sum of masked per-token losses, number of unmasked tokens) for one (micro-)batch."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-    per_token = pallas_kernels.cross_entropy(
-        hidden, model.output_weight(), batch["targets"], z_loss_weight=z_loss_weight, impl=impl
-    )
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(per_token * mask), jnp.sum(mask)
+    loss_sum = sharded.cross_entropy_sum(hidden, model.output_weight(), batch["targets"], mask,
+                                         z_loss_weight=z_loss_weight, impl=impl)
+    return loss_sum, jnp.sum(mask)
 
 
 def split_micro_batches(batch, n: int):

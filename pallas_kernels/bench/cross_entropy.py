@@ -1,9 +1,10 @@
-"""Linear cross-entropy benchmark: time, TFLOP/s and planned peak temporary memory of each ``cross_entropy`` impl.
+"""Linear cross-entropy benchmark: time, TFLOP/s and planned peak temporary memory of each ``cross_entropy_sum``
+impl (``reference`` and ``chunked``: their per-token losses, summed; ``single_pass``, with several row chunks).
 
 Shapes: Llama-3.2-3B (d 3072) and 1B (d 2048) with the 128256-token vocabulary at 16k tokens. The loss is
 ``sum(g * loss)`` with ``g`` a loss mask (about 10% of tokens masked) over the count, z-loss weight 1e-4, bf16
 inputs. FLOPs counted are the model's (forward 2*N*d*V, forward+backward 6*N*d*V) for every impl, so the chunked
-one's recomputed projection shows up as a lower rate. ``temp_mib`` is XLA's planned scratch for the jitted
+one's recomputed projection shows up as a lower rate. "Forward" is the loss without gradients (evaluation). ``temp_mib`` is XLA's planned scratch for the jitted
 forward+backward (``compile().memory_analysis().temp_size_in_bytes``); errors are relative L2 against the reference
 in float32 (HIGHEST precision) on upcast inputs.
 """
@@ -25,7 +26,7 @@ Z = 1e-4
 
 
 def run(args) -> list[dict]:
-    from pallas_kernels.cross_entropy import chunked, reference, registry
+    from pallas_kernels.cross_entropy import chunked, reference, single_pass, sum_registry
 
     quick = getattr(args, "quick", False)
     iters = 3 if quick else 7
@@ -42,15 +43,21 @@ def run(args) -> list[dict]:
 
         def make(fn):
             def loss(x, w):
-                return jnp.sum(g * fn(x, w, t, z_loss_weight=Z))
-            return jax.jit(lambda x, w: fn(x, w, t, z_loss_weight=Z)), jax.jit(jax.value_and_grad(loss, (0, 1)))
+                return fn(x, w, t, g, z_loss_weight=Z)
+            return jax.jit(loss), jax.jit(jax.value_and_grad(loss, (0, 1)))
+
+        def summed(per_token):
+            return lambda x, w, t, g, **kw: jnp.sum(g * per_token(x, w, t, **kw))
 
         with jax.default_matmul_precision("highest"):
-            _, ref_fb = make(reference.cross_entropy)
+            _, ref_fb = make(summed(reference.cross_entropy))
             ref = jax.block_until_ready(ref_fb(x.astype(jnp.float32), w.astype(jnp.float32)))
         ref = jax.tree.map(np.asarray, ref)
-        impls = [(i, registry.resolve(i)[1]) for i in sorted(registry.names(), key=lambda s: s != "reference")]
-        impls.append(("chunked[4008]", lambda *a, **kw: chunked.cross_entropy(*a, vocab_chunk=4008, **kw)))
+        impls = [(i, sum_registry.resolve(i)[1]) for i in sorted(sum_registry.names(), key=lambda s: s != "reference")]
+        impls.append(("chunked[4008]", summed(lambda *a, **kw: chunked.cross_entropy(*a, vocab_chunk=4008, **kw))))
+        for chunk in (1024, 4096):
+            impls.append((f"single_pass[{chunk}]",
+                          lambda *a, chunk=chunk, **kw: single_pass.cross_entropy_sum(*a, row_chunk=chunk, **kw)))
         ref_temp = None
         for impl, fn in impls:
             fwd, fb = make(fn)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.cross_entropy import chunked, cross_entropy, registry
+from pallas_kernels.cross_entropy import (chunked, cross_entropy, cross_entropy_sum, registry, single_pass,
+                                          sum_registry)
 
 gpu = pytest.mark.gpu  # tests/conftest.py skips these without a GPU (LITESPARK_TEST_GPU=1 runs them)
 _seed = iter(range(10_000))
@@ -45,6 +46,28 @@ def _inputs(lead, d, v, dtype):
 def _rel(a, b):
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _check_sum(fn, lead, d, v, z, dtype, tol):
+    """``fn(x, w, t, g) = sum(g * loss)`` and its gradients in x, w and g against the float64 computation."""
+    x, w, t, g = _inputs(lead, d, v, dtype)
+    total, (dx, dw, dg) = jax.jit(jax.value_and_grad(lambda x, w, g: fn(x, w, t, g, z_loss_weight=z), (0, 1, 2)))(
+        x, w, g)
+    n = int(np.prod(lead))
+    ref_loss, ref_dx, ref_dw = _np_ce(
+        np.asarray(x, np.float64).reshape(n, d), np.asarray(w, np.float64), np.asarray(t).reshape(n),
+        np.asarray(g, np.float64).reshape(n), z,
+    )
+    assert total.shape == () and total.dtype == jnp.float32
+    assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == w.shape and dw.dtype == w.dtype
+    assert dg.shape == g.shape
+    ref_total = np.sum(np.asarray(g, np.float64).reshape(n) * ref_loss)
+    assert abs(float(total) - ref_total) <= tol * np.sum(np.abs(np.asarray(g, np.float64).reshape(n) * ref_loss))
+    for got, want in ((dx.reshape(n, d), ref_dx), (dw, ref_dw), (dg.reshape(n), ref_loss)):
+        assert np.all(np.isfinite(np.asarray(got, np.float32)))
+        assert _rel(got, want) < tol, (_rel(got, want), tol)
+    masked = np.asarray(g).reshape(n) == 0
+    assert np.all(np.asarray(dx, np.float32).reshape(n, d)[masked] == 0)
 
 
 def _check(fn, lead, d, v, z, dtype, tol):
@@ -92,6 +115,51 @@ def test_bfloat16(impl):
     _check(lambda *a, **k: cross_entropy(*a, impl=impl, **k), (4, 32), 64, 3000, 1e-4, jnp.bfloat16, 2e-2)
 
 
+SUM_IMPLS = ["auto", *sum_registry.names()]
+
+
+@pytest.mark.parametrize("impl", SUM_IMPLS)
+@pytest.mark.parametrize("lead,d,v", [((37,), 16, 250), ((2, 24), 32, 1000)])
+@pytest.mark.parametrize("z", [0.0, 1e-2])
+def test_sum_float32(impl, lead, d, v, z):
+    _check_sum(lambda *a, **k: cross_entropy_sum(*a, impl=impl, **k), lead, d, v, z, jnp.float32, 1e-5)
+
+
+@pytest.mark.parametrize("rows", [8, 16, 24, 48, 100])
+def test_single_pass_row_chunks(rows):
+    """Chunks that divide the 48 tokens, that don't (padded with weight-0 rows), equal to and more than them."""
+    _check_sum(lambda *a, **k: single_pass.cross_entropy_sum(*a, row_chunk=rows, **k), (48,), 24, 1000, 1e-3,
+               jnp.float32, 1e-5)
+
+
+@pytest.mark.parametrize("impl", sum_registry.names())
+def test_sum_bfloat16(impl):
+    _check_sum(lambda *a, **k: cross_entropy_sum(*a, impl=impl, **k), (4, 32), 64, 3000, 1e-4, jnp.bfloat16, 2e-2)
+
+
+def test_single_pass_without_gradients_is_the_chunked_forward():
+    """Evaluation (no differentiation) runs one projection: the chunked forward, no gradient matmuls."""
+    x, w, t, g = _inputs((64,), 16, 500, jnp.float32)
+    f = lambda x, w: single_pass.cross_entropy_sum(x, w, t, g, row_chunk=16)  # noqa: E731
+    want = float(jnp.sum(g * chunked.cross_entropy(x, w, t)))
+    assert float(jax.jit(f)(x, w)) == pytest.approx(want, rel=1e-6)
+    dots = lambda jx: sum(e.primitive.name == "dot_general" for e in jx.eqns) + sum(  # noqa: E731
+        dots(sub) for e in jx.eqns for sub in jax.extend.core.jaxprs_in_params(e.params))
+    assert dots(jax.make_jaxpr(f)(x, w).jaxpr) == 1
+    assert dots(jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr) == 3
+
+
+def test_single_pass_default_row_chunk():
+    assert single_pass.default_row_chunk(24576, 128256) == 2048  # 1 GiB of float32 logits, 12 even chunks
+    assert single_pass.default_row_chunk(100, 128256) == 100
+    assert single_pass.default_row_chunk(16384 + 8, 128256) % 8 == 0
+
+
+def test_per_token_single_pass_is_chunked():
+    x, w, t, _ = _inputs((32,), 16, 300, jnp.float32)
+    np.testing.assert_array_equal(cross_entropy(x, w, t, impl="single_pass"), cross_entropy(x, w, t, impl="chunked"))
+
+
 def test_chunked_never_materializes_logits():
     n, d, v = 256, 16, 4000
     x, w, t, g = _inputs((n,), d, v, jnp.float32)
@@ -112,6 +180,8 @@ def test_auto_choice():
     assert registry.resolve("auto", x_shape=(4, 4096, 3072), w_shape=(3072, 128256))[0] == "chunked"
     assert registry.resolve("auto", x_shape=(8, 16), w_shape=(16, 100))[0] == "reference"
     assert chunked.default_vocab_chunk(16384, 128256) == 8016
+    assert sum_registry.resolve("auto", x_shape=(4, 4096, 3072), w_shape=(3072, 128256))[0] == "single_pass"
+    assert sum_registry.resolve("auto", x_shape=(8, 16), w_shape=(16, 100))[0] == "reference"
 
 
 @gpu
@@ -119,6 +189,19 @@ def test_auto_choice():
 @pytest.mark.parametrize("z", [0.0, 1e-4])
 def test_gpu_bfloat16(impl, z):
     _check(lambda *a, **k: cross_entropy(*a, impl=impl, **k), (2, 2048), 512, 32000, z, jnp.bfloat16, 2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("impl", sum_registry.names())
+def test_gpu_sum_bfloat16(impl):
+    _check_sum(lambda *a, **k: cross_entropy_sum(*a, impl=impl, **k), (2, 2048), 512, 32000, 1e-4, jnp.bfloat16,
+               2e-2)
+
+
+@gpu
+def test_gpu_llama_vocab_single_pass():
+    _check_sum(lambda *a, **k: single_pass.cross_entropy_sum(*a, row_chunk=512, **k), (1536,), 256, 128256, 1e-4,
+               jnp.bfloat16, 2e-2)
 
 
 @gpu

@@ -57,7 +57,8 @@ def flat(tree):
 
 def row_kernel_errors(mesh):
     """The row-kernel wrappers (``kernels.rms_norm_and_skip`` with the Triton kernels in Triton's interpreter,
-    ``kernels.mlp`` with ``fused``) on this mesh against the plain calls: outputs and all gradients, largest error."""
+    ``kernels.mlp`` with ``fused``, ``kernels.cross_entropy_sum`` with ``single_pass``) on this mesh against the plain
+    calls: outputs and all gradients, largest error."""
     import pallas_kernels
     from pallas_kernels.rms_norm import _NORM_AND_SKIP, registry, triton_kernel
 
@@ -80,15 +81,29 @@ def row_kernel_errors(mesh):
     def mlp_loss(fn):
         return jax.jit(jax.value_and_grad(lambda x, a, b: jnp.sum(jnp.sin(fn(x, a, b, impl="fused"))), (0, 1, 2)))
 
-    plain = (norm_loss(pallas_kernels.rms_norm_and_skip)(x, scale), mlp_loss(pallas_kernels.mlp)(x, wgu, wd))
+    w_out = jnp.asarray(rng.normal(size=(MODEL.d_model, MODEL.vocab_size)) / 8, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, MODEL.vocab_size, size=(BATCH, SEQ)), jnp.int32)
+    mask = jnp.asarray(rng.random((BATCH, SEQ)) > 0.2, jnp.float32)
+
+    def ce_loss(fn):
+        # single_pass with 16-row chunks (several per device on every mesh); the tensor meshes get chunked.
+        return jax.jit(jax.value_and_grad(
+            lambda x, w, m: fn(x, w, targets, m, z_loss_weight=1e-4, impl="single_pass"), (0, 1, 2)))
+
+    plain = (norm_loss(pallas_kernels.rms_norm_and_skip)(x, scale), mlp_loss(pallas_kernels.mlp)(x, wgu, wd),
+             ce_loss(pallas_kernels.cross_entropy_sum)(x, w_out, mask))
     with use_rules(mesh, DEFAULT_RULES):
-        wrapped = (norm_loss(kernels.rms_norm_and_skip)(x, scale), mlp_loss(kernels.mlp)(x, wgu, wd))
+        wrapped = (norm_loss(kernels.rms_norm_and_skip)(x, scale), mlp_loss(kernels.mlp)(x, wgu, wd),
+                   ce_loss(kernels.cross_entropy_sum)(x, w_out, mask))
     err = lambda a, b: max(float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-12))  # noqa: E731
                            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    return err(wrapped[0], plain[0]), err(wrapped[1], plain[1])
+    return err(wrapped[0], plain[0]), err(wrapped[1], plain[1]), err(wrapped[2], plain[2])
 
 
 def main(shapes):
+    from pallas_kernels.cross_entropy import single_pass
+
+    single_pass._CHUNK_BYTES = 4 * MODEL.vocab_size * 16  # 16-row chunks: the chunk loop runs several times
     graphdef, params = init_model(MODEL, seed=0)
     batch = make_batch()
     ref_loss, ref_grads = jax.jit(lambda p, b: loss_and_grads(graphdef, p, b))(params, batch)
@@ -130,13 +145,13 @@ def main(shapes):
         with use_rules(mesh, DEFAULT_RULES):
             wrapped = jax.jit(lambda q, k, v, s: kernels.attention(q, k, v, segment_ids=s, causal=True,
                                                                    impl="reference"))(q, k, v, seg)
-        norm_err, mlp_err = row_kernel_errors(mesh)
+        norm_err, mlp_err, ce_err = row_kernel_errors(mesh)
         print(json.dumps({
             "mesh": shape, "loss": float(loss), "ref_loss": float(ref_loss), "max_grad_rel_err": max_grad_err,
             "param_bytes_per_device": per_device, "grad_bytes_per_device": grad_per_device,
             "param_bytes_total": total_bytes,
             "attention_wrapper_err": float(jnp.max(jnp.abs(wrapped - plain))),
-            "norm_wrapper_err": norm_err, "mlp_wrapper_err": mlp_err,
+            "norm_wrapper_err": norm_err, "mlp_wrapper_err": mlp_err, "loss_wrapper_err": ce_err,
         }), flush=True)
 
 

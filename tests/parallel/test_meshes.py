@@ -40,7 +40,7 @@ def test_mesh_matches_one_device(mesh_results, shape):
     assert abs(row["loss"] - row["ref_loss"]) < 1e-5 * abs(row["ref_loss"])
     assert row["max_grad_rel_err"] < 1e-4
     assert row["attention_wrapper_err"] < 1e-5
-    assert row["norm_wrapper_err"] < 1e-5 and row["mlp_wrapper_err"] < 1e-5
+    assert row["norm_wrapper_err"] < 1e-5 and row["mlp_wrapper_err"] < 1e-5 and row["loss_wrapper_err"] < 1e-5
 
 
 def test_row_kernels_run_per_device_only_where_every_split_is_over_rows():

@@ -49,9 +49,10 @@ GPUS = {
 }
 EFFICIENCY = {
     # Fraction of peak at which a whole one-GPU step runs its FLOPs (model + recompute): matmuls, attention and every
-    # memory-bound kernel together. Measured: the 3B preset on one H100, 53.4% MFU (docs/SCALING.md). It was an
+    # memory-bound kernel together. Measured: the 3B preset on one H100, 54.3% MFU with the single-pass loss
+    # (docs/SCALING.md; 53.4% with the chunked loss, whose extra vocabulary matmul plan_mesh now counts). It was an
     # assumed 0.72 (matmuls alone), which put every step-time prediction 26-33% under the measured H100 steps.
-    "compute": 0.534,
+    "compute": 0.543,
     "nvlink": 0.80,  # NCCL bus bandwidth / link bandwidth
     "ib": 0.80,
     "host": 0.75,  # pinned host <-> device copies / PCIe link rate (an assumption: not measured here)
@@ -143,6 +144,12 @@ def _param_shapes(cfg):
     return shapes
 
 
+def _loss_impl(cross_entropy: str, sizes: dict) -> str:
+    """The loss kernel that runs: a tensor-sharded vocabulary runs ``chunked`` where ``single_pass`` was asked
+    (``litespark_jax.parallel.kernels.cross_entropy_sum``)."""
+    return "chunked" if cross_entropy == "single_pass" and sizes["tensor"] > 1 else cross_entropy
+
+
 def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention: str, cross_entropy: str,
                      mlp: str = "fused") -> dict:
     """Activation memory per device: kept for the backward (all layers), and the working set on top of it: the
@@ -220,8 +227,7 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, sizes: dict, attention
     forward = attn_fwd + 2 * x + q + kvb
     backward = recomputed + attn_bwd + mlp_gather + T * d * 4
     V = cfg.vocab_size / t
-    if cross_entropy == "single_pass" and t > 1:
-        cross_entropy = "chunked"  # a tensor-sharded vocabulary runs the vocabulary-chunked kernel
+    cross_entropy = _loss_impl(cross_entropy, sizes)
     if cross_entropy == "reference":
         head = T * V * 4 * 3  # float32 logits, softmax, gradient
     elif cross_entropy == "single_pass":
@@ -298,7 +304,9 @@ def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, a
         saved = set(cfg.remat_save_names)
         keeps_all = NO_RECOMPUTE_NAMES <= saved and saved & {"residual_mid", "attention_proj", "mlp_in"}
         recompute = 0.0 if keeps_all else 0.15
-    flops = (model_flops + recompute * layer_flops) / n_dev
+    # The vocabulary-chunked loss recomputes its projection in the backward: one more 2 x d x V per token.
+    loss_recompute = 2 * tokens * cfg.d_model * cfg.vocab_size if _loss_impl(cross_entropy, sizes) == "chunked" else 0
+    flops = (model_flops + recompute * layer_flops + loss_recompute) / n_dev
     compute_s = flops / (gpu.peak_tflops * 1e12 * (efficiency or EFFICIENCY["compute"]))
 
     a = DTYPE_BYTES[cfg.dtype]

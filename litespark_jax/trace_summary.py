@@ -161,22 +161,32 @@ def _overlap(kernels: list[dict], categories: list[str], span_us: float, steps: 
 _HLO_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.+?) [a-z][a-z0-9\-]*\(")
 
 
-def hlo_sources(dump_dir: str) -> dict[str, tuple[str, str]]:
+def hlo_sources(dump_dir: str, traced_ops=()) -> dict[str, tuple[str, str]]:
     """``instruction name -> (shape, op_name)`` from the optimized HLO XLA dumped into ``dump_dir``
-    (``XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text``): the jax operation each kernel came from."""
+    (``XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text``): the jax operation each kernel came from.
+
+    Every compiled program of the process is in the dump (the initialization, the step, ...) and they reuse
+    instruction names, so where a name is in several modules the one holding most of ``traced_ops`` (the kernels
+    of the trace: the profiled program) gives its source."""
     paths = glob.glob(os.path.join(dump_dir, "**", "*after_optimizations.txt"), recursive=True)
     if not paths:
         raise UserError(f"{dump_dir}: no *after_optimizations.txt under it (dump with XLA_FLAGS=--xla_dump_to=DIR "
                         "--xla_dump_hlo_as_text)")
-    sources = {}
-    for path in paths:
+    modules = []
+    for path in sorted(paths):
+        module = {}
         with open(path) as f:
             for line in f:
                 m = _HLO_INSTRUCTION.match(line)
                 if m:
                     op_name = re.search(r'op_name="([^"]*)"', line)
                     shape = re.sub(r"\{[^}]*\}", "", m.group(2))  # drop layouts
-                    sources[m.group(1)] = (shape, op_name.group(1) if op_name else "")
+                    module[m.group(1)] = (shape, op_name.group(1) if op_name else "")
+        modules.append(module)
+    traced = set(traced_ops)
+    sources = {}
+    for module in sorted(modules, key=lambda mod: len(traced.intersection(mod))):  # the best match last: it wins
+        sources.update(module)
     return sources
 
 
@@ -247,7 +257,8 @@ def main(argv=None) -> int:
     summary = {**every_op, "top_ops": every_op["top_ops"][:args.top]}
     print(format_summary(summary))
     if args.hlo:
-        summary["by_source"] = by_source(every_op, hlo_sources(args.hlo), args.top)
+        traced = [o["op"] for o in every_op["top_ops"]]
+        summary["by_source"] = by_source(every_op, hlo_sources(args.hlo, traced), args.top)
         print(format_by_source(summary["by_source"]))
     if args.json:
         with open(args.json, "w") as f:

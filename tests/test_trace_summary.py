@@ -102,6 +102,22 @@ def test_hlo_dump_groups_the_same_fusion_of_every_layer(tmp_path, capsys):
     assert "(not in the HLO dump)" in out[2]
 
 
+def test_hlo_names_shared_by_several_programs_come_from_the_traced_one(tmp_path):
+    """The dump holds every program the process compiled, and they reuse fusion names: the module that holds most
+    of the traced kernels is the one a shared name is read from, whichever file comes last."""
+    init = """HloModule jit_init, entry_computation_layout={()->()}
+
+ENTRY %main.1 () -> u32[] {
+  %loop_convert_fusion = u32[3072,2,8192]{2,1,0} fusion(%a), kind=kLoop, calls=%f, metadata={op_name="jit(init)/iota"}
+}
+"""
+    (tmp_path / "module_0001.jit_train_step.sm_9.0a_gpu_after_optimizations.txt").write_text(_HLO)
+    (tmp_path / "module_0009.jit_init.sm_9.0a_gpu_after_optimizations.txt").write_text(init)
+    traced = ["loop_convert_fusion", "input_concatenate_fusion.27", "custom-call.1"]
+    assert "checkpoint/div" in trace_summary.hlo_sources(str(tmp_path), traced)["loop_convert_fusion"][1]
+    assert "jit(init)" in trace_summary.hlo_sources(str(tmp_path), ["loop_convert_fusion"])["loop_convert_fusion"][1]
+
+
 def test_hlo_dump_dir_without_a_dump_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no \\*after_optimizations.txt"):
         trace_summary.hlo_sources(str(tmp_path))

@@ -14,7 +14,7 @@ COMMON = [
 ]
 # Every fused implementation forced on (on CPU `auto` would pick some of them only for large shapes).
 LITESPARK = [
-    "model.cross_entropy_impl=chunked", "model.mlp_impl=fused", "model.rms_norm_impl=fused",
+    "model.cross_entropy_impl=single_pass", "model.mlp_impl=fused", "model.rms_norm_impl=fused",
     "model.remat_policy=names",
     "model.remat_save_names=[query,key,value,attention_out,residual_mid,mlp_gate_up]",
     "optim.state_dtype=bfloat16",

@@ -9,6 +9,8 @@ batch element 0 (to keep the reference's S x S scores in memory).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import statistics
 
@@ -31,13 +33,27 @@ QUICK = ["llama-8b-s4k", "llama-8b-s8k"]
 
 
 def _impls():
+    """The implementations to time: ``ATTN_BENCH_IMPLS`` (comma-separated; ``pallas:{"field": value}`` is the Pallas
+    kernel with those ``mosaic_gpu.Config`` fields changed, e.g. ``pallas:{"pipelined_dkv": false}``), else pallas
+    (on Hopper), cudnn and the reference."""
     from pallas_kernels._dispatch import is_hopper
 
     names = ["cudnn", "reference"]
     if is_hopper():
         names.insert(0, "pallas")
     env = os.environ.get("ATTN_BENCH_IMPLS")
-    return env.split(",") if env else names
+    return env.split(";" if ":" in env else ",") if env else names
+
+
+def _attention_fn(impl):
+    """``attention(q, k, v, segment_ids=..., causal=...)`` for one bench implementation name."""
+    from pallas_kernels.attention import attention, mosaic_gpu
+
+    if impl.startswith("pallas:"):
+        fields = json.loads(impl[len("pallas:"):])
+        return lambda q, k, v, **kw: mosaic_gpu.attention(
+            q, k, v, config=dataclasses.replace(mosaic_gpu.default_config(q.shape[-1]), **fields), **kw)
+    return lambda q, k, v, **kw: attention(q, k, v, impl=impl, **kw)
 
 
 def _time(fn, args, iters, warmup=2):
@@ -65,7 +81,7 @@ def _rel(a, b):
 
 
 def run(args) -> list[dict]:
-    from pallas_kernels.attention import attention, reference
+    from pallas_kernels.attention import reference
 
     quick = getattr(args, "quick", False)
     only = os.environ.get("ATTN_BENCH_SHAPES")
@@ -103,12 +119,11 @@ def run(args) -> list[dict]:
         for impl in _impls():
             row = dict(kernel="attention", shape=name, impl=impl, B=b, S=s, H=h, KV=kvh, D=d, causal=causal,
                        docs=docs, device=device)
-            fwd = jax.jit(lambda q, k, v, seg, impl=impl: attention(q, k, v, segment_ids=seg, causal=causal,
-                                                                   impl=impl))
+            attn = _attention_fn(impl)
+            fwd = jax.jit(lambda q, k, v, seg, attn=attn: attn(q, k, v, segment_ids=seg, causal=causal))
 
-            def fwd_bwd(q, k, v, seg, do, impl=impl):
-                out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, segment_ids=seg, causal=causal, impl=impl),
-                                   q, k, v)
+            def fwd_bwd(q, k, v, seg, do, attn=attn):
+                out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, segment_ids=seg, causal=causal), q, k, v)
                 return out, vjp(do)
 
             fwd_bwd = jax.jit(fwd_bwd)

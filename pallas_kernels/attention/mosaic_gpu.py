@@ -48,10 +48,6 @@ class Config:
     block_q_dkv: int = 64
     block_kv_dkv: int = 64  # rows per compute warpgroup (dK/dV); 2 per CTA
     bwd_steps: int = 2
-    # dK/dV: each step's dK product is awaited in the next step, behind its S^T product, so the exponentials and
-    # dS^T of one step run while the tensor cores still work on the step before (False: every product awaited
-    # where it is issued).
-    pipelined_dkv: bool = True
 
 
 def default_config(head_dim: int) -> Config:
@@ -636,25 +632,6 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                 for j in range(5 if has_seg else 4):
                     plgpu.barrier_wait(q_barriers.at[j, slot])
 
-            def probabilities(sT, slot, i, causal_mask):
-                """P^T of this step from its S^T: exponentials against the saved log-sum-exp, masked."""
-                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse, sT.shape, [1]))
-                mask = None
-                if has_seg:
-                    segq = plgpu.load(segq_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                    mask = (lax.broadcast_in_dim(segk, sT.shape, [0]) == lax.broadcast_in_dim(segq, sT.shape, [1]))
-                if causal_mask:
-                    kv_ids = plgpu.broadcasted_iota(jnp.int32, sT.shape, 0, layout=plgpu.Layout.WGMMA)
-                    q_ids = plgpu.broadcasted_iota(jnp.int32, sT.shape, 1, layout=plgpu.Layout.WGMMA)
-                    cmask = (q_ids + i * block_q) >= (kv_ids + kv_base)
-                    mask = cmask if mask is None else (mask & cmask)
-                return pT if mask is None else jnp.where(mask, pT, 0.0)
-
-            def ds_of(pT, dpT, slot):
-                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                return pT * (dpT - lax.broadcast_in_dim(delta, pT.shape, [1]))
-
             def step(g, i, carry, causal_mask: bool = False):
                 dk_acc, dv_acc = carry
                 t = g * n_per + (i - start_min)
@@ -666,7 +643,19 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                     return acc_ref[...]
 
                 sT = pl.run_scoped(compute_sT, plgpu.ACC((block_kv, block_q), jnp.float32))
-                pT = probabilities(sT, slot, i, causal_mask)
+                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse, sT.shape, [1]))
+                mask = None
+                if has_seg:
+                    segq = plgpu.load(segq_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    mask = (lax.broadcast_in_dim(segk, sT.shape, [0]) == lax.broadcast_in_dim(segq, sT.shape, [1]))
+                if causal_mask:
+                    kv_ids = plgpu.broadcasted_iota(jnp.int32, sT.shape, 0, layout=plgpu.Layout.WGMMA)
+                    q_ids = plgpu.broadcasted_iota(jnp.int32, sT.shape, 1, layout=plgpu.Layout.WGMMA)
+                    cmask = (q_ids + i * block_q) >= (kv_ids + kv_base)
+                    mask = cmask if mask is None else (mask & cmask)
+                if mask is not None:
+                    pT = jnp.where(mask, pT, 0.0)
 
                 if interpret:  # see _mma
                     dv_acc = _mma(dv_acc, pT.astype(dtype), do_smem.at[slot], interpret)
@@ -685,85 +674,14 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                     zeros = plgpu.layout_cast(jnp.full((block_kv, block_q), 0, dtype=jnp.float32),
                                               plgpu.Layout.WGMMA)
                     dv_acc, dpT = pl.run_state(compute_dv_dpT)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
-                dsT = ds_of(pT, dpT, slot)
+                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                dsT = pT * (dpT - lax.broadcast_in_dim(delta, sT.shape, [1]))
 
                 dk_acc = _mma(dk_acc, dsT.astype(dtype), q_smem.at[slot], interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk_acc, dv_acc
 
-            def pipelined_step(refs, g, i, carry, causal_mask: bool = False):
-                """One step with the previous step's dK product in flight behind this step's S^T product, and
-                this step's dV product in flight while dS^T is formed. ``carry``: (the previous step's dS^T in
-                the input dtype, its slot, whether there is one, and, in interpret mode, the dK and dV sums);
-                the previous step's Q slot is released once its product is done. ``refs``: the dK and dV
-                accumulators on the GPU; in interpret mode (no register operands, no asynchronous products) the
-                same steps run one product after another on values."""
-                ds_prev, prev_slot, has_prev, accs = carry
-                t = g * n_per + (i - start_min)
-                slot = lax.rem(t, jnp.array(max_steps, t.dtype))
-                prev_slot = jnp.where(has_prev, prev_slot, slot)  # none yet: a zero product with this step's Q
-                wait_inputs(slot)
-                if interpret:
-                    dk_val, dv_val = accs
-
-                    def compute_sT(acc_ref):
-                        plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
-
-                    sT = pl.run_scoped(compute_sT, plgpu.ACC((block_kv, block_q), jnp.float32))
-                    dk_val = _mma(dk_val, ds_prev, q_smem.at[prev_slot], interpret)
-                else:
-                    dk_ref, dv_ref = refs
-
-                    def sT_then_dk(s_ref):
-                        plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
-                        plgpu.wgmma(dk_ref, ds_prev, q_smem.at[prev_slot])
-                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-
-                    sT = pl.run_scoped(sT_then_dk, plgpu.ACC((block_kv, block_q), jnp.float32))
-                pT = probabilities(sT, slot, i, causal_mask)
-                pT_in = pT.astype(dtype)
-                if interpret:
-                    def compute_dpT(ref):
-                        plgpu.wgmma(ref, v_smem, do_smem.at[slot].transpose((1, 0)))
-                        return ref[...]
-
-                    dpT = pl.run_scoped(compute_dpT, plgpu.ACC((block_kv, block_q), jnp.float32))
-                    dv_val = _mma(dv_val, pT_in, do_smem.at[slot], interpret)
-                    accs = (dk_val, dv_val)
-                else:
-                    def dpT_then_dv(dp_ref):
-                        plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
-                        plgpu.wgmma(dv_ref, pT_in, do_smem.at[slot])
-                        return plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
-
-                    dpT = pl.run_scoped(dpT_then_dv, plgpu.ACC((block_kv, block_q), jnp.float32))
-
-                @pl.when(has_prev)  # the previous dK product finished before this dP^T: its Q may be refilled
-                def _release():
-                    plgpu.barrier_arrive(consumed.at[prev_slot])
-
-                # (``t >= 0``: a traced True, which a loop of static trip count can carry; a literal it cannot.)
-                return ds_of(pT, dpT, slot).astype(dtype), slot, t >= 0, accs
-
-            def flush(refs, carry):
-                """Finish the pending dK product and release its Q slot: before the next head's skipped steps,
-                which wait for slots the producer refills only once every earlier step has been released."""
-                ds_prev, prev_slot, has_prev, accs = carry
-                prev_slot = jnp.where(has_prev, prev_slot, 0)  # none: a zero product (a head always has a step)
-                if interpret:
-                    accs = (_mma(accs[0], ds_prev, q_smem.at[prev_slot], interpret), accs[1])
-                else:
-                    plgpu.wgmma(refs[0], ds_prev, q_smem.at[prev_slot])
-                    plgpu.wgmma_wait(0)
-
-                @pl.when(has_prev)
-                def _release():
-                    plgpu.barrier_arrive(consumed.at[prev_slot])
-
-                return accs
-
-            def head_loop(step_fn, g, carry):
+            def head_loop(g, carry):
                 @pl.loop(start_min, start)
                 def _skip(i):
                     t = g * n_per + (i - start_min)
@@ -771,43 +689,14 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                     wait_inputs(slot)
                     plgpu.barrier_arrive(consumed.at[slot])
 
-                carry = lax.fori_loop(start, full_start, lambda i, cr: step_fn(g, i, cr, causal_mask=causal), carry)
-                carry = lax.fori_loop(full_start, q_end, lambda i, cr: step_fn(g, i, cr), carry)
+                carry = lax.fori_loop(start, full_start, lambda i, cr: step(g, i, cr, causal_mask=causal), carry)
+                carry = lax.fori_loop(full_start, q_end, lambda i, cr: step(g, i, cr), carry)
                 return carry
 
             zeros = plgpu.layout_cast(jnp.full((block_kv, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
-            if cfg.pipelined_dkv:
-                def pipelined(*refs):
-                    step_fn = functools.partial(pipelined_step, refs)
-                    no_ds = plgpu.layout_cast(jnp.full((block_kv, block_q), 0, dtype=dtype), plgpu.Layout.WGMMA)
-
-                    def one_head(g, carry):
-                        accs, any_step = carry
-                        ds, slot, has_prev, accs = head_loop(
-                            step_fn, g, (no_ds, jnp.zeros((), jnp.int32), any_step & False, accs))
-                        return flush(refs, (ds, slot, has_prev, accs)), any_step | has_prev
-
-                    accs, any_step = lax.fori_loop(0, group, one_head, ((zeros, zeros) if interpret else (),
-                                                                         jnp.zeros((), jnp.bool_)))
-                    if interpret:
-                        return (*accs, any_step)
-                    return plgpu.wgmma_accumulator_load(refs[0]), plgpu.wgmma_accumulator_load(refs[1]), any_step
-
-                if interpret:
-                    dk_acc, dv_acc, any_step = pipelined()
-                else:
-                    acc = plgpu.ACC((block_kv, head_dim), jnp.float32)
-                    dk_acc, dv_acc, any_step = pl.run_scoped(pipelined, acc, acc)
-            else:
-                dk_acc, dv_acc = lax.fori_loop(0, group, functools.partial(head_loop, step), (zeros, zeros))
-                any_step = None
+            dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (zeros, zeros))
             k_smem[...] = (dk_acc * scale).astype(dtype)
             v_smem[...] = dv_acc.astype(dtype)
-            if any_step is not None:
-                @pl.when(jnp.logical_not(any_step))
-                def _no_step():  # only the zero product with an unfilled slot went into dk
-                    k_smem[...] = plgpu.layout_cast(jnp.full((block_kv, head_dim), 0, dtype=dtype),
-                                                    plgpu.Layout.WGMMA)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[kv_slice], commit_group=False)
             plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[kv_slice], commit_group=False)

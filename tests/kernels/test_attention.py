@@ -11,8 +11,6 @@ interpret ``pl.run_state``; the kernel's register-operand products (P@V, dS@K, P
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,18 +181,6 @@ def test_pallas_interpret(b, s, h, kvh, d, causal, segments):
 
     scale = None if causal else 0.2  # non-causal cases also check a non-default softmax scale
     _check_against_reference(fn, q, k, v, do, tol=1e-2, segment_ids=seg, causal=causal, softmax_scale=scale)
-
-
-@pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
-@pytest.mark.parametrize("pipelined", [False, True])
-def test_pallas_interpret_dkv_pipelined_or_not(pipelined):
-    """The dK/dV kernel's two schedules (each dK product awaited in the next step, released per head; or awaited
-    where issued) on a causal GQA case where later heads skip the steps before the diagonal."""
-    b, s, h, kvh, d = 1, 256, 4, 1, 64
-    q, k, v, do = _inputs(11, b, s, h, kvh, d, jnp.bfloat16)
-    cfg = dataclasses.replace(_SMALL, pipelined_dkv=pipelined)
-    fn = lambda q, k, v, **kw: mosaic_gpu.attention(q, k, v, config=cfg, interpret=True, **kw)  # noqa: E731
-    _check_against_reference(fn, q, k, v, do, tol=1e-2, causal=True)
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")

@@ -390,6 +390,23 @@ def _one_line(error: Exception) -> str:
 # Validation: every cross-field rule in one place
 
 
+def _validate_kernel_impls(m: "ModelConfig") -> None:
+    """Each ``model.*_impl`` names ``auto`` or an implementation its kernel registers (whether this platform can
+    run it is checked when the kernel is called)."""
+    import pallas_kernels
+
+    registries = pallas_kernels.registries()
+    kernels = {"attention_impl": ("attention",), "mlp_impl": ("mlp",), "rms_norm_impl": ("rms_norm",),
+               # one setting for the training loss (a weighted sum) and the per-token losses DPO and evaluation use
+               "cross_entropy_impl": ("cross_entropy", "cross_entropy_sum")}
+    for key, names in kernels.items():
+        value = getattr(m, key)
+        known = sorted({"auto", *(n for name in names for n in registries[name].names())})
+        if value not in known:
+            raise ConfigError(f"model.{key} must be one of {', '.join(known)}, got {value!r}"
+                              f"{_did_you_mean(value, known)}")
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError for the first rule the config breaks."""
     m, t, o, g = config.model, config.train, config.optim, config.mesh
@@ -417,6 +434,7 @@ def validate(config: Config) -> None:
                        ("optim.state_dtype", o.state_dtype)):
         if value not in DTYPES:
             raise ConfigError(f"{key} must be one of {', '.join(DTYPES)}, got {value!r}")
+    _validate_kernel_impls(m)
     if m.kernel_table is not None:
         from pallas_kernels.tuned import TableError, read
 

@@ -46,6 +46,9 @@ def test_overrides_are_parsed_as_yaml_values():
     (["steps=3"], "must be section.key"),
     (["train.steps"], "must look like section.key=value"),
     (["mesh.fsdp=-1", "mesh.data=-1"], "at most one mesh axis may be -1"),
+    (["model.mlp_impl=mosaic"], "model.mlp_impl must be one of auto, fused, "),
+    (["model.cross_entropy_impl=single-pass"], "got 'single-pass' (did you mean 'single_pass'?)"),
+    (["model.attention_impl=flash"], "model.attention_impl must be one of auto, cudnn, pallas, reference"),
 ])
 def test_bad_values_raise_one_clear_sentence(overrides, message):
     with pytest.raises(ConfigError) as err:

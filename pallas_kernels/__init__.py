@@ -24,4 +24,5 @@ def registries() -> dict:
     return {r.kernel: r for r in found}
 
 
-__all__ = ["attention", "cross_entropy", "cross_entropy_sum", "mlp", "rms_norm", "rms_norm_and_skip", "registries", "use_table"]
+__all__ = ["attention", "cross_entropy", "cross_entropy_sum", "mlp", "rms_norm", "rms_norm_and_skip", "registries",
+           "use_table"]

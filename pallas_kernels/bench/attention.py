@@ -33,9 +33,9 @@ QUICK = ["llama-8b-s4k", "llama-8b-s8k"]
 
 
 def _impls():
-    """The implementations to time: ``ATTN_BENCH_IMPLS`` (comma-separated; ``pallas:{"field": value}`` is the Pallas
-    kernel with those ``mosaic_gpu.Config`` fields changed, e.g. ``pallas:{"bwd_steps": 3}``), else pallas
-    (on Hopper), cudnn and the reference."""
+    """The implementations to time: ``ATTN_BENCH_IMPLS`` (comma-separated, or semicolon-separated when a name holds
+    a colon: ``pallas:{"field": value}`` is the Pallas kernel with those ``mosaic_gpu.Config`` fields changed, e.g.
+    ``pallas:{"bwd_steps": 3}``), else pallas (on Hopper), cudnn and the reference."""
     from pallas_kernels._dispatch import is_hopper
 
     names = ["cudnn", "reference"]

@@ -4,9 +4,10 @@ impl (``reference`` and ``chunked``: their per-token losses, summed; ``single_pa
 Shapes: Llama-3.2-3B (d 3072) and 1B (d 2048) with the 128256-token vocabulary at 16k tokens. The loss is
 ``sum(g * loss)`` with ``g`` a loss mask (about 10% of tokens masked) over the count, z-loss weight 1e-4, bf16
 inputs. FLOPs counted are the model's (forward 2*N*d*V, forward+backward 6*N*d*V) for every impl, so the chunked
-one's recomputed projection shows up as a lower rate. "Forward" is the loss without gradients (evaluation). ``temp_mib`` is XLA's planned scratch for the jitted
-forward+backward (``compile().memory_analysis().temp_size_in_bytes``); errors are relative L2 against the reference
-in float32 (HIGHEST precision) on upcast inputs.
+one's recomputed projection shows up as a lower rate. "Forward" is the loss without gradients (evaluation).
+``temp_mib`` is XLA's planned scratch for the jitted forward+backward
+(``compile().memory_analysis().temp_size_in_bytes``); errors are relative L2 against the reference in float32
+(HIGHEST precision) on upcast inputs.
 """
 
 from __future__ import annotations

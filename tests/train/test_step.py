@@ -52,6 +52,21 @@ def test_gradient_accumulation_equals_one_large_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "single_pass"])
+def test_every_loss_kernel_trains_like_the_reference(impl):
+    """The fused losses (``single_pass`` forms its gradients in the forward, also under accumulation's scan) give the
+    reference's losses and parameters over three steps."""
+    batches = [random_batch(i) for i in range(3)]
+    with_impl = lambda impl, **train: dataclasses.replace(  # noqa: E731
+        config(**train), model=dataclasses.replace(MODEL, cross_entropy_impl=impl))
+    state_ref, losses_ref = run_steps(with_impl("reference"), batches)
+    for accum in (1, 4):
+        state, losses = run_steps(with_impl(impl, grad_accum_steps=accum), batches)
+        np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state_ref.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_same_seed_gives_same_losses_and_other_seed_does_not():
     batches = [random_batch(i) for i in range(3)]
     _, a = run_steps(config(seed=3), batches)

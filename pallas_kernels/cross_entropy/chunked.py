@@ -10,7 +10,8 @@ The incoming per-token cotangent ``g`` is how the caller's loss mask arrives (ma
 
 Peak extra memory is about ``N * vocab_chunk * (4 + 4 + 2)`` bytes plus a float32 [N, d] accumulator, instead of
 several float32 [N, V] buffers. The price is one extra vocabulary matmul (the backward recomputes the logits):
-4 matmuls of 2*N*d*V FLOPs in all instead of 3.
+4 matmuls of 2*N*d*V FLOPs in all instead of 3. A loss that is a weighted sum (training) avoids it with
+``single_pass.py``, which forms the gradients in the forward over token chunks.
 
 The vocabulary need not divide into chunks: the last chunk is clamped to end at V and overlaps its neighbour; the
 overlapping columns are masked out of the logsumexp and of ``dx``, and the backward walks the chunks from last to

@@ -115,9 +115,9 @@ CHUNKED_LOSS_COMMITS = {"2016b74"}
 
 def test_planner_within_fifteen_percent_of_the_measured_h100_runs():
     """Every LiteSpark run measured on H100s (docs/perf/scaling-h100.jsonl: the 3B preset on 1 and 2 GPUs, 8B on 2,
-    with the chunked and the single-pass loss),
-    re-planned from its recorded config and overrides: step time and compiled memory within 15%. The baseline rows
-    are not plans of ours (their remat-full, unfused-loss footprint is over-predicted by up to 28%; docs/SCALING.md)."""
+    with the chunked and the single-pass loss), re-planned from its recorded config and overrides: step time and
+    compiled memory within 15%. The baseline rows are not plans of ours (their remat-full, unfused-loss footprint is
+    over-predicted by up to 28%; docs/SCALING.md)."""
     from litespark_jax.config import load_config
 
     with open(os.path.join(ROOT, "docs", "perf", "scaling-h100.jsonl")) as f:

@@ -73,15 +73,12 @@ def _inputs(kernel: str, info: dict, rng: np.random.Generator):
     if kernel == "mlp":
         x, (d, two, f) = info["x_shape"], info["w_shape"]
         return (normal(x), normal((d, two, f), d ** -0.5), normal((f, d), f ** -0.5)), {}
-    if kernel == "cross_entropy":
+    if kernel in ("cross_entropy", "cross_entropy_sum"):
         x, (d, v) = info["x_shape"], info["w_shape"]
-        targets = jnp.asarray(rng.integers(0, v, size=x[:-1]), jnp.int32)
-        return (normal(x), normal((d, v), d ** -0.5)), {"targets": targets}
-    if kernel == "cross_entropy_sum":
-        x, (d, v) = info["x_shape"], info["w_shape"]
-        targets = jnp.asarray(rng.integers(0, v, size=x[:-1]), jnp.int32)
-        mask = jnp.asarray(rng.random(x[:-1]) > 0.1, jnp.float32)
-        return (normal(x), normal((d, v), d ** -0.5)), {"targets": targets, "weights": mask}
+        kwargs = {"targets": jnp.asarray(rng.integers(0, v, size=x[:-1]), jnp.int32)}
+        if kernel == "cross_entropy_sum":  # the training loss: weighted by a loss mask
+            kwargs["weights"] = jnp.asarray(rng.random(x[:-1]) > 0.1, jnp.float32)
+        return (normal(x), normal((d, v), d ** -0.5)), kwargs
     if kernel == "rms_norm":
         x = info["x_shape"]
         return (normal(x), jnp.asarray(1.0 + 0.1 * rng.standard_normal(x[-1:]), jnp.float32)), {}

@@ -129,6 +129,13 @@ def _weight_layout(axes, mesh, rules) -> tuple[P, list[tuple[int, tuple[str, ...
     return _spec_over_every_axis(entries, mesh), gathers
 
 
+def _gathered(w, gathers):
+    """A weight shard all-gathered whole over the (dimension, mesh axes) of ``_weight_layout``."""
+    for dim, names in gathers:
+        w = jax.lax.all_gather(w, names, axis=dim, tiled=True)
+    return w
+
+
 def _over_rows(fn, x, weights, weight_axes, impl: str, n_out: int = 1):
     """``fn(x, *weights, impl=...)`` on each device's rows under the active mesh (see the module docstring).
 
@@ -150,12 +157,7 @@ def _over_rows(fn, x, weights, weight_axes, impl: str, n_out: int = 1):
     layouts = [_weight_layout(axes, mesh, rules) for axes in weight_axes]
 
     def local(x, *weights):
-        whole = []
-        for w, (_, gathers) in zip(weights, layouts):
-            for dim, names in gathers:
-                w = jax.lax.all_gather(w, names, axis=dim, tiled=True)
-            whole.append(w)
-        return fn(x, *whole, impl=impl)
+        return fn(x, *(_gathered(w, gathers) for w, (_, gathers) in zip(weights, layouts)), impl=impl)
 
     if any(gathers for _, gathers in layouts):
         local = jax.checkpoint(local, policy=jax.checkpoint_policies.save_only_these_names(*_KERNEL_RESIDUALS))
@@ -208,9 +210,7 @@ def cross_entropy_sum(x, w, targets, weights, *, z_loss_weight: float = 0.0, imp
     w_spec, gathers = _weight_layout(w_axes, mesh, rules)
 
     def local(x, w, targets, weights):
-        for dim, names in gathers:
-            w = jax.lax.all_gather(w, names, axis=dim, tiled=True)
-        return call(x, w, targets, weights, impl=impl).reshape(1)
+        return call(x, _gathered(w, gathers), targets, weights, impl=impl).reshape(1)
 
     constrain = lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))  # noqa: E731
     x, targets, weights = constrain(x, x_spec), constrain(targets, row_spec), constrain(weights, row_spec)

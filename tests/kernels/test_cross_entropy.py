@@ -48,26 +48,41 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+def _reference(x, w, t, g, z):
+    """``_np_ce`` of the inputs, flattened to tokens: (loss [N], dx [N, d], dw [d, V]) and the cotangent [N]."""
+    d = x.shape[-1]
+    g64 = np.asarray(g, np.float64).reshape(-1)
+    ref = _np_ce(np.asarray(x, np.float64).reshape(-1, d), np.asarray(w, np.float64), np.asarray(t).reshape(-1),
+                 g64, z)
+    return (*ref, g64)
+
+
+def _assert_matches(pairs, tol):
+    for got, want in pairs:
+        assert np.all(np.isfinite(np.asarray(got, np.float32)))
+        assert _rel(got, want) < tol, (_rel(got, want), tol)
+
+
+def _assert_masked_tokens_get_zero_dx(dx, g):
+    d = dx.shape[-1]
+    masked = np.asarray(g).reshape(-1) == 0
+    assert np.all(np.asarray(dx, np.float32).reshape(-1, d)[masked] == 0)
+
+
 def _check_sum(fn, lead, d, v, z, dtype, tol):
     """``fn(x, w, t, g) = sum(g * loss)`` and its gradients in x, w and g against the float64 computation."""
     x, w, t, g = _inputs(lead, d, v, dtype)
     total, (dx, dw, dg) = jax.jit(jax.value_and_grad(lambda x, w, g: fn(x, w, t, g, z_loss_weight=z), (0, 1, 2)))(
         x, w, g)
     n = int(np.prod(lead))
-    ref_loss, ref_dx, ref_dw = _np_ce(
-        np.asarray(x, np.float64).reshape(n, d), np.asarray(w, np.float64), np.asarray(t).reshape(n),
-        np.asarray(g, np.float64).reshape(n), z,
-    )
+    ref_loss, ref_dx, ref_dw, g64 = _reference(x, w, t, g, z)
     assert total.shape == () and total.dtype == jnp.float32
     assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == w.shape and dw.dtype == w.dtype
     assert dg.shape == g.shape
-    ref_total = np.sum(np.asarray(g, np.float64).reshape(n) * ref_loss)
-    assert abs(float(total) - ref_total) <= tol * np.sum(np.abs(np.asarray(g, np.float64).reshape(n) * ref_loss))
-    for got, want in ((dx.reshape(n, d), ref_dx), (dw, ref_dw), (dg.reshape(n), ref_loss)):
-        assert np.all(np.isfinite(np.asarray(got, np.float32)))
-        assert _rel(got, want) < tol, (_rel(got, want), tol)
-    masked = np.asarray(g).reshape(n) == 0
-    assert np.all(np.asarray(dx, np.float32).reshape(n, d)[masked] == 0)
+    ref_total = np.sum(g64 * ref_loss)
+    assert abs(float(total) - ref_total) <= tol * np.sum(np.abs(g64 * ref_loss))
+    _assert_matches(((dx.reshape(n, d), ref_dx), (dw, ref_dw), (dg.reshape(n), ref_loss)), tol)
+    _assert_masked_tokens_get_zero_dx(dx, g)
 
 
 def _check(fn, lead, d, v, z, dtype, tol):
@@ -79,18 +94,11 @@ def _check(fn, lead, d, v, z, dtype, tol):
     loss = jax.jit(lambda x, w: fn(x, w, t, z_loss_weight=z))(x, w)
     dx, dw = jax.jit(jax.grad(total, (0, 1)))(x, w)
     n = int(np.prod(lead))
-    ref_loss, ref_dx, ref_dw = _np_ce(
-        np.asarray(x, np.float64).reshape(n, d), np.asarray(w, np.float64), np.asarray(t).reshape(n),
-        np.asarray(g, np.float64).reshape(n), z,
-    )
+    ref_loss, ref_dx, ref_dw, _ = _reference(x, w, t, g, z)
     assert loss.shape == lead and loss.dtype == jnp.float32
     assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == w.shape and dw.dtype == w.dtype
-    for got, want in ((loss.reshape(n), ref_loss), (dx.reshape(n, d), ref_dx), (dw, ref_dw)):
-        assert np.all(np.isfinite(np.asarray(got, np.float32)))
-        assert _rel(got, want) < tol, (_rel(got, want), tol)
-    # Masked tokens get exactly zero gradient.
-    masked = np.asarray(g).reshape(n) == 0
-    assert np.all(np.asarray(dx, np.float32).reshape(n, d)[masked] == 0)
+    _assert_matches(((loss.reshape(n), ref_loss), (dx.reshape(n, d), ref_dx), (dw, ref_dw)), tol)
+    _assert_masked_tokens_get_zero_dx(dx, g)  # exactly zero gradient
 
 
 IMPLS = ["auto", *registry.names()]

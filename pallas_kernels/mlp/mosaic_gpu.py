@@ -144,12 +144,12 @@ TRITON_BACKWARD = "triton"
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _mlp(x2, w_gate_up, w_down, config, interpret, backward):
     h, _ = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
-    return jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
+    return fused.dot_rounded(h, w_down, x2.dtype)
 
 
 def _mlp_fwd(x2, w_gate_up, w_down, config, interpret, backward):
     h, gu = swiglu_gate_up(x2, w_gate_up, config=config, interpret=interpret)
-    out = jnp.dot(h, w_down, preferred_element_type=jnp.float32).astype(x2.dtype)
+    out = fused.dot_rounded(h, w_down, x2.dtype)
     return out, (x2, checkpoint_name(gu, fused.GATE_UP_NAME), w_gate_up, w_down)
 
 

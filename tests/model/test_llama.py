@@ -157,7 +157,9 @@ def test_unrolled_layers_have_the_scanned_gradients_without_padded_copies():
 @pytest.mark.parametrize("scan", [True, False])
 def test_casting_weights_once_changes_no_number(scan):
     """Layers cast their float32 weights to bf16 where they use them; casting the stack once before the layers
-    (the 3B preset) must give bitwise the same loss and gradients (on the CPU), with the gradients back in the parameters' float32."""
+    (the 3B preset) must give bitwise the same loss (on the CPU), and the same gradients, back in the parameters'
+    float32, up to one bf16 rounding: a weight gradient is a bf16 matmul output, and where its widening to float32
+    follows the matmul directly (the cast inside the layer) XLA may fold the rounding away."""
     cfg = dataclasses.replace(CONFIGS["gqa-tied"], num_layers=3, dtype="bfloat16", scan_layers=scan,
                               remat_policy="full")
     tokens = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, 16)))
@@ -171,7 +173,7 @@ def test_casting_weights_once_changes_no_number(scan):
     assert float(l1) == float(l2)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         assert a.dtype == b.dtype == jnp.float32
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2.0**-8, atol=0)
 
 
 @pytest.mark.parametrize("policy", ["full", "save_matmuls", "save_attention"])

@@ -157,6 +157,24 @@ def test_single_pass_without_gradients_is_the_chunked_forward():
     assert dots(jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr) == 3
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (16, 1000), (5, 4099)])
+def test_one_pass_logsumexp_matches_float64(shape):
+    """The single-pass loss's one-reduction log-sum-exp against numpy in float64, with rows whose spread (and so
+    the rescaling of the running sum) reaches +-1e4, rows of one repeated value and of float32's lowest value."""
+    rng = np.random.default_rng(sum(shape))
+    logits = rng.normal(size=shape) * np.logspace(-1, 4, shape[0])[:, None]
+    logits[-1] = -3.0  # one repeated value: lse = value + log(V)
+    if shape[0] > 2:
+        logits[0] = np.finfo(np.float32).min  # the initial running max itself
+    logits = logits.astype(np.float32)
+    got = np.asarray(jax.jit(single_pass.logsumexp_rows)(jnp.asarray(logits)), np.float64)
+    x = logits.astype(np.float64)
+    top = x.max(axis=1)
+    want = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
 def test_single_pass_default_row_chunk():
     assert single_pass.default_row_chunk(24576, 128256) == 2048  # 1 GiB of float32 logits, 12 even chunks
     assert single_pass.default_row_chunk(100, 128256) == 100

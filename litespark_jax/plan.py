@@ -7,8 +7,11 @@
 The memory model counts, per device: parameters, Adam moments and gradients (each array's shard, from the same
 logical-axis rules the trainer uses), the activations each layer keeps for the backward under the remat policy,
 the largest of one layer's forward, one layer's backward and the loss head (chunked cross-entropy or full logits),
-and the all-gathered weights of the layer being computed. The attention runs per device inside ``shard_map``
-(``litespark_jax.parallel.kernels.attention``): whole sequences, heads split over tensor x context. Adam moments
+and the all-gathered weights of the layer being computed. With unrolled layers and ``cast_weights_once`` the
+gradients give way to the cast weight copy (no gradient exists yet at the end of the forward, where the peak is),
+and under FSDP a backlog of weight-gradient inputs can move the peak into the backward (``memory_model``). The
+attention runs per device inside ``shard_map`` (``litespark_jax.parallel.kernels.attention``): whole sequences,
+heads split over tensor x context. Adam moments
 are counted in ``optim.state_dtype``; ``remat_policy=names`` keeps each saved ``checkpoint_name`` activation.
 ``--xla-check`` compiles the real train step for the mesh ahead of time on CPU host devices and compares with XLA's
 own ``memory_analysis()`` (arguments + outputs - aliased + temporaries); on CPU the attention is the reference
@@ -69,6 +72,9 @@ NO_RECOMPUTE_NAMES = frozenset({"query", "key", "value", "attention_out", "mlp_g
 HEADROOM = 0.92  # a plan "fits" when its predicted peak is within this fraction of the usable memory (fragmentation,
 # cuDNN/cuBLAS workspaces and the model's own error, measured within 10% of XLA's figure)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The share of the layers whose weight-gradient matmuls are still waiting at the peak of an FSDP backward with unrolled
+# layers (memory_model's "wgrad_backlog"): 18 of 28 (3B preset) and 17 of 32 (8B) in the steps compiled for two H200s.
+WGRAD_TRAILING_LAYERS = 0.6
 
 
 @dataclasses.dataclass
@@ -123,6 +129,22 @@ def param_shard_bytes(cfg, sizes: dict, rules=None, dtype_bytes: int | None = No
         if axes and axes[0] == "layers":
             gathered_layer += n / shape[0] / tensor_split
     return sharded, gathered_layer, total
+
+
+def cast_layer_bytes(cfg, sizes: dict, rules=None) -> float:
+    """This device's shards of every layer's weight matrices in the compute dtype (``model.cast_weights_once``: the
+    norm scales keep their dtype)."""
+    from litespark_jax.parallel.logical import logical_to_spec
+    from litespark_jax.parallel.mesh import DEFAULT_RULES
+
+    total = 0.0
+    for shape, axes in _param_shapes(cfg):
+        if axes[0] != "layers" or len(shape) < 3:
+            continue
+        split = math.prod(sizes[a] for part in logical_to_spec(axes, rules or DEFAULT_RULES)
+                          for a in ((part,) if isinstance(part, str) else (part or ())))
+        total += math.prod(shape) * DTYPE_BYTES[cfg.dtype] / split
+    return total
 
 
 def _param_shapes(cfg):
@@ -259,14 +281,43 @@ def memory_model(cfg, train, sizes: dict, micro_batch: int, attention: str, cros
     params, gathered_layer, _ = param_shard_bytes(cfg, sizes)
     grads = params * 4 / DTYPE_BYTES[cfg.param_dtype]
     opt = 0.0 if offload_state else optimizer_bytes(cfg, sizes, state_dtype)
-    memory = {"params": params, "optimizer": opt, "gradients": grads}
+    a = DTYPE_BYTES[cfg.dtype]
+    # Unrolled layers with their weights cast once (the 3B preset): the step's peak is at the end of the forward,
+    # where every layer's activations are kept and no weight gradient exists yet, but every layer's compute-dtype
+    # copy of its (sharded) weight matrices does, made before the first layer and read again by its backward. Seen
+    # in the buffer assignment of the 3B preset's step compiled for one H100 (72.73 GiB, the measured figure): at
+    # the peak, the float32 parameters, the moments, 28 layers' activations, the loss head and the 28 bf16 weight
+    # splits, no gradient. The gradients come in the backward as the activations go (bf16 until the optimizer).
+    cast_once = cfg.cast_weights_once and not cfg.scan_layers
+    memory = {"params": params, "optimizer": opt}
+    if cast_once:
+        memory["cast_weights"] = cast_layer_bytes(cfg, sizes)
+    else:
+        memory["gradients"] = grads
     if train.grad_accum_steps > 1:
         memory["grad_accumulator"] = grads
     memory.update(activation_bytes(cfg, micro_batch, train.seq_len, sizes, attention, cross_entropy, mlp))
-    a = DTYPE_BYTES[cfg.dtype]
-    # The layer being computed needs its weights whole along fsdp, in the compute dtype.
-    gathered = sizes["fsdp"] > 1 or a != DTYPE_BYTES[cfg.param_dtype]
+    # The layer being computed needs its weights whole along fsdp, in the compute dtype (with the weights cast once
+    # and no fsdp, the cast copy is that).
+    gathered = sizes["fsdp"] > 1 or (a != DTYPE_BYTES[cfg.param_dtype] and not cast_once)
     memory["gathered_weights"] = gathered_layer * a if gathered else 0.0
+    if sizes["fsdp"] > 1 and not cfg.scan_layers:
+        # FSDP with unrolled layers: the backward's weight-gradient matmuls trail its input-gradient chain by most
+        # of the depth (their gradients then leave through reduce-scatters; at fsdp=1, with none, they follow at
+        # once), so the step's peak can move from the end of the forward into the backward. There, each layer the
+        # backward has passed (WGRAD_TRAILING_LAYERS of them) holds the SwiGLU backward's outputs, the [T, 2 d_ff]
+        # gate/up gradient and the rebuilt [T, d_ff] hidden activation, in place of its saved [T, 2 d_ff]
+        # pre-activation, plus three [T, d] cotangents, all waiting for those matmuls (its other saved activations
+        # are their inputs and stay); its cast weights and the loss head's working set are gone. Seen in the buffer
+        # assignments of the FSDP-2 steps compiled for two H200s: 3B preset at 12 x 4096, the weight-gradient inputs
+        # of 18 of 28 layers live at the peak, 54.8 GiB of temporaries in the middle of the backward against 45.3
+        # at the end of the forward; 8B at 2 x 8192, 17 of 32 layers, 33.2 against 33.6 (the forward's end stays
+        # the peak). XLA's heap packing adds 1.5-3 GiB to the live bytes in these steps (not modelled).
+        tokens = micro_batch * train.seq_len / sizes["context"]
+        trailing = WGRAD_TRAILING_LAYERS * cfg.num_layers
+        waiting = trailing * tokens * (cfg.d_ff / sizes["tensor"] + 3 * cfg.d_model) * a
+        freed = memory["working_set"] + WGRAD_TRAILING_LAYERS * memory.get("cast_weights", 0.0)
+        memory["wgrad_backlog"] = max(waiting - freed, 0.0)
     if attention == "reference" and cfg.remat_policy != "none":
         # The CPU check only: with a rematerialized layer scan XLA's CPU backend keeps two more copies of every
         # parameter shard live through the step (the stacked weights handed to the forward loop and to the

@@ -113,7 +113,7 @@ def test_offloaded_optimizer_state_frees_device_memory_for_host_transfer_time():
 CHUNKED_LOSS_COMMITS = {"2016b74"}
 
 
-# The measured runs: file, the GPU that ran them, the variants that are plans of ours, the device counts it holds.
+# The measured runs, by the GPU that ran them: their file, the variants that are plans of ours, the device counts.
 MEASURED_RUNS = {
     "h100": ("scaling-h100.jsonl", ("litespark", "chunked-loss"), {1, 2}),
     "h200": ("scaling-h200.jsonl", ("litespark", "b12"), {1, 2, 4}),

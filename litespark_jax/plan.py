@@ -531,6 +531,19 @@ def limiter(plan: Plan) -> str:
     return max(parts, key=parts.get)
 
 
+def parse_mesh(text: str, num_devices: int) -> dict:
+    """``DATAxFSDPxTENSORxCONTEXT`` (e.g. ``2x16x2x1``) as mesh axis sizes; ValueError unless it is four positive
+    integers whose product is the number of devices planned for."""
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError("expected four positive integers DATAxFSDPxTENSORxCONTEXT, e.g. 2x16x2x1")
+    sizes = dict(zip(("data", "fsdp", "tensor", "context"), map(int, parts)))
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"its axes multiply to {math.prod(sizes.values())}, but --nodes x --gpus-per-node is "
+                         f"{num_devices}")
+    return sizes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m litespark_jax.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -553,7 +566,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         parser.error(f"--efficiency {args.efficiency}: a fraction of the peak, in (0, 1]")
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
+        if value < 1:
+            parser.error(f"{flag} {value}: must be at least 1")
     n = args.nodes * args.gpus_per_node
+    mesh_sizes = None
+    if args.mesh:
+        try:
+            mesh_sizes = parse_mesh(args.mesh, n)
+        except ValueError as e:
+            parser.error(f"--mesh {args.mesh}: {e}")
     if args.xla_check:
         os.environ["JAX_PLATFORMS"] = "cpu"
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
@@ -575,11 +597,11 @@ def main(argv=None) -> int:
           + f", dtype={cfg.dtype}, Adam moments in {config.optim.state_dtype}"
           + (" in host memory" if config.optim.offload_state else "") + "; "
           f"{args.nodes} node(s) x {args.gpus_per_node} {gpu.name} (attention model: {attention}, loss: {ce})")
-    if args.mesh:
+    if mesh_sizes:
         from litespark_jax.config import MeshConfig
         from litespark_jax.parallel.mesh import inter_node_shape
 
-        sizes = dict(zip(("data", "fsdp", "tensor", "context"), (int(x) for x in args.mesh.split("x"))))
+        sizes = mesh_sizes
         inter = inter_node_shape(MeshConfig(**sizes), sizes, args.nodes)
         from types import SimpleNamespace
 

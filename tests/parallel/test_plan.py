@@ -163,3 +163,24 @@ def test_a_measured_share_of_fsdp_traffic_shows_on_the_step_even_when_compute_co
     assert p.step_s == pytest.approx(compute + plan.EFFICIENCY["exposed_comm"] * comm)  # ... but not in practice
     # With far too little compute to overlap, what it cannot cover shows (more than the measured share).
     assert plan.exposed_comm(10.0, 0.1) == pytest.approx(10.0 - 0.1 * plan.EFFICIENCY["overlap"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh", "2x2"], "expected four positive integers"),
+    (["--mesh", "axbx1x1"], "expected four positive integers"),
+    (["--mesh", "2x0x2x2"], "expected four positive integers"),
+    (["--mesh", "2x2x1x1"], "its axes multiply to 4, but --nodes x --gpus-per-node is 8"),
+    (["--nodes", "0"], "--nodes 0: must be at least 1"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be at least 1"),
+    (["--top", "0"], "--top 0: must be at least 1"),
+])
+def test_bad_command_line_is_one_error_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plan.main(["--config", "configs/tiny.yaml", "--gpus-per-node", "8", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_parse_mesh():
+    assert plan.parse_mesh("2x16x2x1", 64) == {"data": 2, "fsdp": 16, "tensor": 2, "context": 1}

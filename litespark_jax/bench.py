@@ -279,10 +279,17 @@ def main(argv=None) -> int:
                              "the setup's own run-to-run noise and judge each gap against it")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--curve-steps", args.curve_steps, 0)):
+        if value < least:
+            parser.error(f"{flag} {value}: must be at least {least}")
     # (name, overrides) per variant; the config is built from them (again for --curve-steps, with its settings).
     specs = [("litespark", [*args.overrides, *args.litespark])]
     for spec in args.variant:
         name, _, overrides = spec.partition(":")
+        if not name or name in {n for n, _ in specs} | {"baseline", RERUN}:
+            parser.error(f"--variant {spec}: {'a name is missing' if not name else f'the name {name!r} is taken'}"
+                         " (NAME:key=value,key=value)")
         specs.append((name, [*args.overrides, *filter(None, split_top_level(overrides))]))
     if args.curve_noise and not (args.curve_steps and args.baseline):
         parser.error("--curve-noise needs --curve-steps N and --baseline")

@@ -71,6 +71,22 @@ def test_curve_noise_without_a_curve_is_a_usage_error(capsys):
     assert "--curve-noise needs --curve-steps N and --baseline" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--warmup", "-1"], "--warmup -1: must be at least 0"),
+    (["--curve-steps", "-3"], "--curve-steps -3: must be at least 0"),
+    (["--variant", ":train.seed=3"], "a name is missing"),
+    (["--variant", "baseline:train.seed=3"], "the name 'baseline' is taken"),
+    (["--variant", "a:train.seed=3", "--variant", "a:train.seed=4"], "the name 'a' is taken"),
+])
+def test_bad_command_line_is_one_error_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config", "configs/tiny.yaml", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_split_top_level_keeps_lists_and_mappings_whole():
     text = "a=1,b=[x, y],c={k: v, w: [1, 2]},d=2"
     assert bench.split_top_level(text) == ["a=1", "b=[x, y]", "c={k: v, w: [1, 2]}", "d=2"]

@@ -52,6 +52,24 @@ def test_posttrain_clis_share_the_one_line_errors(module, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("module, args, message", [
+    ("litespark_jax.posttrain.bench", ["--steps", "0"], "--steps must be >= 1"),
+    ("litespark_jax.checkpoint.bench", ["--config", "configs/tiny.yaml", "--steps", "0"],
+     "--steps 0: must be at least 1"),
+    ("litespark_jax.data.benchmark", ["--repeat", "0"], "--repeat 0: must be at least 1"),
+    ("litespark_jax.autotune", ["--config", "configs/tiny.yaml", "--out", "t.json", "--iters", "0"], "--iters"),
+    ("pallas_kernels.bench.attention", ["llama-9b"], "unknown shape 'llama-9b'; choose from llama-8b-s4k"),
+])
+def test_benchmark_clis_refuse_counts_that_time_nothing(module, args, message):
+    """Counts below 1 once ended in a ZeroDivisionError, an IndexError or an empty median, an unknown shape name in a
+    StopIteration: now one line naming the flag, before any work starts."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 _NO_BACKEND_AT_IMPORT = r"""
 import importlib, os, sys
 os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)

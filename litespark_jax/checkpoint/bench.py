@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args, config = parse_config(parser, argv)
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be at least 1")
     result = run(config, steps=args.steps, directory=args.dir, keep=args.keep)
     print(format_report(result), flush=True)
     if args.json:

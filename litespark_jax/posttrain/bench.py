@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per kind")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     rows = []
     for kind in (("sft", "dpo") if args.kind == "both" else (args.kind,)):
         config = load_config(args.config or _preset(kind), ["log.progress_bar=false", *args.overrides])

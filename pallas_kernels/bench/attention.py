@@ -203,5 +203,10 @@ def tune(shape_name="llama-8b-s4k", iters=10):
 if __name__ == "__main__":
     import sys
 
+    names = [x[0] for x in SHAPES]
+    unknown = [shape for shape in sys.argv[1:] if shape not in names]
+    if unknown:
+        print(f"error: unknown shape {', '.join(map(repr, unknown))}; choose from {', '.join(names)}", file=sys.stderr)
+        sys.exit(2)
     for shape in sys.argv[1:] or ["llama-8b-s4k"]:
         tune(shape)

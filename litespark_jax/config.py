@@ -407,6 +407,22 @@ def _validate_kernel_impls(m: "ModelConfig") -> None:
                               f"{_did_you_mean(value, known)}")
 
 
+def _validate_xla_options(options) -> None:
+    """``train.xla_options`` is a mapping of option names to scalars; whether XLA knows them is checked when the
+    step is built (``train.step.compiler_options``). Catches YAML's reading of ``{name:value}`` (no space after the
+    colon) as a key with no value, which XLA would reject with a type error naming neither."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ConfigError(f"train.xla_options must be a mapping of XLA option names to values, got {options!r}")
+    for name, value in options.items():
+        if value is None:
+            raise ConfigError(f"train.xla_options: {name!r} has no value (write 'name: value', with a space after "
+                              "the colon)")
+        if not isinstance(value, (str, bool, int, float)):
+            raise ConfigError(f"train.xla_options: {name!r} must be a string, bool or number, got {value!r}")
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError for the first rule the config breaks."""
     m, t, o, g = config.model, config.train, config.optim, config.mesh
@@ -434,6 +450,7 @@ def validate(config: Config) -> None:
                        ("optim.state_dtype", o.state_dtype)):
         if value not in DTYPES:
             raise ConfigError(f"{key} must be one of {', '.join(DTYPES)}, got {value!r}")
+    _validate_xla_options(t.xla_options)
     _validate_kernel_impls(m)
     if m.kernel_table is not None:
         from pallas_kernels.tuned import TableError, read

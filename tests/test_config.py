@@ -49,6 +49,9 @@ def test_overrides_are_parsed_as_yaml_values():
     (["model.mlp_impl=mosaic"], "model.mlp_impl must be one of auto, fused, "),
     (["model.cross_entropy_impl=single-pass"], "got 'single-pass' (did you mean 'single_pass'?)"),
     (["model.attention_impl=flash"], "model.attention_impl must be one of auto, cudnn, pallas, reference"),
+    (["train.xla_options={xla_gpu_enable_latency_hiding_scheduler:true}"],
+     "'xla_gpu_enable_latency_hiding_scheduler:true' has no value (write 'name: value', with a space after"),
+    (["train.xla_options={xla_gpu_autotune_level: [4]}"], "'xla_gpu_autotune_level' must be a string, bool or number"),
 ])
 def test_bad_values_raise_one_clear_sentence(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -14,14 +14,28 @@ from litespark_jax.train.loop import TrainResult, train
 
 
 def write_run_dir(config: Config) -> None:
-    """Create ``train.run_dir`` (ConfigError when it cannot be a directory) and write the run's config.yaml there."""
+    """Create ``train.run_dir`` (ConfigError when it cannot be a directory) and write the run's config.yaml there.
+
+    A config.yaml that an earlier run left and that differs from this one is kept as config.N.yaml (the lowest free
+    N) rather than overwritten: a resumed run may change its config on purpose (more steps), or by mistake, in
+    which case the checkpoint's restore fails and the run dir must still say what made it."""
     run_dir = config.train.run_dir
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:  # a file in the way, no permission, read-only file system
         raise ConfigError(f"train.run_dir {run_dir} cannot be used as a directory: {e.strerror or e}") from None
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    path = os.path.join(run_dir, "config.yaml")
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+        n = 1
+        while os.path.exists(os.path.join(run_dir, f"config.{n}.yaml")):
+            n += 1
+        os.replace(path, os.path.join(run_dir, f"config.{n}.yaml"))
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def train_and_report(config: Config) -> TrainResult:

@@ -66,3 +66,15 @@ def test_sentencepiece_model(tmp_path):
 def test_byte_tokenizer_save_and_load(tmp_path):
     ByteTokenizer().save(str(tmp_path))
     assert isinstance(load_tokenizer(str(tmp_path)), ByteTokenizer)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-frequency", "-1"], "--min-frequency -1: must not be negative"),  # was an OverflowError traceback
+    (["--max-docs", "0"], "--max-docs 0: must be at least 1"),
+])
+def test_train_cli_refuses_bad_counts_before_reading_anything(tmp_path, flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        tokenizer_cli(["train", *flags, "--out", str(tmp_path / "tok")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()

@@ -101,6 +101,11 @@ def main(argv=None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
+    for flag, value in (("--processes", args.processes), ("--devices-per-process", args.devices_per_process)):
+        if value < 1:
+            parser.error(f"{flag} {value}: must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error(f"--timeout {args.timeout:g}: must be positive (seconds)")
     gpus = None
     if args.gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -91,3 +91,14 @@ def test_train_cli_two_processes_then_resume_on_one(tmp_path):
     assert sorted(full) == [1, 2, 3, 4, 5, 6] and sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed[step], full[step])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--processes", "0"], "--processes 0: must be at least 1"),  # ran nothing and exited 0
+    (["--devices-per-process", "0"], "--devices-per-process 0: must be at least 1"),
+    (["--timeout", "-5"], "--timeout -5: must be positive"),
+])
+def test_launcher_refuses_counts_that_start_nothing(flags, message):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local.py"), *flags, "--", sys.executable,
+                           "-c", "print('started')"], env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "started" not in proc.stdout, proc.stderr

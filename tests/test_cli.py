@@ -58,6 +58,8 @@ def test_posttrain_clis_share_the_one_line_errors(module, args, message):
      "--steps 0: must be at least 1"),
     ("litespark_jax.data.benchmark", ["--repeat", "0"], "--repeat 0: must be at least 1"),
     ("litespark_jax.autotune", ["--config", "configs/tiny.yaml", "--out", "t.json", "--iters", "0"], "--iters"),
+    ("litespark_jax.autotune", ["--config", "configs/tiny.yaml", "--out", "t.json", "--tolerance", "-1"],
+     "--tolerance >= 0"),  # was a ValueError from min() over no passing implementation
     ("pallas_kernels.bench.attention", ["llama-9b"], "unknown shape 'llama-9b'; choose from llama-8b-s4k"),
 ])
 def test_benchmark_clis_refuse_counts_that_time_nothing(module, args, message):

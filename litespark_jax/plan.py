@@ -104,25 +104,29 @@ class Plan:
 # Memory
 
 
+def _shard_splits(axes, sizes: dict, rules) -> tuple[int, int]:
+    """(how many ways the parameter with these logical axes is split over the mesh, the same without fsdp)."""
+    from litespark_jax.parallel.logical import logical_to_spec
+
+    split = tensor_split = 1
+    for part in logical_to_spec(axes, rules):
+        for a in (part,) if isinstance(part, str) else (part or ()):
+            split *= sizes[a]
+            if a != "fsdp":
+                tensor_split *= sizes[a]
+    return split, tensor_split
+
+
 def param_shard_bytes(cfg, sizes: dict, rules=None, dtype_bytes: int | None = None) -> tuple[float, float, float]:
     """(bytes of this device's parameter shards, bytes of one layer's params after the fsdp all-gather, total params)
     from the model's abstract parameters and their logical axes."""
-    from litespark_jax.parallel.logical import logical_to_spec
     from litespark_jax.parallel.mesh import DEFAULT_RULES
 
     rules = rules or DEFAULT_RULES
-    shapes = _param_shapes(cfg)
     b = dtype_bytes or DTYPE_BYTES[cfg.param_dtype]
     sharded = gathered_layer = total = 0.0
-    for shape, axes in shapes:
-        spec = logical_to_spec(axes, rules)
-        split = 1
-        tensor_split = 1
-        for part in spec:
-            for a in (part,) if isinstance(part, str) else (part or ()):
-                split *= sizes[a]
-                if a != "fsdp":
-                    tensor_split *= sizes[a]
+    for shape, axes in _param_shapes(cfg):
+        split, tensor_split = _shard_splits(axes, sizes, rules)
         n = math.prod(shape)
         total += n
         sharded += n * b / split
@@ -134,17 +138,10 @@ def param_shard_bytes(cfg, sizes: dict, rules=None, dtype_bytes: int | None = No
 def cast_layer_bytes(cfg, sizes: dict, rules=None) -> float:
     """This device's shards of every layer's weight matrices in the compute dtype (``model.cast_weights_once``: the
     norm scales keep their dtype)."""
-    from litespark_jax.parallel.logical import logical_to_spec
     from litespark_jax.parallel.mesh import DEFAULT_RULES
 
-    total = 0.0
-    for shape, axes in _param_shapes(cfg):
-        if axes[0] != "layers" or len(shape) < 3:
-            continue
-        split = math.prod(sizes[a] for part in logical_to_spec(axes, rules or DEFAULT_RULES)
-                          for a in ((part,) if isinstance(part, str) else (part or ())))
-        total += math.prod(shape) * DTYPE_BYTES[cfg.dtype] / split
-    return total
+    return sum(math.prod(shape) * DTYPE_BYTES[cfg.dtype] / _shard_splits(axes, sizes, rules or DEFAULT_RULES)[0]
+               for shape, axes in _param_shapes(cfg) if axes[0] == "layers" and len(shape) >= 3)
 
 
 def _param_shapes(cfg):
@@ -566,9 +563,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         parser.error(f"--efficiency {args.efficiency}: a fraction of the peak, in (0, 1]")
-    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
-        if value < 1:
-            parser.error(f"{flag} {value}: must be at least 1")
+    from litespark_jax.cli import require_at_least
+
+    require_at_least(parser, args, nodes=1, gpus_per_node=1, top=1)
     n = args.nodes * args.gpus_per_node
     mesh_sizes = None
     if args.mesh:

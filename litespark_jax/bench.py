@@ -23,7 +23,7 @@ import numpy as np
 
 import pallas_kernels
 from litespark_jax import trace_summary
-from litespark_jax.cli import run_main
+from litespark_jax.cli import require_at_least, run_main
 from litespark_jax.config import Config, load_config
 from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
@@ -279,10 +279,7 @@ def main(argv=None) -> int:
                              "the setup's own run-to-run noise and judge each gap against it")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
     args = parser.parse_args(argv)
-    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                               ("--curve-steps", args.curve_steps, 0)):
-        if value < least:
-            parser.error(f"{flag} {value}: must be at least {least}")
+    require_at_least(parser, args, steps=1, warmup=0, curve_steps=0)
     # (name, overrides) per variant; the config is built from them (again for --curve-steps, with its settings).
     specs = [("litespark", [*args.overrides, *args.litespark])]
     for spec in args.variant:

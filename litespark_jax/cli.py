@@ -12,6 +12,15 @@ from litespark_jax.config import Config, describe_options, load_config
 from litespark_jax.errors import UserError
 
 
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, **bounds: int) -> None:
+    """``parser.error`` (one line, exit 2) naming the first flag whose value is below its bound, e.g.
+    ``require_at_least(parser, args, steps=1, warmup=0)``; a value of None (an unset optional flag) passes."""
+    for name, bound in bounds.items():
+        value = getattr(args, name)
+        if value is not None and value < bound:
+            parser.error(f"--{name.replace('_', '-')} {value}: must be at least {bound}")
+
+
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,

@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.min_frequency < 0:
         train.error(f"--min-frequency {args.min_frequency}: must not be negative")
-    if args.max_docs is not None and args.max_docs < 1:
-        train.error(f"--max-docs {args.max_docs}: must be at least 1")
+    from litespark_jax.cli import require_at_least
+
+    require_at_least(train, args, max_docs=1)
     from litespark_jax.data.bpe_train import train_bpe
     from litespark_jax.data.config import DEFAULT_TRAIN_FILES
 

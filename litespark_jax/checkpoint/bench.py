@@ -161,7 +161,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from litespark_jax.cli import config_parser, parse_config
+    from litespark_jax.cli import config_parser, parse_config, require_at_least
 
     parser = config_parser("python -m litespark_jax.checkpoint.bench",
                            "Measure checkpoint save throughput and the training stall of an async save.")
@@ -170,8 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args, config = parse_config(parser, argv)
-    if args.steps < 1:
-        parser.error(f"--steps {args.steps}: must be at least 1")
+    require_at_least(parser, args, steps=1)
     result = run(config, steps=args.steps, directory=args.dir, keep=args.keep)
     print(format_report(result), flush=True)
     if args.json:

@@ -63,9 +63,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="measurements per path (median and best reported)")
     parser.add_argument("--reuse", action="store_true", help="keep prepared corpora already in --workdir")
     args = parser.parse_args(argv)
-    for flag in ("seq_len", "batch", "tokens", "otf_tokens", "vocab_size", "repeat"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    from litespark_jax.cli import require_at_least
+
+    require_at_least(parser, args, seq_len=1, batch=1, tokens=1, otf_tokens=1, vocab_size=1, repeat=1)
 
     from litespark_jax.data import DataConfig, build_tokenizer
     from litespark_jax.data.bpe_train import train_bpe

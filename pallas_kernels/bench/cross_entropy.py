@@ -27,7 +27,7 @@ Z = 1e-4
 
 
 def run(args) -> list[dict]:
-    from pallas_kernels.cross_entropy import chunked, reference, single_pass, sum_registry
+    from pallas_kernels.cross_entropy import chunked, reference, single_pass, sum_registry, summed
 
     quick = getattr(args, "quick", False)
     iters = 3 if quick else 7
@@ -46,9 +46,6 @@ def run(args) -> list[dict]:
             def loss(x, w):
                 return fn(x, w, t, g, z_loss_weight=Z)
             return jax.jit(loss), jax.jit(jax.value_and_grad(loss, (0, 1)))
-
-        def summed(per_token):
-            return lambda x, w, t, g, **kw: jnp.sum(g * per_token(x, w, t, **kw))
 
         with jax.default_matmul_precision("highest"):
             _, ref_fb = make(summed(reference.cross_entropy))

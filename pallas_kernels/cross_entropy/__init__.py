@@ -49,7 +49,10 @@ def _auto_sum(x_shape, w_shape, **_):
     return SINGLE_PASS if _auto(x_shape, w_shape) == CHUNKED else REFERENCE
 
 
-def _summed(per_token):
+def summed(per_token):
+    """``(x, w, targets, weights, *, z_loss_weight)`` -> ``sum(weights * per_token(...))``: a per-token loss as the
+    weighted-sum contract of ``cross_entropy_sum``."""
+
     def loss_sum(x, w, targets, weights, *, z_loss_weight: float = 0.0):
         return jnp.sum(weights.astype(jnp.float32) * per_token(x, w, targets, z_loss_weight=z_loss_weight))
 
@@ -58,8 +61,8 @@ def _summed(per_token):
 
 
 sum_registry = Registry("cross_entropy_sum", _auto_sum)
-sum_registry.register(REFERENCE)(_summed(reference.cross_entropy))
-sum_registry.register(CHUNKED)(_summed(chunked.cross_entropy))
+sum_registry.register(REFERENCE)(summed(reference.cross_entropy))
+sum_registry.register(CHUNKED)(summed(chunked.cross_entropy))
 sum_registry.register(SINGLE_PASS)(single_pass.cross_entropy_sum)
 
 

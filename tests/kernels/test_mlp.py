@@ -145,9 +145,13 @@ def test_triton_swiglu_backward_interpret(monkeypatch):
     dh64 = np.asarray(dh, np.float64)
     sig = 1 / (1 + np.exp(-g))
     assert dgu.shape == gu.shape and dgu.dtype == h.dtype == jnp.bfloat16
-    assert _rel(dgu[:, 0], dh64 * u * (sig + g * sig * (1 - sig))) < 4e-3
-    assert _rel(dgu[:, 1], dh64 * g * sig) < 4e-3
-    assert _rel(h, g * sig * u) < 4e-3
+    # Triton's interpreter (3.6) casts float32 to bf16 by truncation, not round-to-nearest: every output is at most
+    # 2^-7 (not 2^-8) from the float64 value, relative. 4e-3 failed for some seeds (0.0041 when this test ran
+    # after others of the file: the seed is drawn from a counter shared by the file's tests).
+    bound = 2.0 ** -7
+    assert _rel(dgu[:, 0], dh64 * u * (sig + g * sig * (1 - sig))) < bound
+    assert _rel(dgu[:, 1], dh64 * g * sig) < bound
+    assert _rel(h, g * sig * u) < bound
 
 
 def test_mosaic_gpu_triton_backward_interpret():

@@ -48,6 +48,9 @@ class Config:
     block_q_dkv: int = 64
     block_kv_dkv: int = 64  # rows per compute warpgroup (dK/dV); 2 per CTA
     bwd_steps: int = 2
+    # Register split per thread: 2 compute warpgroups x 128 threads x compute + 128 x memory <= 64K registers.
+    compute_registers: int = 232
+    memory_registers: int = 40
 
 
 def default_config(head_dim: int) -> Config:
@@ -76,6 +79,9 @@ def supports(q_shape, kv_shape, dtype, config: Config | None = None) -> str | No
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "dtype must be bf16 or f16"
     cfg = config or default_config(d)
+    regs = (cfg.compute_registers, cfg.memory_registers)
+    if any(r % 8 or not 24 <= r <= 256 for r in regs) or 2 * regs[0] + regs[1] > 512:
+        return f"registers {regs} must be multiples of 8 in [24, 256] with 2 * compute + memory <= 512"
     for blk in (2 * cfg.block_q, cfg.block_kv, 2 * cfg.block_q_dq, cfg.block_kv_dq, cfg.block_q_dkv,
                 2 * cfg.block_kv_dkv):
         if s % blk:
@@ -194,7 +200,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
 
         @pl.when(wg_idx < 2)
         def _compute_wg():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(cfg.compute_registers, action="increase")
             qo_smem = qo_smem2.at[wg_idx]
             lse_smem = lse_smem2.at[wg_idx]
             q_seq_base = q_tile * (2 * block_q) + wg_idx * block_q
@@ -322,7 +328,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
 
         @pl.when(wg_idx == 2)
         def _memory_wg():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(cfg.memory_registers, action="decrease")
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
 
             def load(step, slot):
@@ -431,7 +437,7 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
 
         @pl.when(wg_idx < 2)
         def _compute_wg():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(cfg.compute_registers, action="increase")
             q_smem, do_smem = q_smem2.at[wg_idx], do_smem2.at[wg_idx]
             lse_smem, delta_smem = lse_smem2.at[wg_idx], delta_smem2.at[wg_idx]
             q_seq_base = q_tile * (2 * block_q) + wg_idx * block_q
@@ -513,7 +519,7 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
 
         @pl.when(wg_idx == 2)
         def _memory_wg():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(cfg.memory_registers, action="decrease")
             kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
 
             def load(step, slot):
@@ -605,7 +611,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
 
         @pl.when(wg_idx < 2)
         def _compute_wg():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(cfg.compute_registers, action="increase")
             k_smem, v_smem = k_smem2.at[wg_idx], v_smem2.at[wg_idx]
             kv_base = tile_base + wg_idx * block_kv
             kv_slice = (batch, pl.ds(kv_base, block_kv), kv_head)
@@ -705,7 +711,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
 
         @pl.when(wg_idx == 2)
         def _memory_wg():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(cfg.memory_registers, action="decrease")
 
             def load(t, slot):
                 n = jnp.asarray(n_per, jnp.int32)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +30,15 @@ from pallas_kernels.mlp import _mgpu_matmul, fused, mosaic_gpu_bwd
 
 @dataclasses.dataclass(frozen=True)
 class SwiGLUConfig:
-    tile_m: int = 128  # rows per compute warpgroup (the CTA covers 2 * tile_m rows)
-    tile_n: int = 128  # accumulator columns: tile_n / 2 gate columns next to the matching tile_n / 2 up columns
+    tile_m: int = 128  # rows of a warpgroup's accumulator
+    tile_n: int = 128  # its columns: tile_n / 2 gate columns next to the matching tile_n / 2 up columns
     tile_k: int = 64
-    max_concurrent_steps: int = 3
-    epi_tile_m: int = 64
+    max_concurrent_steps: int = 4
+    epi_tile_m: int = 64  # a WGMMA accumulator slices in 64-row blocks
+    epi_slots: int = 2  # SMEM staging tiles per warpgroup for the epilogue's h / gate / up stores
     grid_tile_width: int = 8
+    wg_dimension: str = _mgpu_matmul.WG_N  # the CTA's two warpgroups side by side along N (a 128 x 256 tile)
+    cluster_m: bool = True  # two CTAs on vertically adjacent tiles share each weight block (TMA multicast)
 
 
 def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):
@@ -45,26 +50,28 @@ def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):
     f = h_gmem.shape[1]
     tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
     half = tile_n // 2
-    epi_m = config.epi_tile_m
-    cta_tile_m = 2 * tile_m
-    m_iters, n_iters, k_iters = m // cta_tile_m, f // half, k // tile_k
+    epi_m, slots = config.epi_tile_m, config.epi_slots
+    cta_tile_m, cta_tile_n = _mgpu_matmul.cta_tile(tile_m, tile_n, config.wg_dimension)
+    wgs_along_n = cta_tile_n // tile_n
+    cluster_tile_m = cta_tile_m * (2 if config.cluster_m else 1)
+    m_iters, n_iters, k_iters = m // cluster_tile_m, 2 * f // cta_tile_n, k // tile_k
 
     out_transforms = _mgpu_matmul.tile_transforms(dtype, half)
-    get_pipeline = functools.partial(_mgpu_matmul.pipeline, dtype=dtype, cta_tile_m=cta_tile_m, tile_n=tile_n,
-                                     tile_k=tile_k, k_iters=k_iters,
-                                     max_concurrent_steps=config.max_concurrent_steps)
+    get_pipeline = functools.partial(_mgpu_matmul.pipeline, dtype=dtype, cta_tile_m=cta_tile_m,
+                                     cta_tile_n=cta_tile_n, tile_k=tile_k, k_iters=k_iters,
+                                     max_concurrent_steps=config.max_concurrent_steps, cluster_m=config.cluster_m)
 
     ignore = lambda *_, **__: None
 
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-        # per compute warpgroup: one staging tile each for h, gate and up
-        out_smem=plgpu.SMEM((2, 3, epi_m, half), dtype, transforms=out_transforms),
+        out_smem=plgpu.SMEM((2, slots, epi_m, half), dtype, transforms=out_transforms),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem):
         wg_idx = lax.axis_index("wg")
+        cta_idx = lax.axis_index("cluster")
 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
         def _mn_loop(loop_info):
@@ -72,34 +79,41 @@ def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):
             m_idx, n_idx = plgpu.planar_snake(
                 lin_idx, (m_iters, n_iters), 1, config.grid_tile_width  # 1: N is the grid's minor dimension
             )
+            if config.cluster_m:
+                m_idx = m_idx * 2 + cta_idx
             cta_m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
-            cta_n_slice = pl.ds(n_idx * tile_n, tile_n)  # in the interleaved weight
-            wg_m_slice = pl.ds(wg_idx * tile_m, tile_m)
+            cta_n_slice = pl.ds(n_idx * cta_tile_n, cta_tile_n)  # in the interleaved weight
+            wg_m_slice, wg_n_slice = _mgpu_matmul.warpgroup_slices(wg_idx, tile_m, tile_n, config.wg_dimension)
+            # This warpgroup's accumulator: rows from ``row0``, gate/up columns [col0, col0 + half) of f.
+            if config.wg_dimension == _mgpu_matmul.WG_M:
+                row0, col0 = m_idx * cta_tile_m + wg_idx * tile_m, n_idx * half
+            else:
+                row0, col0 = m_idx * cta_tile_m, (n_idx * wgs_along_n + wg_idx) * half
+            cols = pl.ds(col0, half)
 
             def compute_context(eval_pipeline):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
                 def _acc_scope(acc_ref):
                     eval_pipeline(acc_ref)
                     acc = acc_ref[...]
+                    stores = 0
                     for epi_mi in range(tile_m // epi_m):
                         rows = slice(epi_mi * epi_m, (epi_mi + 1) * epi_m)
                         gate = acc[rows, :half]
                         up = acc[rows, half:]
                         hidden = gate / (1.0 + jnp.exp(-gate)) * up
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem[wg_idx, 0] = hidden.astype(dtype)
-                        out_smem[wg_idx, 1] = gate.astype(dtype)
-                        out_smem[wg_idx, 2] = up.astype(dtype)
-                        plgpu.commit_smem()
-                        g_rows = pl.ds(m_idx * cta_tile_m + wg_idx * tile_m + epi_mi * epi_m, epi_m)
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 0], h_gmem.at[g_rows, pl.ds(n_idx * half, half)])
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 1], gu_gmem.at[g_rows, pl.ds(n_idx * half, half)])
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg_idx, 2], gu_gmem.at[g_rows, pl.ds(f + n_idx * half, half)]
-                        )
+                        g_rows = pl.ds(row0 + epi_mi * epi_m, epi_m)
+                        for value, dst in ((hidden, h_gmem.at[g_rows, cols]), (gate, gu_gmem.at[g_rows, cols]),
+                                           (up, gu_gmem.at[g_rows, pl.ds(f + col0, half)])):
+                            slot = stores % slots
+                            stores += 1
+                            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)  # the slot's last store left
+                            out_smem[wg_idx, slot] = value.astype(dtype)
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, slot], dst)
 
             def mma_body(_, x_smem, w_smem, acc_ref):
-                plgpu.wgmma(acc_ref, x_smem.at[wg_m_slice], w_smem)
+                plgpu.wgmma(acc_ref, x_smem.at[wg_m_slice], w_smem.at[:, wg_n_slice])
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
@@ -110,12 +124,21 @@ def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def supported(m: int, k: int, f: int, config: SwiGLUConfig = SwiGLUConfig()) -> bool:
+def default_config() -> SwiGLUConfig:
+    """``SwiGLUConfig()``, or with the fields of the JSON in ``MLP_PALLAS_CONFIG`` changed (for tuning runs)."""
+    override = os.environ.get("MLP_PALLAS_CONFIG")
+    return dataclasses.replace(SwiGLUConfig(), **json.loads(override)) if override else SwiGLUConfig()
+
+
+def supported(m: int, k: int, f: int, config: SwiGLUConfig | None = None) -> bool:
+    config = config or default_config()
+    cta_tile_m, cta_tile_n = _mgpu_matmul.cta_tile(config.tile_m, config.tile_n, config.wg_dimension)
     return (
-        m % (2 * config.tile_m) == 0
-        and f % (config.tile_n // 2) == 0
+        m % (cta_tile_m * (2 if config.cluster_m else 1)) == 0
+        and (2 * f) % cta_tile_n == 0
         and k % config.tile_k == 0
         and config.tile_m % config.epi_tile_m == 0
+        and config.epi_slots >= 1
     )
 
 
@@ -125,15 +148,16 @@ def interleave(w_gate_up, half: int):
     return w_gate_up.reshape(d, two, f // half, half).transpose(0, 2, 1, 3).reshape(d, two * f)
 
 
-def swiglu_gate_up(x2, w_gate_up, *, config: SwiGLUConfig = SwiGLUConfig(), interpret=None):
+def swiglu_gate_up(x2, w_gate_up, *, config: SwiGLUConfig | None = None, interpret=None):
     """(h [N, f], gate_up [N, 2, f]) for x2 [N, d] and w_gate_up [d, 2, f], both in x2's dtype."""
+    config = config or default_config()
     m, k = x2.shape
     _, _, f = w_gate_up.shape
     if not supported(m, k, f, config):
         raise ValueError(f"mlp/mosaic_gpu: shape N={m}, d={k}, f={f} does not tile with {config}")
     w_il = interleave(w_gate_up.astype(x2.dtype), config.tile_n // 2)
     out_type = (jax.ShapeDtypeStruct((m, f), x2.dtype), jax.ShapeDtypeStruct((m, 2 * f), x2.dtype))
-    call = _mgpu_matmul.launch(_kernel, config, out_type, interpret)
+    call = _mgpu_matmul.launch(_kernel, config, out_type, interpret, cluster_m=config.cluster_m)
     h, gu = call(x2, w_il)
     return h, gu.reshape(m, 2, f)
 
@@ -172,11 +196,12 @@ def _mlp_bwd(config, interpret, backward, res, dy):
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
-def mlp(x, w_gate_up, w_down, *, config: SwiGLUConfig = SwiGLUConfig(),
+def mlp(x, w_gate_up, w_down, *, config: SwiGLUConfig | None = None,
         bwd_config: mosaic_gpu_bwd.BackwardConfig | None = None, triton_backward: bool = False, interpret=None):
     """Same contract as ``reference.mlp``; shapes that don't tile with ``config`` fall back to ``fused``. The
     backward's SwiGLU gradient: with ``bwd_config``, inside the ``mosaic_gpu_bwd`` kernel (where it tiles); with
     ``triton_backward``, the one-pass Triton kernel (``triton_kernel.py``); else ``fused``'s two XLA passes."""
+    config = config or default_config()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     n, d, f = x2.shape[0], x2.shape[1], w_gate_up.shape[2]

@@ -55,7 +55,7 @@ def _kernel(dy_gmem, wdt_gmem, gu_gmem, dgu_gmem, h_gmem, *, config: BackwardCon
     cta_tile_m = 2 * tile_m
     m_iters, n_iters, k_iters = m // cta_tile_m, f // tile_n, k // tile_k
     epi_transforms = _mgpu_matmul.tile_transforms(dtype, tile_n)
-    get_pipeline = functools.partial(_mgpu_matmul.pipeline, dtype=dtype, cta_tile_m=cta_tile_m, tile_n=tile_n,
+    get_pipeline = functools.partial(_mgpu_matmul.pipeline, dtype=dtype, cta_tile_m=cta_tile_m, cta_tile_n=tile_n,
                                      tile_k=tile_k, k_iters=k_iters,
                                      max_concurrent_steps=config.max_concurrent_steps)
 

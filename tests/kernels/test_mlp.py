@@ -102,15 +102,23 @@ def test_auto_picks_the_pallas_kernel_on_hopper_for_tiled_bf16_shapes(monkeypatc
     assert auto(x_shape=(4, 4096, 3072), w_shape=(3072, 2, 8192), dtype=jnp.bfloat16) == "fused"
 
 
-def test_mosaic_gpu_interpret():
-    """The Pallas Mosaic GPU SwiGLU kernel in GPU interpret mode on the CPU (small tiles; 2 x 3 CTA tiles, 2 k-steps),
-    forward and all gradients through its custom VJP."""
+# Small tiles for interpret mode: 64-row warpgroup tiles, 2 k-steps.
+_SMALL = dict(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64, grid_tile_width=2)
+
+
+@pytest.mark.parametrize("wg_dimension,cluster_m,epi_slots", [("m", False, 3), ("n", False, 2), ("n", True, 1),
+                                                               ("m", True, 2)])
+def test_mosaic_gpu_interpret(wg_dimension, cluster_m, epi_slots):
+    """The Pallas Mosaic GPU SwiGLU kernel in GPU interpret mode on the CPU, forward and all gradients through its
+    custom VJP, for both ways of splitting a CTA tile between the warpgroups, with and without two-CTA clusters that
+    share the weight blocks, and with 1-3 epilogue staging tiles (256 rows: 4 or 2 CTA tiles along M, 2-4 along N;
+    more tiles than the 4 interpreted SMs, so the persistent loop takes several turns)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    config = mosaic_gpu.SwiGLUConfig(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64,
-                                     grid_tile_width=2)
+    config = mosaic_gpu.SwiGLUConfig(**_SMALL, wg_dimension=wg_dimension, cluster_m=cluster_m, epi_slots=epi_slots)
+    assert mosaic_gpu.supported(256, 128, 256, config)  # the kernel runs, not the fallback
     fn = lambda x, wgu, wd: mosaic_gpu.mlp(x, wgu, wd, config=config, interpret=plgpu.InterpretGPUParams())
-    _check(fn, (2, 128), 128, 192, jnp.bfloat16, 2e-2)
+    _check(fn, (2, 128), 128, 256, jnp.bfloat16, 2e-2)
 
 
 def test_mosaic_gpu_fused_backward_interpret():
@@ -120,8 +128,8 @@ def test_mosaic_gpu_fused_backward_interpret():
 
     from pallas_kernels.mlp import mosaic_gpu_bwd
 
-    config = mosaic_gpu.SwiGLUConfig(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64,
-                                     grid_tile_width=2)
+    config = mosaic_gpu.SwiGLUConfig(**_SMALL)
+    assert mosaic_gpu.supported(256, 128, 256, config)
     bwd = mosaic_gpu_bwd.BackwardConfig(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64,
                                         grid_tile_width=2)
     assert mosaic_gpu_bwd.supported(256, 128, 256, bwd)
@@ -159,11 +167,11 @@ def test_mosaic_gpu_triton_backward_interpret():
     gradient in Triton's interpreter, forward and all gradients through the custom VJP."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    config = mosaic_gpu.SwiGLUConfig(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=2, epi_tile_m=64,
-                                     grid_tile_width=2)
+    config = mosaic_gpu.SwiGLUConfig(**_SMALL)
+    assert mosaic_gpu.supported(256, 128, 256, config)
     fn = lambda x, wgu, wd: mosaic_gpu.mlp(x, wgu, wd, config=config, triton_backward=True,
                                            interpret=plgpu.InterpretGPUParams())
-    _check(fn, (2, 128), 128, 192, jnp.bfloat16, 2e-2)
+    _check(fn, (2, 128), 128, 256, jnp.bfloat16, 2e-2)
 
 
 def test_mosaic_gpu_kernels_lower_for_cuda_at_the_3b_shape():

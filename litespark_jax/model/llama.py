@@ -29,11 +29,26 @@ def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
     return layers
 
 
+def _is_layer_matrix(a) -> bool:
+    """A stacked layer weight matrix ([layers, ...] with 2+ more dims); norm scales, [layers, d], are not."""
+    return a.ndim >= 3 and jnp.issubdtype(a.dtype, jnp.floating)
+
+
 def _cast_matrices(stacked, dtype):
-    """Every stacked weight matrix in ``dtype`` (the layers' own ``astype`` then does nothing); norm scales, [layers,
-    d] here, keep their dtype, as the norm kernels read them in float32."""
-    return jax.tree.map(lambda a: a.astype(dtype) if a.ndim >= 3 and jnp.issubdtype(a.dtype, jnp.floating) else a,
-                        stacked)
+    """Every stacked weight matrix in ``dtype`` (the layers' own ``astype`` then does nothing); norm scales keep
+    their dtype, as the norm kernels read them in float32."""
+    return jax.tree.map(lambda a: a.astype(dtype) if _is_layer_matrix(a) else a, stacked)
+
+
+def cast_layer_matrices(params, dtype):
+    """``params`` (the model's state) with the stacked layer matrices in ``dtype``, as ``cast_weights_once`` casts them
+    inside ``hidden_states`` (which then casts nothing). Differentiating with respect to this tree gives those
+    matrices' gradients in ``dtype``: exactly the values the float32 parameters would get (each layer's weight
+    gradient is already a ``dtype`` product, used once), in half the bytes for the backward's concatenate, the
+    gradient norm and the optimizer update, which upcast as they read."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a.astype(dtype) if getattr(path[0], "key", None) == "layers" and _is_layer_matrix(a) else a,
+        params)
 
 
 def _unstack(stacked, n: int) -> list:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from litespark_jax.config import Config
 from litespark_jax.errors import ConfigError
+from litespark_jax.model import llama
 from litespark_jax.parallel import kernels as sharded
 from litespark_jax.train.state import TrainState
 
@@ -29,6 +30,14 @@ def token_loss_sum(params, graphdef, batch, *, z_loss_weight: float, impl: str):
     loss_sum = sharded.cross_entropy_sum(hidden, model.output_weight(), batch["targets"], mask,
                                          z_loss_weight=z_loss_weight, impl=impl)
     return loss_sum, jnp.sum(mask)
+
+
+def differentiable_params(params, model_cfg):
+    """The tree the step differentiates: with ``cast_weights_once``, the layer matrices already cast to the compute
+    dtype (``llama.cast_layer_matrices``), so their gradients are made and kept in that dtype; else ``params``."""
+    if not model_cfg.cast_weights_once:
+        return params
+    return llama.cast_layer_matrices(params, model_cfg.dtype)
 
 
 def split_micro_batches(batch, n: int):
@@ -44,17 +53,18 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
     grad_fn = jax.value_and_grad(lambda p, b: token_loss_sum(p, graphdef, b, **loss_kwargs), has_aux=True)
 
     def train_step(state: TrainState, batch):
+        params = differentiable_params(state.params, config.model)
         if accum == 1:
-            (loss_sum, count), grads = grad_fn(state.params, batch)
+            (loss_sum, count), grads = grad_fn(params, batch)
         else:
             def micro_step(carry, micro_batch):
-                (loss_sum, count), grads = grad_fn(state.params, micro_batch)
+                (loss_sum, count), grads = grad_fn(params, micro_batch)
                 return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
             (loss_sum, count, grads), _ = jax.lax.scan(micro_step, zeros, split_micro_batches(batch, accum))
         denominator = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype) / denominator, grads, state.params)
         return apply_update(state, grads, {"loss": loss_sum / denominator, "tokens": count}, optimizer, schedule,
                             opt_state_on_host=offloaded)
 

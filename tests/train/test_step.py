@@ -135,3 +135,29 @@ def test_optimizer_is_adamw():
         u2, s2 = theirs.update(grads, s2, params)
         for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_gradients_of_the_precast_layer_matrices_are_the_float32_parameters_gradients(scan_layers):
+    """With ``cast_weights_once`` the step differentiates the layer matrices already in bf16 (``differentiable_params``):
+    their gradients come out in bf16 and, upcast, are bitwise the gradients of the float32 parameters through the
+    model's own cast; every other leaf (embedding, norm scales, output head) keeps its float32 gradient."""
+    from litespark_jax.train.step import differentiable_params, token_loss_sum
+
+    model = dataclasses.replace(MODEL, dtype="bfloat16", cast_weights_once=True, scan_layers=scan_layers,
+                                tie_embeddings=True)
+    graphdef, params = init_model(model, 0)
+    batch = random_batch(0)
+    loss = lambda p: token_loss_sum(p, graphdef, batch, z_loss_weight=1e-4, impl="reference")[0]  # noqa: E731
+    want = jax.jit(jax.grad(loss))(params)
+    precast = differentiable_params(params, model)
+    got = jax.jit(jax.grad(loss))(precast)
+    dtypes = {jax.tree_util.keystr(path): g.dtype for path, g in jax.tree_util.tree_leaves_with_path(got)}
+    assert {k for k, d in dtypes.items() if d == jnp.bfloat16} == {
+        k for k in dtypes if k.startswith("['layers']") and "norm" not in k}
+    assert len([d for d in dtypes.values() if d == jnp.bfloat16]) == 6  # wq, wk, wv, wo, w_gate_up, w_down
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert w.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w))
+    assert differentiable_params(params, dataclasses.replace(model, cast_weights_once=False)) is params
+

@@ -6,7 +6,8 @@ Both variants train the same model on the same tokens from the same initial stat
 ``jax.nn.dot_product_attention`` with cuDNN, full remat, and the plain (unfused) MLP, norm and loss; LiteSpark uses
 the config as given (``impl=auto`` kernels, its remat policy, micro-batch), optionally with ``--litespark`` overrides.
 Printed per variant: tokens/s, model TFLOP/s per device, MFU (causal and non-causal FLOP conventions), step time,
-peak device memory, compile time, average GPU power and joules per token (NVML), then the ratios.
+peak device memory, compile time, average GPU power and joules per token, the median SM clock and the share of the
+timed steps the power limit held it down (NVML), then the ratios.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pallas_kernels
 from litespark_jax import trace_summary
 from litespark_jax.cli import require_at_least, run_main
 from litespark_jax.config import Config, load_config
-from litespark_jax.energy import EnergyWindow
+from litespark_jax.energy import ClockSampler, EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, mesh_shape
@@ -101,12 +102,15 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         state, metrics = compiled(state, device_batch)
     jax.block_until_ready(state)
     energy = EnergyWindow()
+    clocks = ClockSampler(energy.meter)
     energy.start()
+    clocks.start()
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = compiled(state, device_batch)
     loss = float(metrics["loss"])
     elapsed = time.perf_counter() - start
+    sm_clock_mhz, power_capped = clocks.stop()
     joules, watts = energy.stop()
     stats = jax.devices()[0].memory_stats() or {}
     if profile_dir:
@@ -147,6 +151,8 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         "compile_s": compile_seconds,
         "avg_power_w": watts / energy.meter.device_count if watts else None,
         "joules_per_token": joules / (tokens * steps) if joules else None,
+        "sm_clock_mhz": sm_clock_mhz,
+        "power_capped_frac": power_capped,
         "final_loss": loss,
     }
 
@@ -242,14 +248,15 @@ def print_table(rows: list[dict]) -> None:
     per_device = any(r["devices"] > 1 for r in rows)
     header = (f"{'variant':<12} {'tok/s':>10} " + (f"{'tok/s/GPU':>9} " if per_device else "")
               + f"{'TFLOP/s':>8} {'MFU':>6} {'MFU(nc)':>7} {'step s':>7} "
-              f"{'mem GiB':>8} {'compile':>7} {'W':>6} {'J/tok':>7} {'loss':>7}")
+              f"{'mem GiB':>8} {'compile':>7} {'W':>6} {'J/tok':>7} {'MHz':>5} {'capped':>6} {'loss':>7}")
     print(header)
     for r in rows:
         print(f"{r['variant']:<12} {r['tokens_per_s']:>10,.0f} "
               + (f"{r['tokens_per_s_per_device']:>9,.0f} " if per_device else "") + f"{r['tflops_per_device']:>8.1f} "
               f"{_pct(r['mfu_causal']):>6} {_pct(r['mfu_noncausal']):>7} {r['step_s']:>7.3f} "
               f"{_fmt(r['compiled_memory_gib'], '>8.2f')} {r['compile_s']:>6.1f}s {_fmt(r['avg_power_w'], '>6.0f')} "
-              f"{_fmt(r['joules_per_token'], '>7.4f')} {r['final_loss']:>7.3f}")
+              f"{_fmt(r['joules_per_token'], '>7.4f')} {_fmt(r.get('sm_clock_mhz'), '>5.0f')} "
+              f"{_pct(r.get('power_capped_frac')):>6} {r['final_loss']:>7.3f}")
 
 
 def main(argv=None) -> int:

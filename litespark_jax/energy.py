@@ -1,14 +1,26 @@
-"""GPU energy from NVML's cumulative energy counter (millijoules since driver load), read through ctypes.
+"""GPU energy from NVML's cumulative energy counter (millijoules since driver load), and the SM clock with the reasons
+NVML gives for holding it down, read through ctypes.
 
 No Python NVML package is needed: ``libnvidia-ml.so.1`` ships with the driver. Where it is missing (CPU machines)
 ``EnergyMeter.available`` is False and readings are None.
+
+Why the clock: an H100 SXM drawing its 700 W limit lowers its SM clock (measured on the 3B step: ~1440 MHz instead
+of up to 1980, the software power cap active the whole time; docs/PERFORMANCE.md), so the same kernels give
+different TFLOP/s on cards, days and workloads that differ in power. MFU against the nominal peak (989 TFLOP/s,
+stated at 1830 MHz) hides that; the bench prints the median clock and the capped share beside it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import statistics
+import threading
 import time
+
+NVML_CLOCK_SM = 1
+# nvmlClocksEventReasons bits that mean "held down for power": the software power cap and the hardware power brake.
+POWER_CAP_REASONS = 0x4 | 0x80
 
 
 def _visible_indices(count: int) -> list[int]:
@@ -60,6 +72,61 @@ class EnergyMeter:
                 return None
             total += millijoules.value
         return total / 1000.0
+
+    def clocks(self) -> list[tuple[int, bool]] | None:
+        """(SM clock in MHz, held down by a power limit) for each local GPU now, or None without NVML."""
+        if not self.available:
+            return None
+        reasons_fn = getattr(self._lib, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+            self._lib, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+        out = []
+        for handle in self._handles:
+            mhz, reasons = ctypes.c_uint(), ctypes.c_ulonglong()
+            if self._lib.nvmlDeviceGetClockInfo(handle, NVML_CLOCK_SM, ctypes.byref(mhz)) != 0:
+                return None
+            capped = reasons_fn is not None and reasons_fn(handle, ctypes.byref(reasons)) == 0 and bool(
+                reasons.value & POWER_CAP_REASONS)
+            out.append((mhz.value, capped))
+        return out
+
+
+class ClockSampler:
+    """The SM clock over a window of wall time, sampled every ``interval_s`` in a background thread: ``start()``, then
+    ``stop() -> (median MHz, fraction of samples held down by a power limit)`` over all GPUs and samples, or
+    ``(None, None)`` without NVML. ``read`` (tests) replaces ``EnergyMeter.clocks``."""
+
+    def __init__(self, meter: EnergyMeter | None = None, interval_s: float = 0.1, read=None):
+        self._read = read or (meter or EnergyMeter()).clocks
+        self.interval_s = interval_s
+        self._samples: list[tuple[int, bool]] = []
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            sample = self._read()
+            if sample:
+                self._samples.extend(sample)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def start(self) -> None:
+        if self._read() is None:  # no NVML: nothing to sample
+            return
+        self._samples, self._stop = [], threading.Event()
+        self._thread = threading.Thread(target=self._run, name="clock-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> tuple[float | None, float | None]:
+        if self._thread is None:
+            return None, None
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if not self._samples:
+            return None, None
+        return (statistics.median(mhz for mhz, _ in self._samples),
+                sum(capped for _, capped in self._samples) / len(self._samples))
 
 
 class EnergyWindow:

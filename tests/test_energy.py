@@ -21,3 +21,33 @@ def test_window_without_nvml_reads_none():
     window = energy.EnergyWindow(meter)
     window.start()
     assert window.stop() == (None, None)
+
+
+
+def test_clock_sampler_reports_the_median_clock_and_the_power_capped_share():
+    """Two GPUs sampled in a background thread until ``stop`` (fake NVML readings): the median clock over all samples
+    and the share held down by a power limit. ``start`` probes once (an idle clock, not a sample)."""
+    import threading
+
+    calls, enough = [], threading.Event()
+
+    def read():
+        calls.append(1)
+        if len(calls) >= 6:
+            enough.set()
+        if len(calls) == 1:
+            return [(1980, False), (1980, False)]
+        return [(1440, True), (1500, False)]  # GPU 0 power-capped, GPU 1 not
+
+    sampler = energy.ClockSampler(read=read, interval_s=0.001)
+    sampler.start()
+    assert enough.wait(5)
+    mhz, capped = sampler.stop()
+    assert (mhz, capped) == (1470, 0.5)
+    assert sampler.stop() == (None, None)  # nothing left running
+
+
+def test_clock_sampler_without_nvml_reads_none():
+    sampler = energy.ClockSampler(read=lambda: None)
+    sampler.start()
+    assert sampler.stop() == (None, None)

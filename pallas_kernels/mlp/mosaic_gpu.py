@@ -6,8 +6,9 @@ on Hopper.
 
 The kernel is adapted from jax's ``jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py`` (Apache 2.0, The JAX
 Authors): a persistent, warp-specialized pipeline (one memory warpgroup issuing TMA loads, two compute warpgroups
-issuing wgmma, each on half of the CTA's rows). The change is the epilogue: the [d, 2, f] weight is first
-interleaved into [d, f/h, 2, h] blocks (h = half a CTA column tile), so one accumulator tile holds matching gate
+issuing wgmma, each on half of the CTA's rows or columns, optionally in two-CTA clusters). The change is the
+epilogue: the [d, 2, f] weight is first interleaved into [d, f/h, 2, h] blocks (h = half a warpgroup's column
+tile), so one accumulator tile holds matching gate
 columns (left half) and up columns (right half); the epilogue computes ``silu(gate) * up`` in float32 and writes
 ``h`` [N, f], and also writes the rounded gate and up tiles into the [N, 2, f] pre-activation that the backward
 needs. The down projection and the whole backward are the XLA ones of ``fused.py``.
@@ -33,12 +34,16 @@ class SwiGLUConfig:
     tile_m: int = 128  # rows of a warpgroup's accumulator
     tile_n: int = 128  # its columns: tile_n / 2 gate columns next to the matching tile_n / 2 up columns
     tile_k: int = 64
-    max_concurrent_steps: int = 4
+    max_concurrent_steps: int = 3
     epi_tile_m: int = 64  # a WGMMA accumulator slices in 64-row blocks
-    epi_slots: int = 2  # SMEM staging tiles per warpgroup for the epilogue's h / gate / up stores
+    epi_slots: int = 3  # SMEM staging tiles per warpgroup for the epilogue's h / gate / up stores
     grid_tile_width: int = 8
-    wg_dimension: str = _mgpu_matmul.WG_N  # the CTA's two warpgroups side by side along N (a 128 x 256 tile)
-    cluster_m: bool = True  # two CTAs on vertically adjacent tiles share each weight block (TMA multicast)
+    # The CTA's two warpgroups one above the other (a 256 x 128 tile; "n": side by side, 128 x 256), and no
+    # clusters (True: two CTAs on vertically adjacent tiles share each weight block by TMA multicast). jax's
+    # example matmul was 4% faster with "n" and clusters on one H100 and slower on another; ours gained nothing
+    # consistent in the 3B step (docs/perf/kernels.md, ninth session), so the default stays the first layout.
+    wg_dimension: str = _mgpu_matmul.WG_M
+    cluster_m: bool = False
 
 
 def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):

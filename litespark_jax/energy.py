@@ -111,6 +111,7 @@ class ClockSampler:
                 return
 
     def start(self) -> None:
+        self.stop()  # a window still open is dropped
         if self._read() is None:  # no NVML: nothing to sample
             return
         self._samples, self._stop = [], threading.Event()

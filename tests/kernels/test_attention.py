@@ -212,6 +212,8 @@ def test_pallas_supports():
     assert mosaic_gpu.supports((1, 4096, 32, 96), (1, 4096, 8, 96), jnp.bfloat16) is not None
     assert mosaic_gpu.supports((1, 4000, 32, 128), (1, 4000, 8, 128), jnp.bfloat16) is not None
     assert mosaic_gpu.supports((1, 4096, 32, 128), (1, 4096, 8, 128), jnp.float32) is not None
+    shape = ((1, 4096, 32, 128), (1, 4096, 8, 128), jnp.bfloat16)
+    assert "registers" in mosaic_gpu.supports(*shape, mosaic_gpu.Config(compute_registers=240, memory_registers=40))
 
 
 @pytest.mark.parametrize("causal", [False, True])

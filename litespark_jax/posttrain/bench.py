@@ -7,7 +7,8 @@ both. Batches are built before timing (data time excluded, as in ``litespark_jax
 tokens/s (rows x seq_len per step, padding included, the number the training loop logs), trained tokens/s (tokens
 with loss: assistant tokens for SFT, response tokens for DPO), step time, MFU where the peak is known (6 x params
 per token; DPO's reference pass with ``posttrain.reference=model`` adds 2 x params per token on top), compile time,
-and joules per token where NVML is available. ``--json`` prints one JSON object per kind instead.
+and joules per token, the median SM clock and the share of the timed steps the power limit held it down, where NVML
+is available. ``--json`` prints one JSON object per kind instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax
 
 from litespark_jax.cli import run_main
 from litespark_jax.config import load_config
-from litespark_jax.energy import EnergyWindow
+from litespark_jax.energy import ClockSampler, EnergyWindow
 from litespark_jax.metrics import mfu
 
 PRESETS = {"sft": "configs/sft-tiny.yaml", "dpo": "configs/dpo-tiny.yaml"}
@@ -48,7 +49,9 @@ def measure(kind: str, config, steps: int, warmup: int) -> dict:
         state, metrics = trainer.train_step(state, batches[i % len(batches)])
     jax.block_until_ready(metrics["loss"])
     energy = EnergyWindow()
+    clocks = ClockSampler(energy.meter)
     energy.start()
+    clocks.start()
     t0 = time.perf_counter()
     trained = 0.0
     for i in range(steps):
@@ -57,6 +60,7 @@ def measure(kind: str, config, steps: int, warmup: int) -> dict:
         state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(metrics["loss"])
     elapsed = time.perf_counter() - t0
+    sm_clock_mhz, power_capped = clocks.stop()
     joules, watts = energy.stop()
     t = config.train
     tokens = steps * t.global_batch_size * t.seq_len
@@ -68,7 +72,7 @@ def measure(kind: str, config, steps: int, warmup: int) -> dict:
         "step_ms": 1000 * elapsed / steps, "compile_s": compile_s,
         "mfu": mfu(tps, trainer.flops_per_token, trainer.peak_tflops, jax.device_count()),
         "joules_per_token": joules / tokens if joules is not None else None, "average_watts": watts,
-        "final_loss": float(metrics["loss"]),
+        "sm_clock_mhz": sm_clock_mhz, "power_capped_frac": power_capped, "final_loss": float(metrics["loss"]),
     }
 
 
@@ -93,13 +97,15 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     if not args.json:
         print(f"{'kind':5} {'device':>22} {'tokens/s':>12} {'trained tok/s':>14} {'step ms':>9} {'MFU':>7} "
-              f"{'compile s':>10} {'J/token':>9}")
+              f"{'compile s':>10} {'J/token':>9} {'MHz':>5} {'capped':>6}")
         for r in rows:
             mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
             jpt = f"{r['joules_per_token']:.2e}" if r["joules_per_token"] is not None else "-"
+            mhz = f"{r['sm_clock_mhz']:.0f}" if r["sm_clock_mhz"] is not None else "-"
+            capped = f"{100 * r['power_capped_frac']:.0f}%" if r["power_capped_frac"] is not None else "-"
             print(f"{r['kind']:5} {r['device'][:22]:>22} {r['tokens_per_second']:>12,.0f} "
                   f"{r['trained_tokens_per_second']:>14,.0f} {r['step_ms']:>9.1f} {mfu_text:>7} "
-                  f"{r['compile_s']:>10.1f} {jpt:>9}")
+                  f"{r['compile_s']:>10.1f} {jpt:>9} {mhz:>5} {capped:>6}")
     return 0
 
 

@@ -8,10 +8,10 @@ The kernel is adapted from jax's ``jax/experimental/pallas/ops/gpu/hopper_matmul
 Authors): a persistent, warp-specialized pipeline (one memory warpgroup issuing TMA loads, two compute warpgroups
 issuing wgmma, each on half of the CTA's rows or columns, optionally in two-CTA clusters). The change is the
 epilogue: the [d, 2, f] weight is first interleaved into [d, f/h, 2, h] blocks (h = half a warpgroup's column
-tile), so one accumulator tile holds matching gate
-columns (left half) and up columns (right half); the epilogue computes ``silu(gate) * up`` in float32 and writes
-``h`` [N, f], and also writes the rounded gate and up tiles into the [N, 2, f] pre-activation that the backward
-needs. The down projection and the whole backward are the XLA ones of ``fused.py``.
+tile), so one accumulator tile holds matching gate columns (left half) and up columns (right half); the epilogue
+computes ``silu(gate) * up`` in float32 and writes ``h`` [N, f], and also writes the rounded gate and up tiles into
+the [N, 2, f] pre-activation that the backward needs. The down projection and the whole backward are the XLA ones
+of ``fused.py``.
 """
 
 from __future__ import annotations

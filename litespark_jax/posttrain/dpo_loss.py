@@ -28,7 +28,7 @@ from flax import nnx
 
 import pallas_kernels
 from litespark_jax.train.state import TrainState
-from litespark_jax.train.step import apply_update, split_micro_batches
+from litespark_jax.train.step import apply_update, differentiable_params, split_micro_batches
 
 
 def token_logps(params, graphdef, batch, *, impl: str = "auto"):
@@ -89,18 +89,20 @@ def make_dpo_step(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef, opt
     grad_fn = jax.value_and_grad(lambda p, b: dpo_sums(p, graphdef, b, **kwargs), has_aux=True)
 
     def dpo_step(state: TrainState, batch):
+        params = differentiable_params(state.params, model_cfg)  # bf16 layer gradients, as the train step
         if grad_accum_steps == 1:
-            (loss_sum, stats), grads = grad_fn(state.params, batch)
+            (loss_sum, stats), grads = grad_fn(params, batch)
         else:
             micro = split_micro_batches(batch, grad_accum_steps)
 
             def micro_step(carry, micro_batch):
-                return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro_batch)), None
+                return jax.tree.map(jnp.add, carry, grad_fn(params, micro_batch)), None
 
+            # The carry has the float32 parameters' shapes and dtypes: bf16 gradients accumulate in float32.
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params,
                                                                jax.tree.map(lambda x: x[0], micro)))
             ((loss_sum, stats), grads), _ = jax.lax.scan(micro_step, zeros, micro)
-        grads = jax.tree.map(lambda g: g / jnp.maximum(stats["pairs"], 1.0), grads)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype) / jnp.maximum(stats["pairs"], 1.0), grads, state.params)
         return apply_update(state, grads, _means(loss_sum, stats), optimizer, schedule, opt_state_on_host)
 
     return dpo_step

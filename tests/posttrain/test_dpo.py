@@ -175,3 +175,39 @@ def test_frozen_reference_model_equals_precomputed_log_probs(tmp_path):
     for a, b in zip(histories["precomputed"], histories["model"]):
         for key in ("loss", "reward_margin", "kl_proxy"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_precast_layer_gradients_step_like_float32_gradients(batch, accum):
+    """With ``cast_weights_once`` the DPO step differentiates the bf16 layer matrices (as the train step does) and,
+    with micro-batches, accumulates their gradients in float32: one SGD step (lr 1) moves every parameter by the
+    float32 parameters' gradient of the mean loss."""
+    import dataclasses
+
+    import optax
+
+    from litespark_jax.posttrain.dpo_loss import make_dpo_step
+    from litespark_jax.train.state import TrainState
+    from litespark_jax.train.step import split_micro_batches
+
+    cfg = tiny_config(SEQ, posttrain={"beta": 0.2})
+    model = dataclasses.replace(cfg.model, dtype="bfloat16", cast_weights_once=True)
+    graphdef, policy = init_model(model, seed=0)
+    kwargs = dict(beta=0.2, label_smoothing=cfg.posttrain.label_smoothing, loss_type=cfg.posttrain.loss_type,
+                  impl=model.cross_entropy_impl)
+    grad_fn = jax.value_and_grad(lambda p, b: dpo_sums(p, graphdef, b, **kwargs), has_aux=True)
+    micro = split_micro_batches(batch, accum)  # the float32 parameters' gradient of each micro-batch, summed
+    parts = [grad_fn(policy, jax.tree.map(lambda x, i=i: x[i], micro)) for i in range(accum)]
+    want = jax.tree.map(lambda *gs: sum(gs[1:], gs[0]), *[g for _, g in parts])
+    stats = {"pairs": sum(float(s["pairs"]) for (_, s), _ in parts)}
+    optimizer = optax.sgd(1.0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=policy, opt_state=optimizer.init(policy))
+    new_state, _ = make_dpo_step(cfg.posttrain, model, accum, graphdef, optimizer)(state, batch)
+    for old, new, g in zip(jax.tree.leaves(policy), jax.tree.leaves(new_state.params), jax.tree.leaves(want)):
+        assert new.dtype == jnp.float32
+        step, expected = np.asarray(old - new), np.asarray(g) / stats["pairs"]
+        # old - new cancels in float32 (~6e-8 absolute for the norm scales, ~1.0). Under accumulation's scan the
+        # output head's bf16 product (not precast: it is no layer matrix) rounds differently for a rare element (2
+        # of its 8704); gradients summed in bf16 instead of float32 would be off in about half of every layer matrix.
+        off = np.abs(step - expected) > 2e-7 + 1e-5 * np.abs(expected)
+        assert np.mean(off) <= (0.0 if accum == 1 else 1e-3)

@@ -26,7 +26,7 @@ import pallas_kernels
 from litespark_jax import trace_summary
 from litespark_jax.cli import require_at_least, run_main
 from litespark_jax.config import Config, load_config
-from litespark_jax.energy import ClockSampler, EnergyWindow
+from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, mesh_shape
@@ -101,16 +101,13 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
     for _ in range(warmup):
         state, metrics = compiled(state, device_batch)
     jax.block_until_ready(state)
-    energy = EnergyWindow()
-    clocks = ClockSampler(energy.meter)
+    energy = EnergyWindow(clock_interval_s=0.1)
     energy.start()
-    clocks.start()
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = compiled(state, device_batch)
     loss = float(metrics["loss"])
     elapsed = time.perf_counter() - start
-    sm_clock_mhz, power_capped = clocks.stop()
     joules, watts = energy.stop()
     stats = jax.devices()[0].memory_stats() or {}
     if profile_dir:
@@ -151,8 +148,8 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         "compile_s": compile_seconds,
         "avg_power_w": watts / energy.meter.device_count if watts else None,
         "joules_per_token": joules / (tokens * steps) if joules else None,
-        "sm_clock_mhz": sm_clock_mhz,
-        "power_capped_frac": power_capped,
+        "sm_clock_mhz": energy.sm_clock_mhz,
+        "power_capped_frac": energy.power_capped,
         "final_loss": loss,
     }
 

@@ -131,17 +131,26 @@ class ClockSampler:
 
 
 class EnergyWindow:
-    """Energy and average power over a window of wall time: ``start()``, then ``stop() -> (joules, watts)``."""
+    """Energy and average power over a window of wall time: ``start()``, then ``stop() -> (joules, watts)``. With
+    ``clock_interval_s`` the window also samples the SM clock (``ClockSampler``); ``stop()`` then sets
+    ``sm_clock_mhz`` and ``power_capped`` (None without NVML), after reading the energy counter, so the sampler's
+    last interval is not counted as part of the window."""
 
-    def __init__(self, meter: EnergyMeter | None = None):
+    def __init__(self, meter: EnergyMeter | None = None, clock_interval_s: float | None = None):
         self.meter = meter or EnergyMeter()
+        self._clocks = ClockSampler(self.meter, clock_interval_s) if clock_interval_s else None
         self._t0 = self._e0 = None
+        self.sm_clock_mhz = self.power_capped = None
 
     def start(self) -> None:
         self._t0, self._e0 = time.perf_counter(), self.meter.read()
+        if self._clocks is not None:
+            self._clocks.start()
 
     def stop(self) -> tuple[float | None, float | None]:
         e1, t1 = self.meter.read(), time.perf_counter()
+        if self._clocks is not None:
+            self.sm_clock_mhz, self.power_capped = self._clocks.stop()
         if e1 is None or self._e0 is None:
             return None, None
         joules = e1 - self._e0

@@ -51,3 +51,27 @@ def test_clock_sampler_without_nvml_reads_none():
     sampler = energy.ClockSampler(read=lambda: None)
     sampler.start()
     assert sampler.stop() == (None, None)
+
+
+def test_energy_window_reads_the_clock_sampler_it_starts(monkeypatch):
+    """``EnergyWindow(clock_interval_s=...)`` starts a ``ClockSampler`` with the window and keeps its result."""
+    calls = []
+
+    class Sampler:
+        def __init__(self, meter, interval_s):
+            calls.append(("init", interval_s))
+
+        def start(self):
+            calls.append("start")
+
+        def stop(self):
+            calls.append("stop")
+            return 1455.0, 1.0
+
+    monkeypatch.setattr(energy, "ClockSampler", Sampler)
+    window = energy.EnergyWindow(clock_interval_s=0.25)
+    window.start()
+    window.stop()
+    assert calls == [("init", 0.25), "start", "stop"]
+    assert (window.sm_clock_mhz, window.power_capped) == (1455.0, 1.0)
+    assert energy.EnergyWindow().sm_clock_mhz is None  # no sampler unless asked for

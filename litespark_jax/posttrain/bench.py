@@ -23,7 +23,7 @@ import jax
 
 from litespark_jax.cli import run_main
 from litespark_jax.config import load_config
-from litespark_jax.energy import ClockSampler, EnergyWindow
+from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import mfu
 
 PRESETS = {"sft": "configs/sft-tiny.yaml", "dpo": "configs/dpo-tiny.yaml"}
@@ -48,10 +48,8 @@ def measure(kind: str, config, steps: int, warmup: int) -> dict:
     for i in range(1, warmup):
         state, metrics = trainer.train_step(state, batches[i % len(batches)])
     jax.block_until_ready(metrics["loss"])
-    energy = EnergyWindow()
-    clocks = ClockSampler(energy.meter)
+    energy = EnergyWindow(clock_interval_s=0.1)
     energy.start()
-    clocks.start()
     t0 = time.perf_counter()
     trained = 0.0
     for i in range(steps):
@@ -60,7 +58,6 @@ def measure(kind: str, config, steps: int, warmup: int) -> dict:
         state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(metrics["loss"])
     elapsed = time.perf_counter() - t0
-    sm_clock_mhz, power_capped = clocks.stop()
     joules, watts = energy.stop()
     t = config.train
     tokens = steps * t.global_batch_size * t.seq_len
@@ -72,7 +69,8 @@ def measure(kind: str, config, steps: int, warmup: int) -> dict:
         "step_ms": 1000 * elapsed / steps, "compile_s": compile_s,
         "mfu": mfu(tps, trainer.flops_per_token, trainer.peak_tflops, jax.device_count()),
         "joules_per_token": joules / tokens if joules is not None else None, "average_watts": watts,
-        "sm_clock_mhz": sm_clock_mhz, "power_capped_frac": power_capped, "final_loss": float(metrics["loss"]),
+        "sm_clock_mhz": energy.sm_clock_mhz, "power_capped_frac": energy.power_capped,
+        "final_loss": float(metrics["loss"]),
     }
 
 

@@ -23,7 +23,7 @@ from litespark_jax.data.global_batch import to_global_arrays
 from litespark_jax.checkpoint.preemption import PreemptionHandler
 from litespark_jax.checkpoint.session import RunCheckpoints
 from litespark_jax.config import Config
-from litespark_jax.energy import ClockSampler, EnergyWindow
+from litespark_jax.energy import EnergyWindow
 from litespark_jax.errors import ConfigError
 from litespark_jax.metrics import MetricsWriter, mfu, model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
@@ -159,8 +159,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
                disable=not lc.progress_bar or jax.process_index() != 0, dynamic_ncols=True)
     interval_start, interval_steps, step = None, 0, start_step
-    energy = EnergyWindow()
-    clocks = ClockSampler(energy.meter, interval_s=0.5)
+    energy = EnergyWindow(clock_interval_s=0.5)
     guards = Guards(t, checkpoints)
     preemption = PreemptionHandler().__enter__()
     profiler = StepProfiler(lc, t.run_dir)
@@ -177,7 +176,6 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                 jax.block_until_ready(metrics["loss"])
                 interval_start, interval_steps = time.perf_counter(), 0
                 energy.start()
-                clocks.start()
             if step % lc.every == 0 or step == t.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - interval_start
@@ -190,12 +188,10 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                         metrics["power_w"] = watts / energy.meter.device_count
                         local_tokens = interval_steps * tokens_per_step * jax.local_device_count() / jax.device_count()
                         metrics["joules_per_token"] = joules / local_tokens
-                    sm_clock_mhz, power_capped = clocks.stop()
-                    if sm_clock_mhz is not None:  # median SM clock, share of samples held down by the power limit
-                        metrics["sm_clock_mhz"], metrics["power_capped"] = sm_clock_mhz, power_capped
+                    if energy.sm_clock_mhz is not None:  # median SM clock; share of it held down by the power limit
+                        metrics["sm_clock_mhz"], metrics["power_capped"] = energy.sm_clock_mhz, energy.power_capped
                 interval_start, interval_steps = time.perf_counter(), 0
                 energy.start()
-                clocks.start()
                 skipped = guards.check_nonfinite(step, metrics)  # on_nonfinite=stop raises NumericalError here
                 if "nonfinite" in metrics:
                     metrics["nonfinite_skipped"] = float(skipped)
@@ -227,7 +223,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                 bar.write(f"preempted: saved step {step} to {checkpoints.directory}; exiting")
                 break
     finally:
-        clocks.stop()
+        energy.stop()  # ends the clock sampler's thread
         profiler.close()
         preemption.__exit__()
         trainer.watchdog.stop()

@@ -2,6 +2,7 @@
 
 import json
 
+from litespark_jax import energy
 from litespark_jax.config import load_config
 from litespark_jax.train import loop
 
@@ -24,7 +25,7 @@ class FakeClocks:
 
 
 def test_log_lines_hold_the_clock_and_the_capped_share(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "ClockSampler", FakeClocks)
+    monkeypatch.setattr(energy, "ClockSampler", FakeClocks)  # the sampler EnergyWindow starts
     result = loop.train(load_config("configs/tiny.yaml", [*SMALL, f"train.run_dir={tmp_path}"]))
     logged = [h for h in result.history if "tokens_per_second" in h]
     assert logged and all(h["sm_clock_mhz"] == 1440.0 and h["power_capped"] == 0.75 for h in logged)

@@ -51,6 +51,13 @@ class Config:
     # Register split per thread: 2 compute warpgroups x 128 threads x compute + 128 x memory <= 64K registers.
     compute_registers: int = 232
     memory_registers: int = 40
+    # Backward: "two_kernels" (dQ and dK/dV kernels, each recomputing S and dP: 7 products per block pair) or
+    # "fused" (the dK/dV kernel hands each step's dS^T to a dQ warpgroup through SMEM: 5 products; dQ is added
+    # into a float32 buffer with TMA reductions). The fused kernel's own register split and dQ column chunk:
+    backward: str = "two_kernels"
+    fused_compute_registers: int = 216
+    fused_dq_registers: int = 72
+    fused_dq_cols: int = 64
 
 
 def default_config(head_dim: int) -> Config:
@@ -79,9 +86,14 @@ def supports(q_shape, kv_shape, dtype, config: Config | None = None) -> str | No
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "dtype must be bf16 or f16"
     cfg = config or default_config(d)
-    regs = (cfg.compute_registers, cfg.memory_registers)
-    if any(r % 8 or not 24 <= r <= 256 for r in regs) or 2 * regs[0] + regs[1] > 512:
-        return f"registers {regs} must be multiples of 8 in [24, 256] with 2 * compute + memory <= 512"
+    if cfg.backward not in ("two_kernels", "fused"):
+        return f"backward {cfg.backward!r} must be 'two_kernels' or 'fused'"
+    for regs in ((cfg.compute_registers, cfg.memory_registers),
+                 (cfg.fused_compute_registers, cfg.fused_dq_registers)):
+        if any(r % 8 or not 24 <= r <= 256 for r in regs) or 2 * regs[0] + regs[1] > 504:
+            return f"registers {regs} must be multiples of 8 in [24, 256] with 2 * compute + memory <= 504"
+    if cfg.fused_dq_cols not in (64, 128):
+        return f"fused_dq_cols {cfg.fused_dq_cols} must be 64 or 128"
     for blk in (2 * cfg.block_q, cfg.block_kv, 2 * cfg.block_q_dq, cfg.block_kv_dq, cfg.block_q_dkv,
                 2 * cfg.block_kv_dkv):
         if s % blk:
@@ -97,6 +109,8 @@ def _interp(interpret):
 
 _TILING = plgpu.TilingTransform((8, 64))
 _SWIZZLE = plgpu.SwizzleTransform(128)
+# float32 tiles (dQ partials) staged for TMA: 128-byte rows swizzled, so the WGMMA-layout store is conflict-free.
+_F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
 def _smem(shape, dtype):
@@ -577,7 +591,20 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
 # ----------------------------------------------------------------------------------------------------------------
 # Backward: dK, dV (GQA-native: loops over the query heads of the group)
 # ----------------------------------------------------------------------------------------------------------------
-def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, interpret=None):
+def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, interpret=None,
+                  with_dq: bool = False):
+    """dK and dV; with ``with_dq`` also dQ, so the backward is this one kernel (``Config.backward == "fused"``).
+
+    Each CTA owns 2 x ``block_kv_dkv`` keys (one half per compute warpgroup) and walks the query blocks of every
+    head of its group. The fused form removes the dQ kernel's recomputation of S and dP (5 products per block pair
+    instead of 7) without putting dQ on the compute warpgroups' critical path (run 5 in docs/perf/attention.md
+    did, and lost): each step they store their half of dS^T to SMEM and signal; the third warpgroup, which also
+    issues the TMA loads, multiplies dS by the CTA's K in ``fused_dq_cols`` column chunks and adds each float32
+    product into a [B, S, H, D] buffer with a TMA reduction (an add in L2, so CTAs on different key tiles need no
+    locks). dS^T has two SMEM slots, so the compute warpgroups run up to one step ahead of the dQ products. GPU
+    interpret mode has no TMA reductions: there each key tile writes its own slice of a [tiles, B, S, H, D]
+    buffer, summed afterwards.
+    """
     batch_size, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -585,13 +612,25 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
     has_seg = seg is not None
     block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
     num_q_blocks = seq_len // block_q
+    num_kv_tiles = seq_len // (2 * block_kv)
     max_steps = cfg.bwd_steps
     c = scale * LOG2E
     compute_wgs = 2
+    interpreting = bool(interpret)
+    if with_dq:
+        compute_regs, other_regs = cfg.fused_compute_registers, cfg.fused_dq_registers
+        dq_cols = min(cfg.fused_dq_cols, head_dim)
+        dq_parts = head_dim // dq_cols
+    else:
+        compute_regs, other_regs = cfg.compute_registers, cfg.memory_registers
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, dk_ref, dv_ref,
-               smem, own_barriers, q_barriers, consumed):
-        k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem = smem
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, *refs):
+        if with_dq:
+            dq_acc_ref, dk_ref, dv_ref, smem, own_barriers, q_barriers, consumed, ds_ready, ds_free = refs
+            k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem, dsT_smem, dq_smem = smem
+        else:
+            dk_ref, dv_ref, smem, own_barriers, q_barriers, consumed = refs
+            k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem = smem
         batch = lax.axis_index("batch")
         kv_head = lax.axis_index("heads")
         wg_idx = lax.axis_index("wg")
@@ -611,7 +650,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
 
         @pl.when(wg_idx < 2)
         def _compute_wg():
-            plgpu.set_max_registers(cfg.compute_registers, action="increase")
+            plgpu.set_max_registers(compute_regs, action="increase")
             k_smem, v_smem = k_smem2.at[wg_idx], v_smem2.at[wg_idx]
             kv_base = tile_base + wg_idx * block_kv
             kv_slice = (batch, pl.ds(kv_base, block_kv), kv_head)
@@ -637,6 +676,18 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
             def wait_inputs(slot):
                 for j in range(5 if has_seg else 4):
                     plgpu.barrier_wait(q_barriers.at[j, slot])
+
+            def hand_off_dsT(t, dsT):
+                """Give step t's half of dS^T to the dQ warpgroup (two slots: wait until it read slot t - 2)."""
+                buf = lax.rem(t, jnp.array(2, t.dtype))
+
+                @pl.when(t >= 2)
+                def _():
+                    plgpu.barrier_wait(ds_free.at[buf])
+
+                dsT_smem.at[buf, wg_idx][...] = dsT
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready.at[buf])
 
             def step(g, i, carry, causal_mask: bool = False):
                 dk_acc, dv_acc = carry
@@ -681,18 +732,23 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                                               plgpu.Layout.WGMMA)
                     dv_acc, dpT = pl.run_state(compute_dv_dpT)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
                 delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                dsT = pT * (dpT - lax.broadcast_in_dim(delta, sT.shape, [1]))
+                dsT = (pT * (dpT - lax.broadcast_in_dim(delta, sT.shape, [1]))).astype(dtype)
+                if with_dq:
+                    hand_off_dsT(t, dsT)
 
-                dk_acc = _mma(dk_acc, dsT.astype(dtype), q_smem.at[slot], interpret)
+                dk_acc = _mma(dk_acc, dsT, q_smem.at[slot], interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk_acc, dv_acc
 
             def head_loop(g, carry):
                 @pl.loop(start_min, start)
-                def _skip(i):
+                def _skip(i):  # fully masked for this warpgroup's keys (causal diagonal)
                     t = g * n_per + (i - start_min)
                     slot = lax.rem(t, jnp.array(max_steps, t.dtype))
                     wait_inputs(slot)
+                    if with_dq:
+                        zeros = plgpu.layout_cast(jnp.full((block_kv, block_q), 0, dtype=dtype), plgpu.Layout.WGMMA)
+                        hand_off_dsT(t, zeros)
                     plgpu.barrier_arrive(consumed.at[slot])
 
                 carry = lax.fori_loop(start, full_start, lambda i, cr: step(g, i, cr, causal_mask=causal), carry)
@@ -701,6 +757,11 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
 
             zeros = plgpu.layout_cast(jnp.full((block_kv, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
             dk_acc, dv_acc = lax.fori_loop(0, group, head_loop, (zeros, zeros))
+            if with_dq:  # the dQ warpgroup reads K until its last product: wait for it before reusing k_smem
+                for back in (2, 1):
+                    @pl.when(total - back >= 0)
+                    def _():
+                        plgpu.barrier_wait(ds_free.at[lax.rem(total - back, jnp.array(2, jnp.int32))])
             k_smem[...] = (dk_acc * scale).astype(dtype)
             v_smem[...] = dv_acc.astype(dtype)
             plgpu.commit_smem()
@@ -709,66 +770,125 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0)
 
+        def load(t, slot):
+            n = jnp.asarray(n_per, jnp.int32)
+            g = lax.div(t, n)
+            i = start_min + lax.rem(t, n)
+            h = kv_head * group + g
+            rows = pl.ds(i * block_q, block_q)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, h], q_smem.at[slot], q_barriers.at[0, slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, h], do_smem.at[slot], q_barriers.at[1, slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[batch, h, rows], lse_smem.at[slot], q_barriers.at[2, slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[batch, h, rows], delta_smem.at[slot], q_barriers.at[3, slot])
+            if has_seg:
+                plgpu.copy_gmem_to_smem(segq_ref.at[batch, rows], segq_smem.at[slot], q_barriers.at[4, slot])
+
         @pl.when(wg_idx == 2)
         def _memory_wg():
-            plgpu.set_max_registers(cfg.memory_registers, action="decrease")
-
-            def load(t, slot):
-                n = jnp.asarray(n_per, jnp.int32)
-                g = lax.div(t, n)
-                i = start_min + lax.rem(t, n)
-                h = kv_head * group + g
-                rows = pl.ds(i * block_q, block_q)
-                plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, h], q_smem.at[slot], q_barriers.at[0, slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, h], do_smem.at[slot], q_barriers.at[1, slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[batch, h, rows], lse_smem.at[slot], q_barriers.at[2, slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[batch, h, rows], delta_smem.at[slot], q_barriers.at[3, slot])
-                if has_seg:
-                    plgpu.copy_gmem_to_smem(segq_ref.at[batch, rows], segq_smem.at[slot], q_barriers.at[4, slot])
-
+            plgpu.set_max_registers(other_regs, action="decrease")
             for t0 in range(max_steps):
                 pl.when(t0 < total)(functools.partial(load, jnp.int32(t0), t0))
 
-            @pl.loop(max_steps, total)
-            def _loop(t):
-                slot = lax.rem(t, jnp.array(max_steps, t.dtype))
-                plgpu.barrier_wait(consumed.at[slot])
-                load(t, slot)
+            if not with_dq:
+                @pl.loop(max_steps, total)
+                def _loop(t):
+                    slot = lax.rem(t, jnp.array(max_steps, t.dtype))
+                    plgpu.barrier_wait(consumed.at[slot])
+                    load(t, slot)
 
-            @pl.loop(jnp.maximum(total - max_steps, 0), total)
-            def _drain(t):
-                plgpu.barrier_wait(consumed.at[lax.rem(t, jnp.array(max_steps, t.dtype))])
+                @pl.loop(jnp.maximum(total - max_steps, 0), total)
+                def _drain(t):
+                    plgpu.barrier_wait(consumed.at[lax.rem(t, jnp.array(max_steps, t.dtype))])
+                return
+
+            @pl.loop(0, total)
+            def _dq_loop(t):
+                @pl.when(t >= 1)
+                def _refill():  # the slot step t - 1 used is free once both compute warpgroups passed it
+                    prev_slot = lax.rem(t - 1, jnp.array(max_steps, t.dtype))
+                    plgpu.barrier_wait(consumed.at[prev_slot])
+
+                    @pl.when(t - 1 + max_steps < total)
+                    def _():
+                        load(t - 1 + max_steps, prev_slot)
+
+                buf = lax.rem(t, jnp.array(2, t.dtype))
+                plgpu.barrier_wait(ds_ready.at[buf])
+                n = jnp.asarray(n_per, jnp.int32)
+                h = kv_head * group + lax.div(t, n)
+                rows = pl.ds((start_min + lax.rem(t, n)) * block_q, block_q)
+                for part in range(dq_parts):
+                    cols = pl.ds(part * dq_cols, dq_cols)
+
+                    def compute_dq(acc_ref):
+                        for j in range(compute_wgs):
+                            plgpu.wgmma(acc_ref, dsT_smem.at[buf, j].transpose((1, 0)), k_smem2.at[j, :, cols])
+                        return acc_ref[...]
+
+                    dq = pl.run_scoped(compute_dq, plgpu.ACC((block_q, dq_cols), jnp.float32))
+                    if part == dq_parts - 1:
+                        plgpu.barrier_arrive(ds_free.at[buf])
+                    stage = lax.rem(t * dq_parts + part, jnp.array(2, t.dtype))
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the add that used this stage has read it
+                    dq_smem.at[stage][...] = dq
+                    plgpu.commit_smem()
+                    if interpreting:
+                        plgpu.copy_smem_to_gmem(dq_smem.at[stage], dq_acc_ref.at[kv_tile, batch, rows, h, cols])
+                    else:
+                        plgpu.copy_smem_to_gmem(dq_smem.at[stage], dq_acc_ref.at[batch, rows, h, cols],
+                                                reduction_op="add")
+
+            @pl.when(total > 0)
+            def _drain():
+                plgpu.barrier_wait(consumed.at[lax.rem(total - 1, jnp.array(max_steps, jnp.int32))])
+
+            plgpu.wait_smem_to_gmem(0)
 
     n_own = 3 if has_seg else 2
     n_in = 5 if has_seg else 4
-    scratch = [
-        (
-            _smem((compute_wgs, block_kv, head_dim), dtype),
-            _smem((compute_wgs, block_kv, head_dim), dtype),
-            plgpu.SMEM((compute_wgs, block_kv), jnp.float32) if has_seg else None,
-            _smem((max_steps, block_q, head_dim), dtype),
-            _smem((max_steps, block_q, head_dim), dtype),
-            plgpu.SMEM((max_steps, block_q), jnp.float32),
-            plgpu.SMEM((max_steps, block_q), jnp.float32),
-            plgpu.SMEM((max_steps, block_q), jnp.float32) if has_seg else None,
-        ),
+    smem = [
+        _smem((compute_wgs, block_kv, head_dim), dtype),
+        _smem((compute_wgs, block_kv, head_dim), dtype),
+        plgpu.SMEM((compute_wgs, block_kv), jnp.float32) if has_seg else None,
+        _smem((max_steps, block_q, head_dim), dtype),
+        _smem((max_steps, block_q, head_dim), dtype),
+        plgpu.SMEM((max_steps, block_q), jnp.float32),
+        plgpu.SMEM((max_steps, block_q), jnp.float32),
+        plgpu.SMEM((max_steps, block_q), jnp.float32) if has_seg else None,
+    ]
+    barriers = [
         plgpu.Barrier(num_barriers=(n_own, compute_wgs)),
         plgpu.Barrier(num_barriers=(n_in, max_steps)),
         plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_steps),
     ]
+    if with_dq:
+        smem += [_smem((2, compute_wgs, block_kv, block_q), dtype),  # dS^T by step parity
+                 plgpu.SMEM((2, block_q, dq_cols), jnp.float32, transforms=_F32_TRANSFORMS)]
+        barriers += [plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=2),  # ds_ready
+                     plgpu.Barrier(num_barriers=2)]  # ds_free
     segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_kv, block_q)
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    return plgpu.kernel(
+    inputs = [q, k, v, do, lse, delta, segf, segf, lo, hi]
+    if with_dq:
+        dq_acc = jax.new_ref(jnp.zeros(((num_kv_tiles,) if interpreting else ()) + q.shape, jnp.float32))
+        inputs.append(dq_acc)
+    dk, dv = plgpu.kernel(
         kernel,
         out_type=[kv_type, kv_type],
-        scratch_types=scratch,
-        grid=(num_kv_heads, seq_len // (2 * block_kv), batch_size),
+        scratch_types=[tuple(smem)] + barriers,
+        grid=(num_kv_heads, num_kv_tiles, batch_size),
         grid_names=("heads", "kv_seq", "batch"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interp(interpret),
-    )(q, k, v, do, lse, delta, segf, segf, lo, hi)
+    )(*inputs)
+    if not with_dq:
+        return dk, dv
+    dq = jax.freeze(dq_acc)
+    if interpreting:
+        dq = dq.sum(axis=0)
+    return (dq * scale).astype(dtype), dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -796,8 +916,11 @@ def _flash_bwd(causal, scale, cfg, interpret, res, do):
     do = do.astype(q.dtype)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     kw = dict(causal=causal, scale=scale, cfg=cfg, interpret=interpret)
-    dq = _backward_dq(q, k, v, do, lse, delta, seg, **kw)
-    dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, **kw)
+    if cfg.backward == "fused":
+        dq, dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, with_dq=True, **kw)
+    else:
+        dq = _backward_dq(q, k, v, do, lse, delta, seg, **kw)
+        dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, **kw)
     return dq, dk, dv, None
 
 

@@ -11,6 +11,8 @@ interpret ``pl.run_state``; the kernel's register-operand products (P@V, dS@K, P
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,6 +186,40 @@ def test_pallas_interpret(b, s, h, kvh, d, causal, segments):
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
+@pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", INTERPRET_CASES)
+def test_pallas_interpret_fused_backward(b, s, h, kvh, d, causal, segments):
+    """The one-kernel backward (dS^T handed to a dQ warpgroup, dQ in 64-column chunks) against the float32
+    reference: the causal diagonal's skipped half-steps, ragged and non-contiguous documents, GQA groups."""
+    q, k, v, do = _inputs(b * 100 + s + h + d, b, s, h, kvh, d, jnp.bfloat16)
+    seg = _segments(segments, np.random.default_rng(s + d), b, s)
+    fused = dataclasses.replace(_SMALL, backward="fused", fused_dq_cols=64)
+
+    def fn(q, k, v, **kw):
+        return mosaic_gpu.attention(q, k, v, config=fused, interpret=True, **kw)
+
+    scale = None if causal else 0.2
+    _check_against_reference(fn, q, k, v, do, tol=1e-2, segment_ids=seg, causal=causal, softmax_scale=scale)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
+@pytest.mark.parametrize("b,s,h,kvh,d,causal,segments",
+                         [p for p in INTERPRET_CASES if p.id in ("causal-gqa2-d64", "causal-mha-d128-ragged")])
+def test_pallas_interpret_fused_backward_equals_two_kernels(b, s, h, kvh, d, causal, segments):
+    """dK and dV of the one-kernel backward are the two-kernel backward's (the same products in the same order);
+    dQ (whole 128-column products here) differs only by the order of its float32 sums and one bf16 rounding."""
+    q, k, v, do = _inputs(b * 100 + s + h + d, b, s, h, kvh, d, jnp.bfloat16)
+    seg = _segments(segments, np.random.default_rng(s + d), b, s)
+    fused = dataclasses.replace(_SMALL, backward="fused", fused_dq_cols=128)
+    kw = dict(segment_ids=seg, causal=causal)
+    _, got = _fwd_bwd(lambda q, k, v, **kw: mosaic_gpu.attention(q, k, v, config=fused, interpret=True, **kw),
+                      q, k, v, do, **kw)
+    _, want = _fwd_bwd(lambda q, k, v, **kw: mosaic_gpu.attention(q, k, v, config=_SMALL, interpret=True, **kw),
+                       q, k, v, do, **kw)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert _rel(g, w) < (1e-6 if name != "dq" else 8e-3), (name, _rel(g, w))
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
 def test_pallas_interpret_lse():
     b, s, h, kvh, d = 1, 128, 2, 1, 64
     q, k, v, _ = _inputs(7, b, s, h, kvh, d, jnp.bfloat16)
@@ -214,20 +250,27 @@ def test_pallas_supports():
     assert mosaic_gpu.supports((1, 4096, 32, 128), (1, 4096, 8, 128), jnp.float32) is not None
     shape = ((1, 4096, 32, 128), (1, 4096, 8, 128), jnp.bfloat16)
     assert "registers" in mosaic_gpu.supports(*shape, mosaic_gpu.Config(compute_registers=240, memory_registers=40))
+    assert "registers" in mosaic_gpu.supports(*shape, mosaic_gpu.Config(fused_compute_registers=224,
+                                                                         fused_dq_registers=72))
+    assert "backward" in mosaic_gpu.supports(*shape, mosaic_gpu.Config(backward="one"))
+    assert "fused_dq_cols" in mosaic_gpu.supports(*shape, mosaic_gpu.Config(fused_dq_cols=32))
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_pallas_lowers_for_cuda(causal, segments, head_dim):
+@pytest.mark.parametrize("backward", ["two_kernels", "fused"])
+def test_pallas_lowers_for_cuda(causal, segments, head_dim, backward):
     """The real Mosaic GPU lowering (not interpret mode), forward and backward, run on the CPU for the CUDA platform:
     catches lowering-only failures (seen once: a concrete array closed over by ``pl.run_state``)."""
+    config = dataclasses.replace(mosaic_gpu.default_config(head_dim), backward=backward)
     q = jax.ShapeDtypeStruct((1, 512, 4, head_dim), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
 
     def f(q, k, v, seg):
-        fn = lambda q, k, v: mosaic_gpu.attention(q, k, v, segment_ids=seg if segments else None, causal=causal)
+        fn = lambda q, k, v: mosaic_gpu.attention(q, k, v, segment_ids=seg if segments else None, causal=causal,
+                                                  config=config)
         return jax.vjp(fn, q, k, v)[1](q)
 
     jax.jit(f).trace(q, k, k, seg).lower(lowering_platforms=("cuda",))
@@ -260,15 +303,19 @@ GPU_CASES = [
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", GPU_CASES)
-@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas-fused-backward", "cudnn"])
 def test_gpu_against_reference(impl, b, s, h, kvh, d, causal, segments):
     from pallas_kernels._dispatch import is_hopper
 
-    if impl == "pallas" and not is_hopper():
+    if impl.startswith("pallas") and not is_hopper():
         pytest.skip("Pallas Mosaic GPU kernel needs Hopper")
     q, k, v, do = _inputs(s + h + d, b, s, h, kvh, d, jnp.bfloat16)
     seg = _segments(segments, np.random.default_rng(s + d), b, s)
-    fn = lambda q, k, v, **kw: dispatch_attention(q, k, v, impl=impl, **kw)
+    if impl == "pallas-fused-backward":
+        config = dataclasses.replace(mosaic_gpu.default_config(d), backward="fused")
+        fn = lambda q, k, v, **kw: mosaic_gpu.attention(q, k, v, config=config, **kw)
+    else:
+        fn = lambda q, k, v, **kw: dispatch_attention(q, k, v, impl=impl, **kw)
     errs = _check_against_reference(jax.jit(fn, static_argnames=("causal",)), q, k, v, do, tol=1e-2,
                                     segment_ids=seg, causal=causal)
     print(impl, errs)

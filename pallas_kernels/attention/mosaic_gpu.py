@@ -12,7 +12,9 @@ log-sum-exp (base 2, of scores pre-multiplied by ``scale * log2(e)``) is saved f
 
 Backward: ``delta = rowsum(o * do)`` in XLA, then two kernels: dQ (grid heads x q tiles x batch, K/V streamed) and
 dK/dV (grid kv heads x kv tiles x batch; Q, dO, lse, delta streamed for every query head of the group and every
-query tile at or after the diagonal).
+query tile at or after the diagonal). ``Config(backward="fused")`` is the one-kernel form: the dK/dV kernel hands dS^T
+to its third warpgroup, which adds dS K into a float32 dQ with TMA reductions (5 products instead of 7; measured no
+faster on an H100, its L2 adds cost what the products save: docs/perf/attention.md, run 11).
 
 Masked scores use a large finite negative value instead of -inf, so a block where a whole row is masked (a packed
 document that starts later) contributes nothing once a real key is seen. Requires seq_q == seq_k (self-attention:

@@ -37,7 +37,7 @@ def run(kind: str, config: Config) -> dict:
         initial = trainer.initial_params()
         summary["before"] = trainer.evaluate_pairs(initial)
         summary["train_before"] = trainer.evaluate_pairs(initial, trainer.pairs, max_batches=t.eval_batches)
-    energy = EnergyWindow()
+    energy = EnergyWindow(clock_interval_s=1.0)  # the SM clock too: at the power limit it says why a run is slower
     energy.start()
     result = train(config, trainer=trainer)
     joules, watts = energy.stop()
@@ -45,7 +45,8 @@ def run(kind: str, config: Config) -> dict:
     throughput = [h["tokens_per_second"] for h in result.history if "tokens_per_second" in h]
     summary.update(final=final, eval=result.eval_history[-1] if result.eval_history else None,
                    tokens_per_second=sum(throughput) / len(throughput) if throughput else None,
-                   energy_joules=joules, average_watts=watts)
+                   energy_joules=joules, average_watts=watts, sm_clock_mhz=energy.sm_clock_mhz,
+                   power_capped=energy.power_capped)
     if kind == "dpo":
         summary["after"] = trainer.evaluate_pairs(result.state.params)
         summary["train_after"] = trainer.evaluate_pairs(result.state.params, trainer.pairs,
@@ -65,7 +66,9 @@ def run(kind: str, config: Config) -> dict:
         if summary["tokens_per_second"]:
             lines.append(f"throughput {summary['tokens_per_second']:,.0f} tokens/s")
         if joules is not None:
-            lines.append(f"energy {joules:.0f} J ({watts:.0f} W average)")
+            clock = (f", SM clock {energy.sm_clock_mhz:.0f} MHz, power-capped in {energy.power_capped:.0%} of "
+                     "samples" if energy.sm_clock_mhz is not None else "")
+            lines.append(f"energy {joules:.0f} J ({watts:.0f} W average{clock})")
         print("\n".join(lines), flush=True)
         with open(os.path.join(t.run_dir, f"{kind}_summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)

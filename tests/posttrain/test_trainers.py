@@ -83,3 +83,33 @@ def test_cli_bad_input_is_one_line_exit_2(module, jsonl, capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("error: ") and bad in err[0]
     assert run_main(main, ["--config", f"configs/{module}-tiny.yaml", "posttrain.loss_type=hinge"]) == 2
     assert "posttrain.loss_type must be one of sigmoid, ipo" in capsys.readouterr().err
+
+
+def test_run_summary_holds_energy_and_the_sm_clock(tmp_path, monkeypatch, capsys):
+    """``python -m litespark_jax.sft``'s summary (file and last lines) carries the run's energy, average power, SM
+    clock and power-capped share, as the bench and the training log do (a fake NVML window here)."""
+    import json
+
+    from litespark_jax.posttrain import run as run_module
+
+    class Window:
+        def __init__(self, clock_interval_s=None):
+            assert clock_interval_s  # the run asks for the clock
+            self.sm_clock_mhz = self.power_capped = None
+
+        def start(self):
+            pass
+
+        def stop(self):
+            self.sm_clock_mhz, self.power_capped = 1440.0, 0.75
+            return 5000.0, 690.0
+
+    monkeypatch.setattr(run_module, "EnergyWindow", Window)
+    cfg = tiny_config(256, train={"steps": 1, "run_dir": str(tmp_path / "sft")}, checkpoint={"every": 0},
+                      posttrain={"pack": True})
+    run_module.run("sft", cfg)
+    summary = json.loads((tmp_path / "sft" / "sft_summary.json").read_text())
+    assert (summary["energy_joules"], summary["average_watts"]) == (5000.0, 690.0)
+    assert (summary["sm_clock_mhz"], summary["power_capped"]) == (1440.0, 0.75)
+    out = capsys.readouterr().out
+    assert "energy 5000 J (690 W average, SM clock 1440 MHz, power-capped in 75% of samples)" in out

@@ -46,9 +46,16 @@ class GPU:
     host_gbps: float  # per-GPU host link (PCIe Gen5 x16), GB/s per direction: optim.offload_state's transfers
 
 
+# The memory CUDA gives XLA on each card (XLA_PYTHON_CLIENT_MEM_FRACTION applies to this), in bytes. H100 80GB HBM3:
+# measured, ``jax.devices()[0].memory_stats()["bytes_limit"]`` = 76,516,687,872 B at 0.9 (71.26 GiB; 75.22 at 0.95;
+# nvidia-smi: 81,559 MiB). H200 141GB: derived from its 143,771 MiB (nvidia-smi) with the share of it the H100 exposes
+# to CUDA (0.9941), not measured. The planner used 80e9 and 141e9 bytes before, 6% under what XLA gets.
+CUDA_BYTES = {"h100": 76_516_687_872 / 0.9, "h200": 143_771 * 2**20 * (76_516_687_872 / 0.9) / (81_559 * 2**20)}
+LAUNCH_MEM_FRACTION = 0.9  # launch/env.sh and launch/local.py; the one-process CLIs default to 0.95 (cli.py)
+
 GPUS = {
-    "h100": GPU("H100 SXM 80GB", 989.0, 0.9 * 80e9 / GiB, 450.0, 50.0, 64.0),
-    "h200": GPU("H200 SXM 141GB", 989.0, 0.9 * 141e9 / GiB, 450.0, 50.0, 64.0),
+    "h100": GPU("H100 SXM 80GB", 989.0, LAUNCH_MEM_FRACTION * CUDA_BYTES["h100"] / GiB, 450.0, 50.0, 64.0),
+    "h200": GPU("H200 SXM 141GB", 989.0, LAUNCH_MEM_FRACTION * CUDA_BYTES["h200"] / GiB, 450.0, 50.0, 64.0),
 }
 EFFICIENCY = {
     # Fraction of peak at which a whole one-GPU step runs its FLOPs (model + recompute): matmuls, attention and every

@@ -10,6 +10,7 @@ from typing import Callable
 
 from litespark_jax.config import Config, describe_options, load_config
 from litespark_jax.errors import UserError
+from pallas_kernels.env_config import KernelConfigError, check_all as check_kernel_env
 
 
 def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, **bounds: int) -> None:
@@ -60,14 +61,16 @@ GPU_MEMORY_FRACTION = "0.95"
 
 
 def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
-    """Run ``main``; bad input (``UserError``) prints one line and exits 2, with no traceback.
+    """Run ``main``; bad input (``UserError``, or a kernel config variable that does not parse) prints one line and
+    exits 2, with no traceback.
 
     Sets ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (unless set) first; it only counts if no JAX backend exists yet, so
     modules must not touch a device at import time."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        check_kernel_env()  # ATTN_PALLAS_CONFIG / MLP_PALLAS_CONFIG, read only when a kernel is traced
         return main(argv)
-    except UserError as e:
+    except (UserError, KernelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,8 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+def run_cli(*args, cwd=ROOT, **env_vars):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **env_vars}
     return subprocess.run([sys.executable, "-m", "litespark_jax.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -29,6 +29,18 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("ATTN_PALLAS_CONFIG", '{"backwards": "fused"}', "ATTN_PALLAS_CONFIG: unknown Config field(s) ['backwards']"),
+    ("MLP_PALLAS_CONFIG", "{tile_m: 128}", "MLP_PALLAS_CONFIG='{tile_m: 128}' is not JSON"),
+])
+def test_a_bad_kernel_config_variable_stops_the_run_before_it_starts(var, value, message):
+    """The kernels read these only when traced (on a GPU, mid-run); the CLI checks them first, on any platform."""
+    result = run_cli("train.steps=1", **{var: value})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,8 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from pallas_kernels.env_config import replace_from_env
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -1e30
@@ -63,12 +63,9 @@ class Config:
 
 
 def default_config(head_dim: int) -> Config:
-    override = os.environ.get("ATTN_PALLAS_CONFIG")  # tuning: JSON of Config fields
-    if override:
-        return Config(**json.loads(override))
-    if head_dim <= 64:
-        return Config(block_q=64, block_kv=128, max_concurrent_steps=3)
-    return Config(block_q=64, block_kv=128, max_concurrent_steps=2)
+    """The config for this head dim, with the fields in ``ATTN_PALLAS_CONFIG`` (JSON) changed for tuning runs."""
+    steps = 3 if head_dim <= 64 else 2
+    return replace_from_env(Config(block_q=64, block_kv=128, max_concurrent_steps=steps), "ATTN_PALLAS_CONFIG")
 
 
 def supports(q_shape, kv_shape, dtype, config: Config | None = None) -> str | None:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from pallas_kernels.env_config import replace_from_env
 from pallas_kernels.mlp import _mgpu_matmul, fused, mosaic_gpu_bwd
 
 
@@ -131,8 +130,7 @@ def _kernel(x_gmem, w_gmem, h_gmem, gu_gmem, *, config: SwiGLUConfig):
 
 def default_config() -> SwiGLUConfig:
     """``SwiGLUConfig()``, or with the fields of the JSON in ``MLP_PALLAS_CONFIG`` changed (for tuning runs)."""
-    override = os.environ.get("MLP_PALLAS_CONFIG")
-    return dataclasses.replace(SwiGLUConfig(), **json.loads(override)) if override else SwiGLUConfig()
+    return replace_from_env(SwiGLUConfig(), "MLP_PALLAS_CONFIG")
 
 
 def supported(m: int, k: int, f: int, config: SwiGLUConfig | None = None) -> bool:

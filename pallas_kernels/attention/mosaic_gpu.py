@@ -782,6 +782,15 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
             if has_seg:
                 plgpu.copy_gmem_to_smem(segq_ref.at[batch, rows], segq_smem.at[slot], q_barriers.at[4, slot])
 
+        def refill_after(s):
+            """Once both compute warpgroups passed step s, load step s + max_steps into its slot (if any is left)."""
+            slot = s % max_steps  # s is a Python int for the last step when the step count is static
+            plgpu.barrier_wait(consumed.at[slot])
+
+            @pl.when(s + max_steps < total)
+            def _():
+                load(s + max_steps, slot)
+
         @pl.when(wg_idx == 2)
         def _memory_wg():
             plgpu.set_max_registers(other_regs, action="decrease")
@@ -789,28 +798,12 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                 pl.when(t0 < total)(functools.partial(load, jnp.int32(t0), t0))
 
             if not with_dq:
-                @pl.loop(max_steps, total)
-                def _loop(t):
-                    slot = lax.rem(t, jnp.array(max_steps, t.dtype))
-                    plgpu.barrier_wait(consumed.at[slot])
-                    load(t, slot)
-
-                @pl.loop(jnp.maximum(total - max_steps, 0), total)
-                def _drain(t):
-                    plgpu.barrier_wait(consumed.at[lax.rem(t, jnp.array(max_steps, t.dtype))])
+                pl.loop(0, total)(refill_after)
                 return
 
             @pl.loop(0, total)
             def _dq_loop(t):
-                @pl.when(t >= 1)
-                def _refill():  # the slot step t - 1 used is free once both compute warpgroups passed it
-                    prev_slot = lax.rem(t - 1, jnp.array(max_steps, t.dtype))
-                    plgpu.barrier_wait(consumed.at[prev_slot])
-
-                    @pl.when(t - 1 + max_steps < total)
-                    def _():
-                        load(t - 1 + max_steps, prev_slot)
-
+                pl.when(t >= 1)(lambda: refill_after(t - 1))  # before step t's dQ: its loads are more urgent
                 buf = lax.rem(t, jnp.array(2, t.dtype))
                 plgpu.barrier_wait(ds_ready.at[buf])
                 n = jnp.asarray(n_per, jnp.int32)
@@ -837,10 +830,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                         plgpu.copy_smem_to_gmem(dq_smem.at[stage], dq_acc_ref.at[batch, rows, h, cols],
                                                 reduction_op="add")
 
-            @pl.when(total > 0)
-            def _drain():
-                plgpu.barrier_wait(consumed.at[lax.rem(total - 1, jnp.array(max_steps, jnp.int32))])
-
+            pl.when(total > 0)(lambda: refill_after(total - 1))  # observes the last step's release (loads nothing)
             plgpu.wait_smem_to_gmem(0)
 
     n_own = 3 if has_seg else 2

@@ -50,7 +50,9 @@ class GPU:
 # measured, ``jax.devices()[0].memory_stats()["bytes_limit"]`` = 76,516,687,872 B at 0.9 (71.26 GiB; 75.22 at 0.95;
 # nvidia-smi: 81,559 MiB). H200 141GB: derived from its 143,771 MiB (nvidia-smi) with the share of it the H100 exposes
 # to CUDA (0.9941), not measured. The planner used 80e9 and 141e9 bytes before, 6% under what XLA gets.
-CUDA_BYTES = {"h100": 76_516_687_872 / 0.9, "h200": 143_771 * 2**20 * (76_516_687_872 / 0.9) / (81_559 * 2**20)}
+_H100_CUDA_BYTES = 76_516_687_872 / 0.9
+_CUDA_SHARE = _H100_CUDA_BYTES / (81_559 * 2**20)  # of the memory nvidia-smi reports
+CUDA_BYTES = {"h100": _H100_CUDA_BYTES, "h200": _CUDA_SHARE * 143_771 * 2**20}
 LAUNCH_MEM_FRACTION = 0.9  # launch/env.sh and launch/local.py; the one-process CLIs default to 0.95 (cli.py)
 
 GPUS = {

@@ -23,7 +23,6 @@ def test_window_without_nvml_reads_none():
     assert window.stop() == (None, None)
 
 
-
 def test_clock_sampler_reports_the_median_clock_and_the_power_capped_share():
     """Two GPUs sampled in a background thread until ``stop`` (fake NVML readings): the median clock over all samples
     and the share held down by a power limit. ``start`` probes once (an idle clock, not a sample)."""

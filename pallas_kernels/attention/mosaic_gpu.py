@@ -10,8 +10,8 @@ query rows each (ping-ponged by a schedule barrier) and one memory warpgroup str
 through a ``max_concurrent_steps``-deep ring of SMEM buffers with TMA. Causal programs stop at the diagonal. The
 log-sum-exp (base 2, of scores pre-multiplied by ``scale * log2(e)``) is saved for the backward.
 
-Backward: ``delta = rowsum(o * do)`` in XLA, then two kernels: dQ (grid heads x q tiles x batch, K/V streamed) and
-dK/dV (grid kv heads x kv tiles x batch; Q, dO, lse, delta streamed for every query head of the group and every
+Backward: two kernels, dQ (grid heads x q tiles x batch, K/V streamed; it also writes ``delta = rowsum(o * do)``)
+and then dK/dV (grid kv heads x kv tiles x batch; Q, dO, lse, delta streamed for every query head of the group and every
 query tile at or after the diagonal). ``Config(backward="fused")`` is the one-kernel form: the dK/dV kernel hands dS^T
 to its third warpgroup, which adds dS K into a float32 dQ with TMA reductions (5 products instead of 7; measured no
 faster on an H100, its L2 adds cost what the products save: docs/perf/attention.md, run 11).
@@ -417,7 +417,9 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
 # ----------------------------------------------------------------------------------------------------------------
 # Backward: dQ
 # ----------------------------------------------------------------------------------------------------------------
-def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, interpret=None):
+def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, interpret=None):
+    """dQ, and ``delta = rowsum(out * do)`` [B, H, S] for the dK/dV kernel: each CTA forms its rows' delta from
+    the dO tile it loads anyway and the output tile, instead of a separate XLA pass over both."""
     batch_size, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -430,9 +432,9 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
 
     num_q_tiles = seq_len // (2 * block_q)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, dq_ref,
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, segq_ref, segk_ref, lo_ref, hi_ref, dq_ref, delta_ref,
                smem, own_barriers, kv_barriers, consumed):
-        q_smem2, do_smem2, lse_smem2, delta_smem2, segq_smem2, k_smem, v_smem, segk_smem = smem
+        q_smem2, do_smem2, lse_smem2, o_smem2, delta_smem2, segq_smem2, k_smem, v_smem, segk_smem = smem
         k_barriers, v_barriers, segk_barriers = kv_barriers
         batch = lax.axis_index("batch")
         q_head = lax.axis_index("heads")
@@ -452,12 +454,12 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
         def _compute_wg():
             plgpu.set_max_registers(cfg.compute_registers, action="increase")
             q_smem, do_smem = q_smem2.at[wg_idx], do_smem2.at[wg_idx]
-            lse_smem, delta_smem = lse_smem2.at[wg_idx], delta_smem2.at[wg_idx]
+            lse_smem, o_smem, delta_smem = lse_smem2.at[wg_idx], o_smem2.at[wg_idx], delta_smem2.at[wg_idx]
             q_seq_base = q_tile * (2 * block_q) + wg_idx * block_q
             q_slice = (batch, pl.ds(q_seq_base, block_q), q_head)
-            own = [(q_ref.at[q_slice], q_smem), (do_ref.at[q_slice], do_smem),
-                   (lse_ref.at[batch, q_head, pl.ds(q_seq_base, block_q)], lse_smem),
-                   (delta_ref.at[batch, q_head, pl.ds(q_seq_base, block_q)], delta_smem)]
+            rows = (batch, q_head, pl.ds(q_seq_base, block_q))
+            own = [(q_ref.at[q_slice], q_smem), (do_ref.at[q_slice], do_smem), (lse_ref.at[rows], lse_smem),
+                   (o_ref.at[q_slice], o_smem)]
             if has_seg:
                 own.append((segq_ref.at[batch, pl.ds(q_seq_base, block_q)], segq_smem2.at[wg_idx]))
             for j, (src, dst) in enumerate(own):
@@ -465,7 +467,11 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
             for j in range(len(own)):
                 plgpu.barrier_wait(own_barriers.at[j, wg_idx])
             lse = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-            delta = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+            tile = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            delta = (tile(do_smem) * tile(o_smem)).sum(axis=1)
+            delta_smem[...] = delta
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(delta_smem, delta_ref.at[rows])
             segq = plgpu.load(segq_smem2.at[wg_idx], layout=plgpu.Layout.WGMMA.reduce(1)) if has_seg else None
 
             if causal:
@@ -562,6 +568,7 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
             _smem((compute_wgs, block_q, head_dim), dtype),
             _smem((compute_wgs, block_q, head_dim), dtype),
             plgpu.SMEM((compute_wgs, block_q), jnp.float32),
+            _smem((compute_wgs, block_q, head_dim), dtype),
             plgpu.SMEM((compute_wgs, block_q), jnp.float32),
             plgpu.SMEM((compute_wgs, block_q), jnp.float32) if has_seg else None,
             _smem((max_steps, block_kv, head_dim), dtype),
@@ -576,7 +583,8 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
     segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_q, block_kv)
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                  jax.ShapeDtypeStruct((batch_size, num_q_heads, seq_len), jnp.float32)),
         scratch_types=scratch,
         grid=(num_q_heads, seq_len // (2 * block_q), batch_size),
         grid_names=("heads", "q_seq", "batch"),
@@ -584,7 +592,7 @@ def _backward_dq(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, in
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interp(interpret),
-    )(q, k, v, do, lse, delta, segf, segf, lo, hi)
+    )(q, k, v, do, lse, out, segf, segf, lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -909,12 +917,12 @@ def _flash_fwd(q, k, v, seg, causal, scale, cfg, interpret):
 def _flash_bwd(causal, scale, cfg, interpret, res, do):
     q, k, v, seg, out, lse = res
     do = do.astype(q.dtype)
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     kw = dict(causal=causal, scale=scale, cfg=cfg, interpret=interpret)
     if cfg.backward == "fused":
+        delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
         dq, dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, with_dq=True, **kw)
     else:
-        dq = _backward_dq(q, k, v, do, lse, delta, seg, **kw)
+        dq, delta = _backward_dq(q, k, v, do, lse, out, seg, **kw)
         dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, **kw)
     return dq, dk, dv, None
 

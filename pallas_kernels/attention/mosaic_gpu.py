@@ -60,9 +60,6 @@ class Config:
     fused_compute_registers: int = 216
     fused_dq_registers: int = 72
     fused_dq_cols: int = 64
-    # Forward: issue step j's QK^T together with step j-1's PV and form step j's probabilities while PV runs
-    # (FA3's intra-warpgroup overlap; the O accumulator stays in registers across the loop).
-    fwd_overlap: bool = False
 
 
 def default_config(head_dim: int) -> Config:
@@ -242,16 +239,22 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
             l_i = plgpu.layout_cast(jnp.full((block_q,), 0, dtype=jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
 
-            if not cfg.fwd_overlap:  # (the overlapped schedule waits for each K where it issues QK^T)
-                @pl.when(kv_steps > lo)
-                def _():
-                    plgpu.barrier_wait(k_barriers.at[0])
+            @pl.when(kv_steps > lo)
+            def _():
+                plgpu.barrier_wait(k_barriers.at[0])
 
             pl.when(wg_idx == 1)(perform_schedule_barrier)
 
-            def probabilities(qk, m_i, kv_step, slot, causal_mask):
-                """Release the K slot; return p = exp2(scaled scores - new running max), that max, and alpha (the
-                factor that rescales sums taken under the old max)."""
+            def kv_loop(kv_step, carry, causal_mask: bool = False):
+                acc, m_i, l_i = carry
+                slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    perform_schedule_barrier()
+                    return acc_ref[...]
+
+                qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
                 mask = None
                 if has_seg:
                     plgpu.barrier_wait(segk_barriers.at[slot])
@@ -275,19 +278,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                     # We keep m scaled by log2(e) * scale so p is one FMA per element.
                     m_ij = jnp.maximum(m_i, qk.max(axis=1) * c)
                     p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_ij, qk.shape, [0]))
-                return p, m_ij, jnp.exp2(m_i - m_ij)
-
-            def kv_loop(kv_step, carry, causal_mask: bool = False):
-                acc, m_i, l_i = carry
-                slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
-
-                def compute_qk(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                    perform_schedule_barrier()
-                    return acc_ref[...]
-
-                qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-                p, m_ij, alpha = probabilities(qk, m_i, kv_step, slot, causal_mask)
+                alpha = jnp.exp2(m_i - m_ij)
                 m_i = m_ij
                 acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i *= alpha
@@ -314,106 +305,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                 plgpu.barrier_arrive(v_consumed_barriers.at[slot])
                 return acc, m_i, l_i
 
-            def slot_of(kv_step):
-                if isinstance(kv_step, int) and isinstance(lo, int):  # static: keep it a Python int
-                    return (kv_step - lo) % max_steps
-                return lax.rem(kv_step - lo, jnp.array(max_steps, jnp.int32))
-
-            def overlapped_loops(acc_ref, acc, m_i, l_i):
-                """The kv steps with step j's QK^T and step j-1's PV issued together: p_j is formed while PV runs,
-                then O is rescaled by alpha_j once PV is done. ``acc_ref`` holds O on the GPU; in interpret mode
-                (no register-operand or asynchronous products) it is None and O is the value ``acc``, the same
-                products running one after another with the same barrier protocol."""
-
-                def issue(kv_step, prev, acc):
-                    """Schedule round, QK^T of ``kv_step`` (and PV of ``prev`` = (p16, its step)), round; returns
-                    the scores once QK^T is done (PV may still run) and O (in interpret mode, with PV added)."""
-                    slot = slot_of(kv_step)
-                    plgpu.barrier_wait(k_barriers.at[slot])
-                    if prev is not None:
-                        plgpu.barrier_wait(v_barriers.at[slot_of(prev[1])])
-                    perform_schedule_barrier()
-
-                    def body(s_ref):
-                        plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                        if prev is not None and acc_ref is not None:
-                            plgpu.wgmma(acc_ref, prev[0], v_smem.at[slot_of(prev[1])])
-                        perform_schedule_barrier()
-                        if prev is not None and acc_ref is not None:
-                            return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                        return s_ref[...]
-
-                    qk = pl.run_scoped(body, plgpu.ACC((block_q, block_kv), jnp.float32))
-                    new_acc = acc
-                    if prev is not None and acc_ref is None:
-                        new_acc = _mma(acc, prev[0], v_smem.at[slot_of(prev[1])], True)
-                    return qk, new_acc
-
-                def step(kv_step, carry, causal_mask: bool = False):
-                    acc, m_i, l_i, p16 = carry
-                    qk, acc = issue(kv_step, (p16, kv_step - 1), acc)
-                    p, m_ij, alpha = probabilities(qk, m_i, kv_step, slot_of(kv_step), causal_mask)
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    p16 = p.astype(dtype)
-                    if acc_ref is not None:
-                        plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(kv_step - 1)])
-                    if acc_ref is None:
-                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    else:
-                        acc_ref[...] = acc_ref[...] * lax.broadcast_in_dim(alpha, (block_q, head_dim), [0])
-                    return acc, m_ij, l_i, p16
-
-                # First step: its scores only (masked: it may hold the diagonal); O is still zero.
-                qk, _ = issue(lo, None, acc)
-                p, m_i, _ = probabilities(qk, m_i, lo, slot_of(lo), causal)
-                carry = (acc, m_i, p.sum(axis=1), p.astype(dtype))
-                if not causal:
-                    carry = lax.fori_loop(lo + 1, kv_steps, step, carry)
-                else:
-                    masked = functools.partial(step, causal_mask=True)
-                    if has_seg:
-                        carry = lax.fori_loop(lo + 1, kv_steps, masked, carry)
-                    else:
-                        full_kv_steps = jnp.maximum(lax.div(q_seq_base, jnp.array(block_kv, jnp.int32)), lo + 1)
-                        carry = lax.fori_loop(lo + 1, full_kv_steps, step, carry)
-                        carry = lax.fori_loop(full_kv_steps, kv_steps, masked, carry)
-                acc, m_i, l_i, p16 = carry
-                # Last PV.
-                last = kv_steps - 1
-                plgpu.barrier_wait(v_barriers.at[slot_of(last)])
-                perform_schedule_barrier()
-                if acc_ref is None:
-                    acc = _mma(acc, p16, v_smem.at[slot_of(last)], True)
-                else:
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot_of(last)])
-                perform_schedule_barrier()
-                if acc_ref is not None:
-                    acc = acc_ref[...]
-                plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(last)])
-                return acc, m_i, l_i
-
-            def flush_kv_loop(kv_step, _):
-                # Flush the pipelined K/V this warpgroup does not need (its causal range ended earlier).
-                slot = slot_of(kv_step)
-                plgpu.barrier_wait(k_barriers.at[slot])
-                plgpu.barrier_wait(v_barriers.at[slot])
-                if has_seg:
-                    plgpu.barrier_wait(segk_barriers.at[slot])
-                plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-                plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-                perform_schedule_barrier()
-                perform_schedule_barrier()
-
-            if cfg.fwd_overlap:
-                if interpret:
-                    acc, m_i, l_i = overlapped_loops(None, acc, m_i, l_i)
-                else:
-                    acc, m_i, l_i = pl.run_scoped(lambda ref: overlapped_loops(ref, None, m_i, l_i),
-                                                  plgpu.ACC((block_q, head_dim), jnp.float32))
-                if causal:
-                    lax.fori_loop(kv_steps, block_max_kv_steps, flush_kv_loop, None)
-            elif not causal:
+            if not causal:
                 acc, m_i, l_i = lax.fori_loop(lo, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
             else:
                 def epilogue_kv_loop(kv_step, _):

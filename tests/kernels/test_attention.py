@@ -202,22 +202,6 @@ def test_pallas_interpret_fused_backward(b, s, h, kvh, d, causal, segments):
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
-@pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", INTERPRET_CASES)
-def test_pallas_interpret_overlapped_forward(b, s, h, kvh, d, causal, segments):
-    """The forward with step j's QK^T issued beside step j-1's PV (O rescaled after PV) against the float32
-    reference; with 64-key blocks the two warpgroups of a causal tile run different step counts (the flush)."""
-    q, k, v, do = _inputs(b * 100 + s + h + d, b, s, h, kvh, d, jnp.bfloat16)
-    seg = _segments(segments, np.random.default_rng(s + d), b, s)
-    overlapped = dataclasses.replace(_SMALL, fwd_overlap=True)
-
-    def fn(q, k, v, **kw):
-        return mosaic_gpu.attention(q, k, v, config=overlapped, interpret=True, **kw)
-
-    scale = None if causal else 0.2
-    _check_against_reference(fn, q, k, v, do, tol=1e-2, segment_ids=seg, causal=causal, softmax_scale=scale)
-
-
-@pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
 @pytest.mark.parametrize("b,s,h,kvh,d,causal,segments",
                          [p for p in INTERPRET_CASES if p.id in ("causal-gqa2-d64", "causal-mha-d128-ragged")])
 def test_pallas_interpret_fused_backward_equals_two_kernels(b, s, h, kvh, d, causal, segments):
@@ -275,12 +259,11 @@ def test_pallas_supports():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("variant", [dict(backward="two_kernels"), dict(backward="fused"), dict(fwd_overlap=True)],
-                         ids=["two-kernels", "fused-backward", "overlapped-forward"])
-def test_pallas_lowers_for_cuda(causal, segments, head_dim, variant):
+@pytest.mark.parametrize("backward", ["two_kernels", "fused"])
+def test_pallas_lowers_for_cuda(causal, segments, head_dim, backward):
     """The real Mosaic GPU lowering (not interpret mode), forward and backward, run on the CPU for the CUDA platform:
     catches lowering-only failures (seen once: a concrete array closed over by ``pl.run_state``)."""
-    config = dataclasses.replace(mosaic_gpu.default_config(head_dim), **variant)
+    config = dataclasses.replace(mosaic_gpu.default_config(head_dim), backward=backward)
     q = jax.ShapeDtypeStruct((1, 512, 4, head_dim), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
@@ -320,7 +303,7 @@ GPU_CASES = [
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", GPU_CASES)
-@pytest.mark.parametrize("impl", ["pallas", "pallas-fused-backward", "pallas-overlapped-forward", "cudnn"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas-fused-backward", "cudnn"])
 def test_gpu_against_reference(impl, b, s, h, kvh, d, causal, segments):
     from pallas_kernels._dispatch import is_hopper
 
@@ -328,9 +311,8 @@ def test_gpu_against_reference(impl, b, s, h, kvh, d, causal, segments):
         pytest.skip("Pallas Mosaic GPU kernel needs Hopper")
     q, k, v, do = _inputs(s + h + d, b, s, h, kvh, d, jnp.bfloat16)
     seg = _segments(segments, np.random.default_rng(s + d), b, s)
-    variants = {"pallas-fused-backward": dict(backward="fused"), "pallas-overlapped-forward": dict(fwd_overlap=True)}
-    if impl in variants:
-        config = dataclasses.replace(mosaic_gpu.default_config(d), **variants[impl])
+    if impl == "pallas-fused-backward":
+        config = dataclasses.replace(mosaic_gpu.default_config(d), backward="fused")
         fn = lambda q, k, v, **kw: mosaic_gpu.attention(q, k, v, config=config, **kw)
     else:
         fn = lambda q, k, v, **kw: dispatch_attention(q, k, v, impl=impl, **kw)

@@ -11,8 +11,8 @@ through a ``max_concurrent_steps``-deep ring of SMEM buffers with TMA. Causal pr
 log-sum-exp (base 2, of scores pre-multiplied by ``scale * log2(e)``) is saved for the backward.
 
 Backward: two kernels, dQ (grid heads x q tiles x batch, K/V streamed; it also writes ``delta = rowsum(o * do)``)
-and then dK/dV (grid kv heads x kv tiles x batch; Q, dO, lse, delta streamed for every query head of the group and every
-query tile at or after the diagonal). ``Config(backward="fused")`` is the one-kernel form: the dK/dV kernel hands dS^T
+and then dK/dV (grid kv heads x kv tiles x batch; Q, dO, lse, delta streamed for every query head of the group and
+every query tile at or after the diagonal). ``Config(backward="fused")`` is the one-kernel form: the dK/dV kernel hands dS^T
 to its third warpgroup, which adds dS K into a float32 dQ with TMA reductions (5 products instead of 7; measured no
 faster on an H100, its L2 adds cost what the products save: docs/perf/attention.md, run 11).
 

@@ -2,7 +2,9 @@
 
 FLOP convention: forward = 4 * B * S * S * H * D (two matmuls), halved when causal; the backward does 2.5x the
 forward's matmul work (five matmuls), so forward+backward = 3.5x forward. Times: jitted function, warm-up calls,
-then the median of ``iters`` timed calls, each ended by ``block_until_ready``. Error: relative L2 error
+then the median of ``iters`` timed calls, each ended by ``block_until_ready`` (``*_ms``), and, beside it, the
+median over rounds of ``iters`` calls dispatched back to back and synchronized once (``*_stream_ms``: the host's
+per-call dispatch hidden behind the device's work, as in a training step). Error: relative L2 error
 ||x - ref|| / ||ref|| against the float32 reference on upcast inputs, for the output and dq/dk/dv, computed on
 batch element 0 (to keep the reference's S x S scores in memory).
 """
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.bench.mlp import time_ms
+from pallas_kernels.bench.mlp import stream_ms, time_ms
 
 # (name, batch, seq, heads, kv_heads, head_dim, causal, segments)
 SHAPES = [
@@ -136,18 +138,20 @@ def run(args) -> list[dict]:
                     row["error"] = f"{key} {type(e).__name__}: {str(e)[:160]}"
                     break
             cases.append((row, fns, fwd_bwd))
-        times = {(id(row), key): [] for row, fns, _ in cases for key in fns}
+        times = {(id(row), key, timing): [] for row, fns, _ in cases for key in fns for timing in ("", "_stream")}
         for _ in range(rounds):
             for row, fns, _ in cases:
                 for key, (fn, fargs) in fns.items():
                     for _ in range(iters):
-                        times[(id(row), key)].append(_time(fn, fargs, 1, warmup=0))
+                        times[(id(row), key, "")].append(_time(fn, fargs, 1, warmup=0))
+                    times[(id(row), key, "_stream")].append(stream_ms(fn, *fargs, calls=iters, warmup=0) / 1e3)
         for row, fns, fwd_bwd in cases:
-            for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
-                if key in fns:
-                    t = statistics.median(times[(id(row), key)])
-                    row[f"{key}_ms"] = round(t * 1e3, 3)
-                    row[f"{key}_tflops"] = round(mult * fwd_flops / t / 1e12, 1)
+            for timing in ("", "_stream"):
+                for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
+                    if key in fns:
+                        t = statistics.median(times[(id(row), key, timing)])
+                        row[f"{key}{timing}_ms"] = round(t * 1e3, 3)
+                        row[f"{key}{timing}_tflops"] = round(mult * fwd_flops / t / 1e12, 1)
             if ref_out is not None and "fwdbwd" in fns:
                 try:
                     out, grads = fwd_bwd(q[:1], k[:1], v[:1], seg1, do[:1])

@@ -3,8 +3,8 @@
 FLOP convention: forward = 4 * B * S * S * H * D (two matmuls), halved when causal; the backward does 2.5x the
 forward's matmul work (five matmuls), so forward+backward = 3.5x forward. Times: jitted function, warm-up calls,
 then the median of ``iters`` timed calls, each ended by ``block_until_ready`` (``*_ms``), and, beside it, the
-median over rounds of ``iters`` calls dispatched back to back and synchronized once (``*_stream_ms``: the host's
-per-call dispatch hidden behind the device's work, as in a training step). Error: relative L2 error
+median over rounds of the per-call time of calls dispatched back to back (``*_stream_ms``, ``mlp.stream_ms``: the
+host's dispatch hidden behind the device's work, as in a training step). Error: relative L2 error
 ||x - ref|| / ||ref|| against the float32 reference on upcast inputs, for the output and dq/dk/dv, computed on
 batch element 0 (to keep the reference's S x S scores in memory).
 """

@@ -37,18 +37,26 @@ def time_ms(fn, *args, iters: int = 10, warmup: int = 2) -> float:
 
 
 def stream_ms(fn, *args, calls: int = 10, warmup: int = 2) -> float:
-    """Milliseconds per call of ``calls`` calls of ``fn(*args)`` dispatched back to back and synchronized once.
+    """Milliseconds per call of ``fn(*args)`` dispatched back to back: (time of 2 x ``calls`` calls - time of
+    ``calls`` calls) / ``calls``, each batch synchronized once.
 
-    ``time_ms`` waits for every call, so each of its times also holds the host's dispatch and the sync (~0.35 ms
-    for an attention fwd+bwd on an H100); here the host enqueues the next call while the device runs the last one,
-    as it does in a training step, so the time per call is the device's whenever a call outlasts its dispatch."""
+    ``time_ms`` waits for every call, so each of its times also holds the host's dispatch and the sync (~0.2-0.75
+    ms for an attention fwd+bwd on an H100, more for cuDNN's); here the host enqueues the next call while the device
+    runs the last one, as in a training step, and the difference of two batches cancels what a batch pays once (the
+    first call's dispatch before the device starts, the final sync), leaving the device's time per call whenever a
+    call outlasts its dispatch."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        out = fn(*args)  # one device stream runs the calls in order: the last one done means all are
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) * 1e3 / calls
+
+    def batch(n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = fn(*args)  # one device stream runs the calls in order: the last one done means all are
+        jax.block_until_ready(out)
+        return time.perf_counter() - t0
+
+    once = batch(calls)
+    return (batch(2 * calls) - once) * 1e3 / calls
 
 
 def rel_err(a, b) -> float:

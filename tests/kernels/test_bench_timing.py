@@ -17,11 +17,11 @@ def _sleeper(seconds, calls):
     return fn
 
 
-def test_stream_ms_makes_warmup_plus_calls_calls_and_times_each():
+def test_stream_ms_times_the_difference_of_two_batches():
     calls = []
     ms = stream_ms(_sleeper(0.01, calls), jnp.zeros(3), calls=4, warmup=2)
-    assert len(calls) == 6
-    assert 10.0 <= ms < 100.0
+    assert len(calls) == 2 + 4 + 8
+    assert 8.0 <= ms < 100.0  # 10 ms per call (a difference of two timings: allow the clock's jitter)
 
 
 def test_time_ms_is_the_median_per_call():
@@ -44,3 +44,29 @@ def test_attention_bench_rows_have_both_timings_and_small_errors(monkeypatch):
     # The bf16 reference against the float32 one: bf16 rounding, not a wrong answer.
     for key in ("err_out", "err_dq", "err_dk", "err_dv"):
         assert float(row[key]) < 2e-2, (key, row[key])
+
+
+def test_call_timeline_describes_the_middle_call():
+    from pallas_kernels.bench.attention_timeline import call_timeline
+
+    # Three calls of two kernels each: a 100 us kernel, a 10 us gap, a 50 us kernel; 40 us between calls.
+    events = []
+    for c in range(3):
+        t0 = c * 200.0
+        events += [{"name": "fwd", "ts": t0, "dur": 100.0}, {"name": "bwd", "ts": t0 + 110.0, "dur": 50.0}]
+    t = call_timeline(events[::-1], calls=3)
+    assert [r[0] for r in t["kernels"]] == ["fwd", "bwd"]
+    assert t["kernels"][0] == ("fwd", 0.0, 100.0, 40.0)
+    assert t["kernels"][1] == ("bwd", 110.0, 50.0, 10.0)
+    assert t["busy_us"] == 150.0 and t["idle_us"] == 50.0
+    assert t["period_us"] == (400.0 + 160.0) / 3
+
+
+def test_call_timeline_lists_everything_when_calls_do_not_split_evenly():
+    from pallas_kernels.bench.attention_timeline import call_timeline
+
+    events = [{"name": "a", "ts": 0.0, "dur": 10.0}, {"name": "b", "ts": 20.0, "dur": 10.0},
+              {"name": "memcpy", "ts": 40.0, "dur": 5.0}]
+    t = call_timeline(events, calls=2)
+    assert len(t["kernels"]) == 3
+    assert t["busy_us"] == 12.5 and t["idle_us"] == 10.0  # per call: half of 25 busy and of the 10 + 10 idle

@@ -73,6 +73,9 @@ def test_posttrain_clis_share_the_one_line_errors(module, args, message):
     ("litespark_jax.autotune", ["--config", "configs/tiny.yaml", "--out", "t.json", "--tolerance", "-1"],
      "--tolerance >= 0"),  # was a ValueError from min() over no passing implementation
     ("pallas_kernels.bench.attention", ["llama-9b"], "unknown shape 'llama-9b'; choose from llama-8b-s4k"),
+    ("pallas_kernels.bench.attention_timeline", ["llama-9b"], "unknown shape 'llama-9b'; choose from llama-8b-s4k"),
+    ("pallas_kernels.bench.attention_timeline", ["--calls", "0"], "--calls 0: must be at least 1"),
+    ("pallas_kernels.bench.attention_timeline", [], "traces GPU kernels; no GPU here"),
 ])
 def test_benchmark_clis_refuse_counts_that_time_nothing(module, args, message):
     """Counts below 1 once ended in a ZeroDivisionError, an IndexError or an empty median, an unknown shape name in a

@@ -40,7 +40,7 @@ GiB = 1024**3
 class GPU:
     name: str
     peak_tflops: float  # dense bf16
-    hbm_gib: float  # usable by XLA (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 of the card's memory; see launch/)
+    hbm_gib: float  # usable by XLA: XLA_PYTHON_CLIENT_MEM_FRACTION of CUDA's memory (GPUS: launch/'s 0.9)
     nvlink_gbps: float  # per-GPU unidirectional NVLink bandwidth, GB/s
     ib_gbps: float  # per-GPU inter-node bandwidth (one 400 Gb/s NIC per GPU), GB/s
     host_gbps: float  # per-GPU host link (PCIe Gen5 x16), GB/s per direction: optim.offload_state's transfers
@@ -59,6 +59,21 @@ GPUS = {
     "h100": GPU("H100 SXM 80GB", 989.0, LAUNCH_MEM_FRACTION * CUDA_BYTES["h100"] / GiB, 450.0, 50.0, 64.0),
     "h200": GPU("H200 SXM 141GB", 989.0, LAUNCH_MEM_FRACTION * CUDA_BYTES["h200"] / GiB, 450.0, 50.0, 64.0),
 }
+
+
+def mem_fraction_for(devices: int) -> float:
+    """The ``XLA_PYTHON_CLIENT_MEM_FRACTION`` a run on this many GPUs gets by default: one GPU is a one-process CLI
+    run (``cli.GPU_MEMORY_FRACTION``, 0.95), several are started by launch/ (0.9)."""
+    from litespark_jax.cli import GPU_MEMORY_FRACTION
+
+    return float(GPU_MEMORY_FRACTION) if devices == 1 else LAUNCH_MEM_FRACTION
+
+
+def gpu_with_fraction(name: str, mem_fraction: float) -> GPU:
+    """``GPUS[name]`` with the memory XLA gets under ``mem_fraction`` of what CUDA offers."""
+    return dataclasses.replace(GPUS[name], hbm_gib=mem_fraction * CUDA_BYTES[name] / GiB)
+
+
 EFFICIENCY = {
     # Fraction of peak at which a whole one-GPU step runs its FLOPs (model + recompute): matmuls, attention and every
     # memory-bound kernel together. Measured: the 3B preset on one H100, 54.3% MFU with the single-pass loss
@@ -100,10 +115,21 @@ class Plan:
     mfu: float
     fits: bool
     remat: str = ""
+    usable_bytes: float = 0.0  # what XLA gets on the card: a plan over HEADROOM x this but under it is "tight"
+    tighter: Plan | None = None  # the same mesh with fewer accumulation steps, tight (plan_all)
 
     @property
     def total_bytes(self) -> float:
         return sum(self.memory.values())
+
+    @property
+    def tight(self) -> bool:
+        """Over the headroom plans keep, but within the memory XLA gets: it may fit (the memory model has been
+        0.6-4.7% under XLA's figure on the measured runs), so it is shown, not recommended."""
+        return not self.fits and self.total_bytes <= self.usable_bytes
+
+    def fit_word(self) -> str:
+        return "yes" if self.fits else "tight" if self.tight else "no"
 
     def name(self) -> str:
         return "x".join(str(self.mesh[a]) for a in ("data", "fsdp", "tensor", "context"))
@@ -402,7 +428,7 @@ def plan_mesh(cfg, train, gpu: GPU, sizes: dict, inter: dict, grad_accum: int, a
     mfu = model_flops / (step_s * gpu.peak_tflops * 1e12 * n_dev)
     fits = sum(memory.values()) <= HEADROOM * gpu.hbm_gib * GiB
     return Plan(sizes, inter, grad_accum, micro_batch, memory, flops, coll, times, step_s, mfu, fits,
-                cfg.remat_policy)
+                cfg.remat_policy, usable_bytes=gpu.hbm_gib * GiB)
 
 
 def exposed_comm(comm_s: float, compute_s: float) -> float:
@@ -449,7 +475,7 @@ def plan_all(cfg, train, gpu: GPU, nodes: int, gpus_per_node: int, remat_policie
         pcfg = dataclasses.replace(cfg, remat_policy=policy)
         for sizes, inter in candidate_meshes(pcfg, train, nodes, gpus_per_node):
             split = sizes["data"] * sizes["fsdp"]
-            best = None
+            best = tighter = None
             for accum in (a for a in range(1, train.global_batch_size + 1)
                           if train.global_batch_size % (a * split) == 0):
                 p = plan_mesh(pcfg, train, gpu, sizes, inter, accum, **kw)
@@ -457,7 +483,9 @@ def plan_all(cfg, train, gpu: GPU, nodes: int, gpus_per_node: int, remat_policie
                 best = best or p
                 if p.fits:
                     best = p
+                    best.tighter = tighter
                     break
+                tighter = tighter or (p if p.tight else None)
             if best is not None:
                 plans.append(best)
     # Ties in predicted MFU (compute-bound plans) go to the one that moves fewer bytes, then uses less memory.
@@ -520,7 +548,8 @@ def describe(plan: Plan, gpu: GPU) -> str:
     lines.append(f"  memory per device (GiB, of {gpu.hbm_gib:.1f} usable; plans keep {100 * (1 - HEADROOM):.0f}% headroom):")
     for k, v in plan.memory.items():
         lines.append(f"    {k:<18} {_gib(v):>8}")
-    lines.append(f"    {'total':<18} {_gib(plan.total_bytes):>8}  {'fits' if plan.fits else 'DOES NOT FIT'}")
+    verdict = {"yes": "fits", "tight": "TIGHT: over the headroom, within the card (may fit)", "no": "DOES NOT FIT"}
+    lines.append(f"    {'total':<18} {_gib(plan.total_bytes):>8}  {verdict[plan.fit_word()]}")
     lines.append(f"  FLOPs per device per step: {plan.flops_per_device / 1e12:.1f} TFLOP")
     lines.append("  collective bytes per device per step (GB): " + ", ".join(
         f"{k} {v / 1e9:.2f}" for k, v in plan.collectives.items() if v))
@@ -566,12 +595,17 @@ def main(argv=None) -> int:
     parser.add_argument("--efficiency", type=float, default=None,
                         help=f"fraction of peak a one-GPU step reaches on its FLOPs (default "
                              f"{EFFICIENCY['compute']}, measured on the 3B preset; see docs/SCALING.md)")
+    parser.add_argument("--mem-fraction", type=float, default=None,
+                        help="XLA_PYTHON_CLIENT_MEM_FRACTION the run will use (default: 0.95 for one GPU, the "
+                             "one-process CLIs' setting; 0.9 for several, launch/'s)")
     parser.add_argument("--xla-check", action="store_true",
                         help="compile the step on CPU host devices and compare with XLA's memory analysis")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         parser.error(f"--efficiency {args.efficiency}: a fraction of the peak, in (0, 1]")
+    if args.mem_fraction is not None and not 0 < args.mem_fraction <= 1:
+        parser.error(f"--mem-fraction {args.mem_fraction}: a fraction of the card's memory, in (0, 1]")
     from litespark_jax.cli import require_at_least
 
     require_at_least(parser, args, nodes=1, gpus_per_node=1, top=1)
@@ -594,7 +628,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg, train, gpu = config.model, config.train, GPUS[args.gpu]
+    fraction = args.mem_fraction if args.mem_fraction is not None else mem_fraction_for(n)
+    cfg, train, gpu = config.model, config.train, gpu_with_fraction(args.gpu, fraction)
     kw = plan_options(config, n, args.attention or ("reference" if args.xla_check else "flash"), args.efficiency)
     attention, ce = kw["attention"], kw["cross_entropy"]
     print(f"{args.config or 'defaults'}: {cfg.num_params() / 1e9:.2f}B parameters, global batch "
@@ -602,7 +637,8 @@ def main(argv=None) -> int:
           + (f" (saving {', '.join(cfg.remat_save_names)})" if cfg.remat_policy == "names" else "")
           + f", dtype={cfg.dtype}, Adam moments in {config.optim.state_dtype}"
           + (" in host memory" if config.optim.offload_state else "") + "; "
-          f"{args.nodes} node(s) x {args.gpus_per_node} {gpu.name} (attention model: {attention}, loss: {ce})")
+          f"{args.nodes} node(s) x {args.gpus_per_node} {gpu.name} (attention model: {attention}, loss: {ce}; "
+          f"memory fraction {fraction:g}: {gpu.hbm_gib:.1f} GiB usable)")
     if mesh_sizes:
         from litespark_jax.config import MeshConfig
         from litespark_jax.parallel.mesh import inter_node_shape
@@ -627,7 +663,7 @@ def main(argv=None) -> int:
         return 1
     print(f"\n{'mesh DxFxTxC':<14}{'remat':>15}{'accum':>6}{'mem GiB':>9}{'fits':>6}{'step s':>9}{'MFU %':>7}  limited by")
     for p in plans[:args.top]:
-        print(f"{p.name():<14}{p.remat:>15}{p.grad_accum:>6}{_gib(p.total_bytes):>9}{'yes' if p.fits else 'no':>6}"
+        print(f"{p.name():<14}{p.remat:>15}{p.grad_accum:>6}{_gib(p.total_bytes):>9}{p.fit_word():>6}"
               f"{p.step_s:>9.3f}{100 * p.mfu:>7.1f}  {limiter(p)}")
     best = plans[0]
     print(f"\nrecommended: mesh.data={best.mesh['data']} mesh.fsdp={best.mesh['fsdp']} "
@@ -635,6 +671,12 @@ def main(argv=None) -> int:
           + (f" train.grad_accum_steps={best.grad_accum}" if best.grad_accum != train.grad_accum_steps else "")
           + (f" model.remat_policy={best.remat}" if best.remat != cfg.remat_policy else ""))
     print(describe(best, gpu))
+    if best.tighter is not None:
+        t = best.tighter
+        print(f"\nalso possible: train.grad_accum_steps={t.grad_accum} ({t.micro_batch} sequence(s) per device per "
+              f"micro-batch, step {t.step_s:.3f} s) is predicted at {_gib(t.total_bytes)} GiB of {gpu.hbm_gib:.1f}: "
+              f"over the {100 * (1 - HEADROOM):.0f}% headroom but within the card.\nThe memory model has been "
+              "0.6-4.7% under XLA's figure on the measured runs (docs/SCALING.md): try it with a short run.")
     if args.xla_check:
         checked = dataclasses.replace(config, train=dataclasses.replace(train, grad_accum_steps=best.grad_accum),
                                       model=dataclasses.replace(cfg, remat_policy=best.remat))

@@ -184,3 +184,45 @@ def test_bad_command_line_is_one_error_naming_the_flag(flags, message, capsys):
 
 def test_parse_mesh():
     assert plan.parse_mesh("2x16x2x1", 64) == {"data": 2, "fsdp": 16, "tensor": 2, "context": 1}
+
+
+def test_one_gpu_plans_budget_the_one_process_memory_fraction_and_several_the_launch_one():
+    from litespark_jax.cli import GPU_MEMORY_FRACTION
+
+    assert plan.mem_fraction_for(1) == float(GPU_MEMORY_FRACTION) == 0.95
+    assert plan.mem_fraction_for(2) == plan.mem_fraction_for(64) == plan.LAUNCH_MEM_FRACTION == 0.9
+    h100 = plan.gpu_with_fraction("h100", 0.95)
+    assert h100.hbm_gib == pytest.approx(75.22, abs=0.01)  # bytes_limit measured at 0.95 on an H100 (plan.py)
+    assert plan.GPUS["h100"].hbm_gib == pytest.approx(71.26, abs=0.01)
+
+
+def test_the_3b_preset_on_one_h100_is_tight_and_named_beside_the_recommendation(capsys):
+    """The preset runs batch 6 without accumulation at 72.7 GiB (docs/PERFORMANCE.md): over the planner's 8%
+    headroom of the 75.2 GiB a one-GPU run gets, but within it. It must read as tight (not "does not fit") and be
+    named as possible beside the plan that keeps the headroom."""
+    assert plan.main(["--config", "configs/llama-3.2-3b.yaml", "--nodes", "1", "--gpus-per-node", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory fraction 0.95: 75.2 GiB usable" in out
+    assert "recommended: mesh.data=1 mesh.fsdp=1 mesh.tensor=1 mesh.context=1 train.grad_accum_steps=2" in out
+    assert "also possible: train.grad_accum_steps=1 (6 sequence(s)" in out and "71.92 GiB of 75.2" in out
+
+    assert plan.main(["--config", "configs/llama-3.2-3b.yaml", "--nodes", "1", "--gpus-per-node", "1",
+                      "--mesh", "1x1x1x1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("1x1x1x1"))
+    assert row.split()[1:5] == ["names", "1", "71.92", "tight"]
+    assert "TIGHT: over the headroom, within the card" in out and "also possible" not in out
+
+    # Under launch/'s 0.9 the same plan is over the card.
+    assert plan.main(["--config", "configs/llama-3.2-3b.yaml", "--nodes", "1", "--gpus-per-node", "1",
+                      "--mesh", "1x1x1x1", "--mem-fraction", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "71.3 GiB usable" in out
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_mem_fraction_outside_zero_one_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plan.main(["--config", "configs/tiny.yaml", "--gpus-per-node", "1", "--mem-fraction", value])
+    assert exit_info.value.code == 2
+    assert f"--mem-fraction {float(value)}: a fraction of the card's memory" in capsys.readouterr().err

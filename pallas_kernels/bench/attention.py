@@ -44,7 +44,7 @@ def _impls():
     if is_hopper():
         names.insert(0, "pallas")
     env = os.environ.get("ATTN_BENCH_IMPLS")
-    return env.split(";" if ":" in env else ",") if env else names
+    return _impl_list(env) if env else names
 
 
 def _attention_fn(impl):
@@ -76,6 +76,21 @@ def _docs(batch, seq, seed=0):
     return jnp.asarray(out)
 
 
+def make_inputs(b, s, h, kvh, d, docs):
+    """(q, k, v, segment ids or None, dO): bf16 random normal, packed documents when ``docs``."""
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (b, s, h, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, s, kvh, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
+    return q, k, v, _docs(b, s) if docs else None, do
+
+
+def _impl_list(text):
+    """Implementation names, comma-separated, or semicolon-separated when one holds a colon (``pallas:{...}``)."""
+    return text.split(";" if ":" in text else ",")
+
+
 def _rel(a, b):
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
@@ -96,12 +111,7 @@ def run(args) -> list[dict]:
             continue
         if quick and not only and name not in QUICK:
             continue
-        ks = jax.random.split(jax.random.key(0), 4)
-        q = jax.random.normal(ks[0], (b, s, h, d), jnp.bfloat16)
-        k = jax.random.normal(ks[1], (b, s, kvh, d), jnp.bfloat16)
-        v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.bfloat16)
-        do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
-        seg = _docs(b, s) if docs else None
+        q, k, v, seg, do = make_inputs(b, s, h, kvh, d, docs)
         fwd_flops = 4 * b * s * s * h * d / (2 if causal else 1)
 
         # float32 reference on batch element 0

@@ -18,20 +18,9 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
 from litespark_jax import trace_summary
-from pallas_kernels.bench.attention import SHAPES, _attention_fn, _docs
-
-
-def _inputs(shape):
-    _, b, s, h, kvh, d, causal, docs = shape
-    ks = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(ks[0], (b, s, h, d), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (b, s, kvh, d), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.bfloat16)
-    do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
-    return (q, k, v, _docs(b, s) if docs else None, do), causal
+from pallas_kernels.bench.attention import SHAPES, _attention_fn, _impl_list, make_inputs
 
 
 def call_timeline(kernels: list[dict], calls: int) -> dict:
@@ -60,7 +49,8 @@ def call_timeline(kernels: list[dict], calls: int) -> dict:
 
 
 def trace_impl(impl: str, shape, calls: int, trace_dir: str) -> dict:
-    args, causal = _inputs(shape)
+    _, b, s, h, kvh, d, causal, docs = shape
+    args = make_inputs(b, s, h, kvh, d, docs)
     attn = _attention_fn(impl)
 
     def fwd_bwd(q, k, v, seg, do):
@@ -83,7 +73,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pallas_kernels.bench.attention_timeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", nargs="?", default="llama-8b-s8k", help=f"one of {', '.join(names)}")
-    parser.add_argument("--impls", default="pallas,cudnn", help="comma-separated implementations (bench names)")
+    parser.add_argument("--impls", default="pallas,cudnn",
+                        help="implementations (the bench's names), comma-separated, or semicolon-separated when one "
+                             "holds a colon (pallas:{\"field\": value})")
     parser.add_argument("--calls", type=int, default=5, help="forward+backward calls traced back to back")
     parser.add_argument("--trace-dir", default=None, help="keep the traces here (default: a temporary directory)")
     args = parser.parse_args(argv)
@@ -96,7 +88,7 @@ def main(argv=None) -> int:
         return 2
     shape = SHAPES[names.index(args.shape)]
     root = args.trace_dir or tempfile.mkdtemp(prefix="attention_timeline_")
-    for impl in args.impls.split(","):
+    for impl in _impl_list(args.impls):
         t = trace_impl(impl, shape, args.calls, os.path.join(root, impl.replace(":", "_").replace("/", "_")))
         print(f"# {args.shape} {impl}: period {t['period_us'] / 1e3:.3f} ms per call, busy {t['busy_us'] / 1e3:.3f},"
               f" idle {t['idle_us'] / 1e3:.3f}")

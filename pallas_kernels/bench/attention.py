@@ -87,8 +87,11 @@ def make_inputs(b, s, h, kvh, d, docs):
 
 
 def _impl_list(text):
-    """Implementation names, comma-separated, or semicolon-separated when one holds a colon (``pallas:{...}``)."""
-    return text.split(";" if ":" in text else ",")
+    """Implementation names: semicolon-separated (needed when one holds a colon, ``pallas:{...}``, whose JSON may
+    hold commas), else comma-separated; one name with a colon and no semicolon is that one name."""
+    if ";" in text:
+        return text.split(";")
+    return [text] if ":" in text else text.split(",")
 
 
 def _rel(a, b):

@@ -74,8 +74,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", nargs="?", default="llama-8b-s8k", help=f"one of {', '.join(names)}")
     parser.add_argument("--impls", default="pallas,cudnn",
-                        help="implementations (the bench's names), comma-separated, or semicolon-separated when one "
-                             "holds a colon (pallas:{\"field\": value})")
+                        help="implementations (the bench's names), comma- or semicolon-separated (semicolons when "
+                             "one holds a colon: pallas:{\"field\": value})")
     parser.add_argument("--calls", type=int, default=5, help="forward+backward calls traced back to back")
     parser.add_argument("--trace-dir", default=None, help="keep the traces here (default: a temporary directory)")
     args = parser.parse_args(argv)

@@ -70,3 +70,13 @@ def test_call_timeline_lists_everything_when_calls_do_not_split_evenly():
     t = call_timeline(events, calls=2)
     assert len(t["kernels"]) == 3
     assert t["busy_us"] == 12.5 and t["idle_us"] == 10.0  # per call: half of 25 busy and of the 10 + 10 idle
+
+
+def test_implementation_lists_split_on_semicolons_or_commas():
+    from pallas_kernels.bench.attention import _impl_list
+
+    assert _impl_list("pallas,cudnn") == ["pallas", "cudnn"]
+    assert _impl_list("pallas;cudnn") == ["pallas", "cudnn"]
+    tuned = 'pallas:{"bwd_steps": 3, "block_kv": 64}'
+    assert _impl_list(f"pallas;{tuned}") == ["pallas", tuned]
+    assert _impl_list(tuned) == [tuned]

@@ -26,11 +26,6 @@ def run_worker(script: str, *args: str, timeout: int = 900) -> subprocess.Comple
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-# The tests reading the 8-mesh worker's results run on one xdist worker (``--dist loadgroup`` in .ci/run), so the
-# ~2-minute worker runs once per test run instead of once per xdist worker that picks up one of them.
-ON_ONE_WORKER = pytest.mark.xdist_group("mesh_worker")
-
-
 @pytest.fixture(scope="module")
 def mesh_results():
     proc = run_worker("mesh_worker.py", *MESHES)
@@ -39,7 +34,6 @@ def mesh_results():
     return {row["mesh"]: row for row in rows}
 
 
-@ON_ONE_WORKER
 @pytest.mark.parametrize("shape", MESHES)
 def test_mesh_matches_one_device(mesh_results, shape):
     row = mesh_results[shape]
@@ -74,7 +68,6 @@ def test_shard_map_specs_name_every_one_device_axis():
     assert _spec_over_every_axis([None, None], mesh) == P(("fsdp", "tensor"), None)
 
 
-@ON_ONE_WORKER
 @pytest.mark.parametrize("shape", MESHES)
 def test_parameters_really_sharded(mesh_results, shape):
     row = mesh_results[shape]

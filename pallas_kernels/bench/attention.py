@@ -86,6 +86,16 @@ def make_inputs(b, s, h, kvh, d, docs):
     return q, k, v, _docs(b, s) if docs else None, do
 
 
+def jitted_fwd_bwd(attn, causal):
+    """``jit`` of ``(q, k, v, seg, do) -> (out, (dq, dk, dv))`` for one bench implementation's ``attn``."""
+
+    def fwd_bwd(q, k, v, seg, do):
+        out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, segment_ids=seg, causal=causal), q, k, v)
+        return out, vjp(do)
+
+    return jax.jit(fwd_bwd)
+
+
 def _impl_list(text):
     """Implementation names: semicolon-separated (needed when one holds a colon, ``pallas:{...}``, whose JSON may
     hold commas), else comma-separated; one name with a colon and no semicolon is that one name."""
@@ -137,11 +147,7 @@ def run(args) -> list[dict]:
             attn = _attention_fn(impl)
             fwd = jax.jit(lambda q, k, v, seg, attn=attn: attn(q, k, v, segment_ids=seg, causal=causal))
 
-            def fwd_bwd(q, k, v, seg, do, attn=attn):
-                out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, segment_ids=seg, causal=causal), q, k, v)
-                return out, vjp(do)
-
-            fwd_bwd = jax.jit(fwd_bwd)
+            fwd_bwd = jitted_fwd_bwd(attn, causal)
             fns = {}
             for key, fn, fargs in (("fwd", fwd, (q, k, v, seg)), ("fwdbwd", fwd_bwd, (q, k, v, seg, do))):
                 try:

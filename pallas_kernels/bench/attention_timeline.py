@@ -20,7 +20,7 @@ import tempfile
 import jax
 
 from litespark_jax import trace_summary
-from pallas_kernels.bench.attention import SHAPES, _attention_fn, _impl_list, make_inputs
+from pallas_kernels.bench.attention import SHAPES, _attention_fn, _impl_list, jitted_fwd_bwd, make_inputs
 
 
 def call_timeline(kernels: list[dict], calls: int) -> dict:
@@ -51,13 +51,7 @@ def call_timeline(kernels: list[dict], calls: int) -> dict:
 def trace_impl(impl: str, shape, calls: int, trace_dir: str) -> dict:
     _, b, s, h, kvh, d, causal, docs = shape
     args = make_inputs(b, s, h, kvh, d, docs)
-    attn = _attention_fn(impl)
-
-    def fwd_bwd(q, k, v, seg, do):
-        out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, segment_ids=seg, causal=causal), q, k, v)
-        return out, vjp(do)
-
-    fn = jax.jit(fwd_bwd)
+    fn = jitted_fwd_bwd(_attention_fn(impl), causal)
     for _ in range(3):
         jax.block_until_ready(fn(*args))
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

@@ -160,12 +160,46 @@ def segment_block_ranges(seg, tile: int, block: int):
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
-def _seg_inputs(seg, batch_size, seq_len, tile, block):
+def segment_clean_ranges(seg, tile: int, block: int):
+    """For each row tile of ``tile`` positions that holds a single segment id: the [lo, hi) range, in units of
+    ``block``, of the blocks lying wholly inside the run of that id around the tile, where every query of the tile
+    sees every key of the block and the kernels skip the segment mask. Tiles holding several ids get an empty range
+    (0, 0). Returns two int32 arrays [B, S // tile].
+
+    A packed row of long documents is mostly such pairs: with the mask on every block the kernels ran 24-40%
+    slower on one document per row than without segment ids (H100, docs/perf/attention.md, run 14)."""
+    b, s = seg.shape
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    new = seg[:, 1:] != seg[:, :-1]
+    is_start = jnp.concatenate([jnp.ones((b, 1), bool), new], axis=1)
+    is_end = jnp.concatenate([new, jnp.ones((b, 1), bool)], axis=1)
+    run_start = lax.cummax(jnp.where(is_start, pos, 0), axis=1)
+    run_end = lax.cummin(jnp.where(is_end, pos, s - 1), axis=1, reverse=True)  # inclusive
+    tiles = seg.reshape(b, s // tile, tile)
+    single = (tiles == tiles[..., :1]).all(-1)
+    lo = (run_start[:, ::tile] + block - 1) // block  # first block starting at or after the run's start
+    hi = (run_end[:, tile - 1::tile] + 1) // block  # end of the last block ending at or before the run's end
+    keep = single & (hi > lo)
+    return jnp.where(keep, lo, 0).astype(jnp.int32), jnp.where(keep, hi, 0).astype(jnp.int32)
+
+
+def _split_range(lo, hi, clean_lo, clean_hi):
+    """[lo, hi) as (start, end, masked) loops: masked before the clean range, clean inside it, masked after."""
+    a = jnp.minimum(jnp.maximum(clean_lo, lo), hi)
+    b = jnp.minimum(jnp.maximum(clean_hi, a), hi)
+    return (lo, a, True), (a, b, False), (b, hi, True)
+
+
+def _seg_inputs(seg, batch_size, seq_len, tile, block, wg_tile):
+    """The segment ids as float32 (TMA-loaded beside the tiles), each ``tile``'s [lo, hi) range of ``block``s to
+    visit, and each ``wg_tile``'s (one compute warpgroup's rows) [lo, hi) range of blocks without a segment mask."""
     if seg is None:
         dummy = jnp.zeros((batch_size, seq_len // tile), jnp.int32)
-        return jnp.zeros((batch_size, seq_len), jnp.float32), dummy, dummy
+        wg_dummy = jnp.zeros((batch_size, seq_len // wg_tile), jnp.int32)
+        return jnp.zeros((batch_size, seq_len), jnp.float32), dummy, dummy, wg_dummy, wg_dummy
     lo, hi = segment_block_ranges(seg, tile, block)
-    return seg.astype(jnp.float32), lo, hi
+    clean_lo, clean_hi = segment_clean_ranges(seg, wg_tile, block)
+    return seg.astype(jnp.float32), lo, hi, clean_lo, clean_hi
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +218,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
 
     num_q_tiles = seq_len // (2 * block_q)
 
-    def kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, out_ref, lse_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, clo_ref, chi_ref, out_ref, lse_ref, scoped):
         batch = lax.axis_index("batch")
         q_head = lax.axis_index("heads")
         wg_idx = lax.axis_index("wg")
@@ -245,7 +279,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
 
             pl.when(wg_idx == 1)(perform_schedule_barrier)
 
-            def kv_loop(kv_step, carry, causal_mask: bool = False):
+            def kv_loop(kv_step, carry, causal_mask: bool = False, seg_mask: bool = has_seg):
                 acc, m_i, l_i = carry
                 slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
 
@@ -257,7 +291,8 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                 qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
                 mask = None
                 if has_seg:
-                    plgpu.barrier_wait(segk_barriers.at[slot])
+                    plgpu.barrier_wait(segk_barriers.at[slot])  # every step observes its load's phase
+                if seg_mask:
                     segk = plgpu.load(segk_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     mask = (lax.broadcast_in_dim(segq, qk.shape, [0])
                             == lax.broadcast_in_dim(segk, qk.shape, [1]))
@@ -305,29 +340,34 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                 plgpu.barrier_arrive(v_consumed_barriers.at[slot])
                 return acc, m_i, l_i
 
-            if not causal:
+            def epilogue_kv_loop(kv_step, _):
+                # Flush the pipelined K/V this warpgroup does not need (its causal range ended earlier).
+                slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
+                plgpu.barrier_wait(k_barriers.at[slot])
+                plgpu.barrier_wait(v_barriers.at[slot])
+                if has_seg:
+                    plgpu.barrier_wait(segk_barriers.at[slot])
+                plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+                plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+                perform_schedule_barrier()
+                perform_schedule_barrier()
+
+            if has_seg:  # the blocks inside this warpgroup's document (and below the diagonal) without a mask
+                wg_tile = lax.div(q_seq_base, jnp.array(block_q, jnp.int32))
+                clean_hi = chi_ref[batch, wg_tile]
+                if causal:
+                    clean_hi = jnp.minimum(clean_hi, lax.div(q_seq_base, jnp.array(block_kv, jnp.int32)))
+                for start, end, masked in _split_range(lo, kv_steps, clo_ref[batch, wg_tile], clean_hi):
+                    step = functools.partial(kv_loop, causal_mask=causal and masked, seg_mask=masked)
+                    acc, m_i, l_i = lax.fori_loop(start, end, step, (acc, m_i, l_i))
+            elif not causal:
                 acc, m_i, l_i = lax.fori_loop(lo, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
             else:
-                def epilogue_kv_loop(kv_step, _):
-                    # Flush the pipelined K/V this warpgroup does not need (its causal range ended earlier).
-                    slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
-                    plgpu.barrier_wait(k_barriers.at[slot])
-                    plgpu.barrier_wait(v_barriers.at[slot])
-                    if has_seg:
-                        plgpu.barrier_wait(segk_barriers.at[slot])
-                    plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-                    plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-                    perform_schedule_barrier()
-                    perform_schedule_barrier()
-
-                if has_seg:  # every block is masked anyway: one loop, causal mask included
-                    acc, m_i, l_i = lax.fori_loop(lo, kv_steps, functools.partial(kv_loop, causal_mask=True),
-                                                  (acc, m_i, l_i))
-                else:
-                    full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
-                    acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
-                    acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps,
-                                                  functools.partial(kv_loop, causal_mask=True), (acc, m_i, l_i))
+                full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+                acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
+                acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps,
+                                              functools.partial(kv_loop, causal_mask=True), (acc, m_i, l_i))
+            if causal:
                 lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
             pl.when(wg_idx == 0)(perform_schedule_barrier)
 
@@ -375,7 +415,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                 plgpu.barrier_wait(k_consumed_barriers.at[slot])
                 plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
-    def entry(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, out_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, clo_ref, chi_ref, out_ref, lse_ref):
         scratch = [
             _smem((compute_wgs, block_q, head_dim), dtype),
             _smem((max_steps, block_kv, head_dim), dtype),
@@ -385,7 +425,8 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
             plgpu.SMEM((max_steps, block_kv), jnp.float32) if has_seg else None,
         ]
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, out_ref, lse_ref, args),
+            lambda *args: kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, lo_ref, hi_ref, clo_ref, chi_ref, out_ref,
+                                 lse_ref, args),
             scratch,
             (
                 plgpu.Barrier(num_barriers=max_steps),
@@ -400,7 +441,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
         )
 
     out_shape = [q, jax.ShapeDtypeStruct((batch_size, num_q_heads, seq_len), jnp.float32)]
-    segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_q, block_kv)
+    segf, lo, hi, clean_lo, clean_hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_q, block_kv, block_q)
     out, lse = plgpu.kernel(
         entry,
         out_type=out_shape,
@@ -410,7 +451,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interp(interpret),
-    )(q, k, v, segf, segf, lo, hi)
+    )(q, k, v, segf, segf, lo, hi, clean_lo, clean_hi)
     return out, lse
 
 
@@ -432,8 +473,8 @@ def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, inte
 
     num_q_tiles = seq_len // (2 * block_q)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, segq_ref, segk_ref, lo_ref, hi_ref, dq_ref, delta_ref,
-               smem, own_barriers, kv_barriers, consumed):
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref, segq_ref, segk_ref, lo_ref, hi_ref, clo_ref, chi_ref,
+               dq_ref, delta_ref, smem, own_barriers, kv_barriers, consumed):
         q_smem2, do_smem2, lse_smem2, o_smem2, delta_smem2, segq_smem2, k_smem, v_smem, segk_smem = smem
         k_barriers, v_barriers, segk_barriers = kv_barriers
         batch = lax.axis_index("batch")
@@ -479,7 +520,7 @@ def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, inte
             else:
                 kv_steps = max_kv_steps
 
-            def kv_loop(kv_step, dq_acc, causal_mask: bool = False):
+            def kv_loop(kv_step, dq_acc, causal_mask: bool = False, seg_mask: bool = has_seg):
                 slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
                 plgpu.barrier_wait(k_barriers.at[slot])
                 plgpu.barrier_wait(v_barriers.at[slot])
@@ -493,7 +534,8 @@ def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, inte
                                       plgpu.ACC((block_q, block_kv), jnp.float32))
                 mask = None
                 if has_seg:
-                    plgpu.barrier_wait(segk_barriers.at[slot])
+                    plgpu.barrier_wait(segk_barriers.at[slot])  # every step observes its load's phase
+                if seg_mask:
                     segk = plgpu.load(segk_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     mask = (lax.broadcast_in_dim(segq, s.shape, [0]) == lax.broadcast_in_dim(segk, s.shape, [1]))
                 if causal_mask:
@@ -511,17 +553,21 @@ def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, inte
                 return dq_acc
 
             dq_acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
-            if not causal:
+            full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+            if has_seg:  # the blocks inside this warpgroup's document (and below the diagonal) without a mask
+                wg_tile = lax.div(q_seq_base, jnp.array(block_q, jnp.int32))
+                clean_hi = chi_ref[batch, wg_tile]
+                if causal:
+                    clean_hi = jnp.minimum(clean_hi, full_kv_steps)
+                for start, end, masked in _split_range(lo, kv_steps, clo_ref[batch, wg_tile], clean_hi):
+                    step = functools.partial(kv_loop, causal_mask=causal and masked, seg_mask=masked)
+                    dq_acc = lax.fori_loop(start, end, step, dq_acc)
+            elif not causal:
                 dq_acc = lax.fori_loop(lo, kv_steps, kv_loop, dq_acc)
             else:
-                if has_seg:
-                    dq_acc = lax.fori_loop(lo, kv_steps, functools.partial(kv_loop, causal_mask=True), dq_acc)
-                else:
-                    full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
-                    dq_acc = lax.fori_loop(0, full_kv_steps, kv_loop, dq_acc)
-                    dq_acc = lax.fori_loop(full_kv_steps, kv_steps, functools.partial(kv_loop, causal_mask=True),
-                                           dq_acc)
-
+                dq_acc = lax.fori_loop(0, full_kv_steps, kv_loop, dq_acc)
+                dq_acc = lax.fori_loop(full_kv_steps, kv_steps, functools.partial(kv_loop, causal_mask=True), dq_acc)
+            if causal:
                 @pl.loop(kv_steps, max_kv_steps)
                 def _epilogue(kv_step):
                     slot = lax.rem(kv_step - lo, jnp.array(max_steps, kv_step.dtype))
@@ -580,7 +626,7 @@ def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, inte
          plgpu.Barrier(num_barriers=max_steps) if has_seg else None),
         plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_steps),
     ]
-    segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_q, block_kv)
+    segf, lo, hi, clean_lo, clean_hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_q, block_kv, block_q)
     return plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
@@ -592,7 +638,7 @@ def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, inte
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interp(interpret),
-    )(q, k, v, do, lse, out, segf, segf, lo, hi)
+    )(q, k, v, do, lse, out, segf, segf, lo, hi, clean_lo, clean_hi)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -631,7 +677,8 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
     else:
         compute_regs, other_regs = cfg.compute_registers, cfg.memory_registers
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, *refs):
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, clo_ref, chi_ref,
+               *refs):
         if with_dq:
             dq_acc_ref, dk_ref, dv_ref, smem, own_barriers, q_barriers, consumed, ds_ready, ds_free = refs
             k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem, dsT_smem, dq_smem = smem
@@ -676,9 +723,13 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
             else:
                 start = start_min
                 full_start = start_min
-            if has_seg:  # all blocks masked: one loop over [start, q_end)
+            if has_seg:  # masked, then the q blocks inside this warpgroup's document (and past the diagonal), masked
                 start = jnp.minimum(jnp.maximum(start, start_min), q_end)
-                full_start = q_end
+                wg_tile = lax.div(kv_base, jnp.array(block_kv, jnp.int32))
+                clean_lo = clo_ref[batch, wg_tile]
+                if causal:
+                    clean_lo = jnp.maximum(clean_lo, full_start)
+                seg_ranges = _split_range(start, q_end, clean_lo, chi_ref[batch, wg_tile])
 
             def wait_inputs(slot):
                 for j in range(5 if has_seg else 4):
@@ -696,7 +747,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ds_ready.at[buf])
 
-            def step(g, i, carry, causal_mask: bool = False):
+            def step(g, i, carry, causal_mask: bool = False, seg_mask: bool = has_seg):
                 dk_acc, dv_acc = carry
                 t = g * n_per + (i - start_min)
                 slot = lax.rem(t, jnp.array(max_steps, t.dtype))
@@ -710,7 +761,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                 lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse, sT.shape, [1]))
                 mask = None
-                if has_seg:
+                if seg_mask:
                     segq = plgpu.load(segq_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     mask = (lax.broadcast_in_dim(segk, sT.shape, [0]) == lax.broadcast_in_dim(segq, sT.shape, [1]))
                 if causal_mask:
@@ -758,6 +809,11 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                         hand_off_dsT(t, zeros)
                     plgpu.barrier_arrive(consumed.at[slot])
 
+                if has_seg:
+                    for lo_i, hi_i, masked in seg_ranges:
+                        carry = lax.fori_loop(lo_i, hi_i, functools.partial(
+                            lambda i, cr, m: step(g, i, cr, causal_mask=causal and m, seg_mask=m), m=masked), carry)
+                    return carry
                 carry = lax.fori_loop(start, full_start, lambda i, cr: step(g, i, cr, causal_mask=causal), carry)
                 carry = lax.fori_loop(full_start, q_end, lambda i, cr: step(g, i, cr), carry)
                 return carry
@@ -863,9 +919,9 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                  plgpu.SMEM((2, block_q, dq_cols), jnp.float32, transforms=_F32_TRANSFORMS)]
         barriers += [plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=2),  # ds_ready
                      plgpu.Barrier(num_barriers=2)]  # ds_free
-    segf, lo, hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_kv, block_q)
+    segf, lo, hi, clean_lo, clean_hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_kv, block_q, block_kv)
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    inputs = [q, k, v, do, lse, delta, segf, segf, lo, hi]
+    inputs = [q, k, v, do, lse, delta, segf, segf, lo, hi, clean_lo, clean_hi]
     if with_dq:
         if interpreting:
             dq_init = jnp.zeros((num_kv_tiles,) + q.shape, jnp.float32)

@@ -66,6 +66,15 @@ def _segments(kind, rng, batch, seq):
                 out[b, pos:pos + n] = doc
                 pos, doc = pos + n, doc + 1
         return jnp.asarray(out)
+    if kind == "long":  # row 0 one document, the others long documents: the kernels' unmasked blocks inside them
+        out = np.ones((batch, seq), np.int32)
+        for b in range(1, batch):
+            pos, doc = 0, 1
+            while pos < seq:
+                n = int(rng.integers(seq // 3, seq // 2 + 32))
+                out[b, pos:pos + n] = doc
+                pos, doc = pos + n, doc + 1
+        return jnp.asarray(out)
     return _ragged_segments(rng, batch, seq)
 
 
@@ -169,6 +178,8 @@ INTERPRET_CASES = [
     pytest.param(1, 128, 2, 2, 128, True, "ragged", id="causal-mha-d128-ragged"),
     pytest.param(1, 256, 2, 1, 64, True, "short", id="causal-gqa2-short-docs-skipping"),
     pytest.param(1, 256, 2, 1, 64, False, "shuffled", id="full-gqa2-noncontiguous-ids"),
+    pytest.param(2, 256, 4, 2, 64, True, "long", id="causal-gqa2-long-docs-b2"),
+    pytest.param(2, 256, 2, 1, 64, False, "long", id="full-gqa2-long-docs-b2"),
 ]
 
 
@@ -241,6 +252,33 @@ def test_segment_block_ranges():
                 rows = s[b, t * 32:(t + 1) * 32]
                 cols = np.nonzero(np.isin(s[b], rows))[0]
                 assert lo[b, t] == cols.min() // 16 and hi[b, t] == cols.max() // 16 + 1
+
+
+def test_segment_clean_ranges():
+    """Each tile's clean blocks are exactly the blocks whose every key shares the tile's one id in the same run
+    (so neither mask is needed there); a tile of several ids has none."""
+    rng = np.random.default_rng(4)
+    cases = (_segments("long", rng, 3, 256), _shuffled_segments(rng, 2, 256), _ragged_segments(rng, 2, 256),
+             jnp.ones((1, 256), jnp.int32))
+    seen_clean = 0
+    for seg in cases:
+        for tile, block in ((32, 16), (64, 64), (64, 128)):
+            lo, hi = mosaic_gpu.segment_clean_ranges(seg, tile, block)
+            s = np.asarray(seg)
+            for b in range(s.shape[0]):
+                for t in range(s.shape[1] // tile):
+                    rows = s[b, t * tile:(t + 1) * tile]
+                    r0, r1 = t * tile, (t + 1) * tile - 1
+                    want = []
+                    for j in range(s.shape[1] // block):
+                        c0, c1 = j * block, (j + 1) * block - 1
+                        span = s[b, min(r0, c0):max(r1, c1) + 1]  # the tile, the block and what lies between
+                        if (rows == rows[0]).all() and (span == rows[0]).all():
+                            want.append(j)
+                    got = list(range(lo[b, t], hi[b, t]))
+                    assert got == want, (b, t, tile, block, got, want)
+                    seen_clean += len(got)
+    assert seen_clean > 50  # the cases do exercise clean blocks
 
 
 def test_pallas_supports():

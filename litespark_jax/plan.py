@@ -55,9 +55,15 @@ _CUDA_SHARE = _H100_CUDA_BYTES / (81_559 * 2**20)  # of the memory nvidia-smi re
 CUDA_BYTES = {"h100": _H100_CUDA_BYTES, "h200": _CUDA_SHARE * 143_771 * 2**20}
 LAUNCH_MEM_FRACTION = 0.9  # launch/env.sh and launch/local.py; the one-process CLIs default to 0.95 (cli.py)
 
+
+def usable_gib(name: str, mem_fraction: float) -> float:
+    """The memory XLA gets on card ``name`` under ``mem_fraction`` of what CUDA offers."""
+    return mem_fraction * CUDA_BYTES[name] / GiB
+
+
 GPUS = {
-    "h100": GPU("H100 SXM 80GB", 989.0, LAUNCH_MEM_FRACTION * CUDA_BYTES["h100"] / GiB, 450.0, 50.0, 64.0),
-    "h200": GPU("H200 SXM 141GB", 989.0, LAUNCH_MEM_FRACTION * CUDA_BYTES["h200"] / GiB, 450.0, 50.0, 64.0),
+    "h100": GPU("H100 SXM 80GB", 989.0, usable_gib("h100", LAUNCH_MEM_FRACTION), 450.0, 50.0, 64.0),
+    "h200": GPU("H200 SXM 141GB", 989.0, usable_gib("h200", LAUNCH_MEM_FRACTION), 450.0, 50.0, 64.0),
 }
 
 
@@ -71,7 +77,7 @@ def mem_fraction_for(devices: int) -> float:
 
 def gpu_with_fraction(name: str, mem_fraction: float) -> GPU:
     """``GPUS[name]`` with the memory XLA gets under ``mem_fraction`` of what CUDA offers."""
-    return dataclasses.replace(GPUS[name], hbm_gib=mem_fraction * CUDA_BYTES[name] / GiB)
+    return dataclasses.replace(GPUS[name], hbm_gib=usable_gib(name, mem_fraction))
 
 
 EFFICIENCY = {

@@ -52,14 +52,28 @@ _BASELINE_REST = [
 ]
 
 
-def synthetic_batch(config: Config, seed: int = 0) -> dict:
-    """Random tokens, one document per row: the same array for every variant."""
+def synthetic_batch(config: Config, seed: int = 0, mean_doc_len: int | None = None) -> dict:
+    """Random tokens, the same array for every variant: one document per row, or with ``mean_doc_len`` rows packed
+    with documents of ``mean_doc_len / 2`` to ``3 * mean_doc_len / 2`` tokens (the last one cut at the row's end),
+    with segment ids and per-document positions as the data pipeline's packing gives them."""
     t = config.train
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, config.model.vocab_size, size=(t.global_batch_size, t.seq_len + 1), dtype=np.int32)
     positions = np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), (t.global_batch_size, t.seq_len))
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.ascontiguousarray(positions),
-            "loss_mask": np.ones((t.global_batch_size, t.seq_len), np.float32)}
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.ascontiguousarray(positions),
+             "loss_mask": np.ones((t.global_batch_size, t.seq_len), np.float32)}
+    if mean_doc_len is None:
+        return batch
+    segment_ids = np.zeros((t.global_batch_size, t.seq_len), np.int32)
+    for row in range(t.global_batch_size):
+        start, doc = 0, 1
+        while start < t.seq_len:
+            end = min(t.seq_len, start + int(rng.integers(max(1, mean_doc_len // 2), 3 * mean_doc_len // 2 + 1)))
+            segment_ids[row, start:end] = doc
+            batch["positions"][row, start:end] = np.arange(end - start)
+            start, doc = end, doc + 1
+    batch["segment_ids"] = segment_ids
+    return batch
 
 
 PROFILED_STEPS = 2
@@ -268,6 +282,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,key=value",
                         help="an extra named LiteSpark variant (repeatable), e.g. accum2:train.grad_accum_steps=2 or "
                              "lhs:train.xla_options={xla_gpu_enable_latency_hiding_scheduler: true}")
+    parser.add_argument("--docs", type=int, default=None, metavar="MEAN_TOKENS",
+                        help="pack each row with documents of about this many tokens (segment ids and positions per "
+                             "document, as packed training data has); default: one document per row, no segment ids")
     parser.add_argument("--compile-only", action="store_true",
                         help="only compile each variant and print XLA's memory analysis")
     parser.add_argument("--jsonl", default=None, help="append result rows to this JSONL file")
@@ -283,7 +300,7 @@ def main(argv=None) -> int:
                              "the setup's own run-to-run noise and judge each gap against it")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
     args = parser.parse_args(argv)
-    require_at_least(parser, args, steps=1, warmup=0, curve_steps=0)
+    require_at_least(parser, args, steps=1, warmup=0, curve_steps=0, docs=1)
     # (name, overrides) per variant; the config is built from them (again for --curve-steps, with its settings).
     specs = [("litespark", [*args.overrides, *args.litespark])]
     for spec in args.variant:
@@ -313,7 +330,8 @@ def main(argv=None) -> int:
         print_curves(curves)
         return 0
     batches = {}  # one synthetic batch per (batch size, sequence length): variants may change either
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}", flush=True)
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}"
+          + (f"; rows packed with documents of ~{args.docs} tokens" if args.docs else ""), flush=True)
     rows = []
     for name, config in variants:
         m = config.model
@@ -324,7 +342,7 @@ def main(argv=None) -> int:
               + (" offload_state" if config.optim.offload_state else ""), flush=True)
         shape = (config.train.global_batch_size, config.train.seq_len)
         if shape not in batches:  # same seed: a larger batch's first rows are the smaller one's
-            batches[shape] = synthetic_batch(config)
+            batches[shape] = synthetic_batch(config, mean_doc_len=args.docs)
         try:
             rows.append(measure(name, config, batches[shape], args.steps, args.warmup, args.compile_only,
                                 args.profile))
@@ -346,7 +364,7 @@ def main(argv=None) -> int:
             overrides = dict(specs)
             for row in rows:  # with its overrides, so a row can be re-planned (python -m litespark_jax.plan)
                 f.write(json.dumps({"config": args.config, "overrides": overrides[row["variant"]], "time": time.time(),
-                                    **row}) + "\n")
+                                    **({"mean_doc_len": args.docs} if args.docs else {}), **row}) + "\n")
     return 0
 
 

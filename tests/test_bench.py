@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from litespark_jax import bench
@@ -75,6 +76,7 @@ def test_curve_noise_without_a_curve_is_a_usage_error(capsys):
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--warmup", "-1"], "--warmup -1: must be at least 0"),
     (["--curve-steps", "-3"], "--curve-steps -3: must be at least 0"),
+    (["--docs", "0"], "--docs 0: must be at least 1"),
     (["--variant", ":train.seed=3"], "a name is missing"),
     (["--variant", "baseline:train.seed=3"], "the name 'baseline' is taken"),
     (["--variant", "a:train.seed=3", "--variant", "a:train.seed=4"], "the name 'a' is taken"),
@@ -119,6 +121,39 @@ def test_a_variant_with_another_batch_size_is_timed_on_a_batch_of_its_size(monke
     assert bench.main(["--config", "configs/tiny.yaml", "--variant", "b3:train.global_batch_size=3",
                        "train.seq_len=64", "train.global_batch_size=2"]) == 0
     assert seen == {"litespark": (2, 64), "b3": (3, 64)}
+
+
+def test_packed_batch_has_documents_of_the_asked_length_with_their_own_positions():
+    config = bench.load_config("configs/tiny.yaml", ["train.seq_len=256", "train.global_batch_size=3"])
+    plain = bench.synthetic_batch(config)
+    batch = bench.synthetic_batch(config, mean_doc_len=40)
+    assert "segment_ids" not in plain
+    np.testing.assert_array_equal(batch["inputs"], plain["inputs"])  # the same tokens, only packed
+    for seg, pos in zip(batch["segment_ids"], batch["positions"]):
+        starts = np.flatnonzero(np.diff(seg, prepend=0))
+        lengths = np.diff(np.append(starts, len(seg)))
+        np.testing.assert_array_equal(seg[starts], np.arange(1, len(starts) + 1))  # 1, 2, ... in order
+        assert ((lengths[:-1] >= 20) & (lengths[:-1] <= 60)).all() and 1 <= lengths[-1] <= 60
+        assert len(starts) >= 4
+        np.testing.assert_array_equal(pos, np.concatenate([np.arange(n) for n in lengths]))
+
+
+def test_docs_flag_times_every_variant_on_the_packed_batch_and_records_it(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_measure(name, config, batch, *args):
+        seen[name] = int(batch["segment_ids"].max())
+        return {"variant": name, "devices": 1, "tokens_per_s": 1.0, "tokens_per_s_per_device": 1.0,
+                "tflops_per_device": 1.0, "mfu_causal": None, "mfu_noncausal": None, "step_s": 1.0,
+                "compiled_memory_gib": None, "peak_memory_gib": None, "compile_s": 0.0, "avg_power_w": None,
+                "joules_per_token": None, "final_loss": 0.0}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--config", "configs/tiny.yaml", "--docs", "16", "--baseline", "--jsonl", str(out),
+                       "train.seq_len=64", "train.global_batch_size=2"]) == 0
+    assert set(seen) == {"litespark", "baseline"} and min(seen.values()) >= 3
+    assert [json.loads(line)["mean_doc_len"] for line in out.read_text().splitlines()] == [16, 16]
 
 
 def test_measure_refuses_a_batch_of_another_shape():

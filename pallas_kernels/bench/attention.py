@@ -22,14 +22,18 @@ import numpy as np
 
 from pallas_kernels.bench.mlp import stream_ms, time_ms
 
-# (name, batch, seq, heads, kv_heads, head_dim, causal, segments)
+# (name, batch, seq, heads, kv_heads, head_dim, causal, segments): segments None (no segment ids), "docs" (rows
+# packed with documents of 256-2048 tokens) or "one-doc" (segment ids holding one document per row: the cost of the
+# segment path itself, against the same shape without ids)
 SHAPES = [
-    ("llama-8b-s4k", 4, 4096, 32, 8, 128, True, False),
-    ("llama-8b-s8k", 2, 8192, 32, 8, 128, True, False),
-    ("d64-s4k", 4, 4096, 32, 8, 64, True, False),
-    ("llama-3b-s4k", 4, 4096, 24, 8, 128, True, False),
-    ("llama-8b-s4k-docs", 4, 4096, 32, 8, 128, True, True),
-    ("llama-8b-s4k-full", 4, 4096, 32, 8, 128, False, False),
+    ("llama-8b-s4k", 4, 4096, 32, 8, 128, True, None),
+    ("llama-8b-s8k", 2, 8192, 32, 8, 128, True, None),
+    ("d64-s4k", 4, 4096, 32, 8, 64, True, None),
+    ("llama-3b-s4k", 4, 4096, 24, 8, 128, True, None),
+    ("llama-8b-s4k-docs", 4, 4096, 32, 8, 128, True, "docs"),
+    ("llama-3b-s4k-onedoc", 4, 4096, 24, 8, 128, True, "one-doc"),
+    ("llama-8b-s8k-onedoc", 2, 8192, 32, 8, 128, True, "one-doc"),
+    ("llama-8b-s4k-full", 4, 4096, 32, 8, 128, False, None),
 ]
 QUICK = ["llama-8b-s4k", "llama-8b-s8k"]
 
@@ -77,13 +81,22 @@ def _docs(batch, seq, seed=0):
 
 
 def make_inputs(b, s, h, kvh, d, docs):
-    """(q, k, v, segment ids or None, dO): bf16 random normal, packed documents when ``docs``."""
+    """(q, k, v, segment ids or None, dO): bf16 random normal; segment ids of packed documents when ``docs`` is
+    "docs", of one document per row when it is "one-doc"."""
     ks = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(ks[0], (b, s, h, d), jnp.bfloat16)
     k = jax.random.normal(ks[1], (b, s, kvh, d), jnp.bfloat16)
     v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.bfloat16)
     do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
-    return q, k, v, _docs(b, s) if docs else None, do
+    if docs == "docs":
+        seg = _docs(b, s)
+    elif docs == "one-doc":
+        seg = jnp.ones((b, s), jnp.int32)
+    elif docs is None:
+        seg = None
+    else:
+        raise ValueError(f"segments {docs!r}: expected None, 'docs' or 'one-doc'")
+    return q, k, v, seg, do
 
 
 def jitted_fwd_bwd(attn, causal):

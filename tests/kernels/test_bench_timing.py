@@ -4,6 +4,7 @@ import time
 import types
 
 import jax.numpy as jnp
+import pytest
 
 from pallas_kernels.bench import attention as attention_bench
 from pallas_kernels.bench.mlp import stream_ms, time_ms
@@ -32,7 +33,7 @@ def test_time_ms_is_the_median_per_call():
 
 
 def test_attention_bench_rows_have_both_timings_and_small_errors(monkeypatch):
-    monkeypatch.setattr(attention_bench, "SHAPES", [("tiny", 1, 128, 4, 2, 64, True, True)])
+    monkeypatch.setattr(attention_bench, "SHAPES", [("tiny", 1, 128, 4, 2, 64, True, "docs")])
     monkeypatch.setenv("ATTN_BENCH_IMPLS", "reference")
     monkeypatch.setenv("ATTN_BENCH_SHAPES", "tiny")
     rows = attention_bench.run(types.SimpleNamespace(quick=True))
@@ -80,3 +81,13 @@ def test_implementation_lists_split_on_semicolons_or_commas():
     tuned = 'pallas:{"bwd_steps": 3, "block_kv": 64}'
     assert _impl_list(f"pallas;{tuned}") == ["pallas", tuned]
     assert _impl_list(tuned) == [tuned]
+
+
+def test_bench_inputs_segment_kinds():
+    assert attention_bench.make_inputs(1, 128, 2, 1, 64, None)[3] is None
+    one = attention_bench.make_inputs(2, 128, 2, 1, 64, "one-doc")[3]
+    assert one.shape == (2, 128) and (one == 1).all()
+    packed = attention_bench.make_inputs(1, 4096, 2, 1, 64, "docs")[3]
+    assert int(packed.max()) >= 2
+    with pytest.raises(ValueError, match="'one-doc'"):
+        attention_bench.make_inputs(1, 128, 2, 1, 64, True)

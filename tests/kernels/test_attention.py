@@ -335,6 +335,7 @@ GPU_CASES = [
     pytest.param(2, 2048, 8, 2, 128, True, "short", id="causal-gqa4-d128-short-docs"),
     pytest.param(1, 2048, 8, 2, 128, True, "shuffled", id="causal-gqa4-d128-noncontiguous"),
     pytest.param(2, 2048, 8, 2, 64, True, "ragged", id="causal-gqa4-d64-ragged"),  # the 1B model on packed data
+    pytest.param(2, 2048, 8, 2, 128, True, "long", id="causal-gqa4-d128-long-docs"),  # mostly unmasked blocks
 ]
 
 

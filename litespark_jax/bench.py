@@ -309,6 +309,8 @@ def main(argv=None) -> int:
             parser.error(f"--variant {spec}: {'a name is missing' if not name else f'the name {name!r} is taken'}"
                          " (NAME:key=value,key=value)")
         specs.append((name, [*args.overrides, *filter(None, split_top_level(overrides))]))
+    if args.docs and args.curve_steps:
+        parser.error("--docs packs the timed steps' synthetic batch; --curve-steps trains on the configured data")
     if args.curve_noise and not (args.curve_steps and args.baseline):
         parser.error("--curve-noise needs --curve-steps N and --baseline")
     if args.baseline:

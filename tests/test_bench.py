@@ -77,6 +77,7 @@ def test_curve_noise_without_a_curve_is_a_usage_error(capsys):
     (["--warmup", "-1"], "--warmup -1: must be at least 0"),
     (["--curve-steps", "-3"], "--curve-steps -3: must be at least 0"),
     (["--docs", "0"], "--docs 0: must be at least 1"),
+    (["--docs", "512", "--curve-steps", "5"], "--curve-steps trains on the configured data"),
     (["--variant", ":train.seed=3"], "a name is missing"),
     (["--variant", "baseline:train.seed=3"], "the name 'baseline' is taken"),
     (["--variant", "a:train.seed=3", "--variant", "a:train.seed=4"], "the name 'a' is taken"),

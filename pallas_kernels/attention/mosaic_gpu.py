@@ -16,6 +16,9 @@ every query tile at or after the diagonal). ``Config(backward="fused")`` is the 
 to its third warpgroup, which adds dS K into a float32 dQ with TMA reductions (5 products instead of 7; measured no
 faster on an H100, its L2 adds cost what the products save: docs/perf/attention.md, run 11).
 
+With segment ids, each kernel visits only the blocks that hold its tile's documents, and runs the blocks wholly
+inside a warpgroup's single document without the segment mask (``segment_clean_ranges``).
+
 Masked scores use a large finite negative value instead of -inf, so a block where a whole row is masked (a packed
 document that starts later) contributes nothing once a real key is seen. Requires seq_q == seq_k (self-attention:
 every query row sees at least itself, so no row is empty), seq a multiple of 128, head_dim a multiple of 64.

@@ -1,5 +1,5 @@
 """Suite-wide settings: float32 matmuls on CPU, Triton kernels interpreted, GPU tests skipped (reported as skipped)
-without a GPU, one XLA compilation cache for the run, and the slow tests first."""
+without a GPU, and one XLA compilation cache for the run."""
 
 import os
 import shutil
@@ -28,9 +28,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):
-    # The tests marked slow (10 s to 2.5 min each on 2 cores) start first, so that the xdist workers do not end the
-    # run with one of them running alone.
-    items.sort(key=lambda item: "slow" not in item.keywords)
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run with LITESPARK_TEST_GPU=1 on the device machine)")

@@ -4,7 +4,6 @@ across a change of device count (8 -> 4, FSDP over all devices) the restored sta
 import os
 
 import numpy as np
-import pytest
 
 from tests.checkpoint.conftest import run_training
 
@@ -26,7 +25,6 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(resumed_params[name], full_params[name], err_msg=name)
 
 
-@pytest.mark.slow
 def test_restore_onto_a_different_device_count(tmp_path):
     """Save with 8 devices (FSDP over 8), restore on 4 (FSDP over 4) and finish the run.
 

@@ -23,7 +23,6 @@ def _env(**extra) -> dict:
     return env
 
 
-@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume_on_one(tmp_path):
     two = tmp_path / "two.npz"
     ckpt = tmp_path / "ckpt"
@@ -72,7 +71,6 @@ def _losses(run_dir) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-@pytest.mark.slow
 def test_train_cli_two_processes_then_resume_on_one(tmp_path):
     """``python -m litespark_jax.train`` (Trainer, data pipeline, checkpoints) on 2 processes x 4 devices, resumed
     from its step-3 checkpoint with ``train.resume`` on 1 process x 8 devices: steps 4-6 give the same losses."""

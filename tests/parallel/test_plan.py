@@ -23,7 +23,6 @@ def rows():
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.slow
 def test_memory_within_ten_percent_of_xla(rows):
     for r in rows:  # shown with pytest -s
         print(f"{r['case']:<20} {r['mesh']:<9} predicted {r['predicted'] / 2**20:9.1f} MiB  XLA {r['xla'] / 2**20:9.1f} MiB"

@@ -186,11 +186,15 @@ def segment_clean_ranges(seg, tile: int, block: int):
     return jnp.where(keep, lo, 0).astype(jnp.int32), jnp.where(keep, hi, 0).astype(jnp.int32)
 
 
-def _split_range(lo, hi, clean_lo, clean_hi):
-    """[lo, hi) as (start, end, masked) loops: masked before the clean range, clean inside it, masked after."""
+def _segment_loops(body, carry, lo, hi, clean_lo, clean_hi, causal: bool):
+    """``body(i, carry, causal_mask=, seg_mask=)`` over [lo, hi): with the segment mask (and the causal one when
+    ``causal``) before and after [clean_lo, clean_hi), with neither inside it."""
     a = jnp.minimum(jnp.maximum(clean_lo, lo), hi)
     b = jnp.minimum(jnp.maximum(clean_hi, a), hi)
-    return (lo, a, True), (a, b, False), (b, hi, True)
+    for start, end, masked in ((lo, a, True), (a, b, False), (b, hi, True)):
+        step = functools.partial(body, causal_mask=causal and masked, seg_mask=masked)
+        carry = lax.fori_loop(start, end, step, carry)
+    return carry
 
 
 def _seg_inputs(seg, batch_size, seq_len, tile, block, wg_tile):
@@ -360,9 +364,8 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
                 clean_hi = chi_ref[batch, wg_tile]
                 if causal:
                     clean_hi = jnp.minimum(clean_hi, lax.div(q_seq_base, jnp.array(block_kv, jnp.int32)))
-                for start, end, masked in _split_range(lo, kv_steps, clo_ref[batch, wg_tile], clean_hi):
-                    step = functools.partial(kv_loop, causal_mask=causal and masked, seg_mask=masked)
-                    acc, m_i, l_i = lax.fori_loop(start, end, step, (acc, m_i, l_i))
+                acc, m_i, l_i = _segment_loops(kv_loop, (acc, m_i, l_i), lo, kv_steps, clo_ref[batch, wg_tile],
+                                               clean_hi, causal)
             elif not causal:
                 acc, m_i, l_i = lax.fori_loop(lo, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
             else:
@@ -562,9 +565,7 @@ def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, inte
                 clean_hi = chi_ref[batch, wg_tile]
                 if causal:
                     clean_hi = jnp.minimum(clean_hi, full_kv_steps)
-                for start, end, masked in _split_range(lo, kv_steps, clo_ref[batch, wg_tile], clean_hi):
-                    step = functools.partial(kv_loop, causal_mask=causal and masked, seg_mask=masked)
-                    dq_acc = lax.fori_loop(start, end, step, dq_acc)
+                dq_acc = _segment_loops(kv_loop, dq_acc, lo, kv_steps, clo_ref[batch, wg_tile], clean_hi, causal)
             elif not causal:
                 dq_acc = lax.fori_loop(lo, kv_steps, kv_loop, dq_acc)
             else:
@@ -732,7 +733,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                 clean_lo = clo_ref[batch, wg_tile]
                 if causal:
                     clean_lo = jnp.maximum(clean_lo, full_start)
-                seg_ranges = _split_range(start, q_end, clean_lo, chi_ref[batch, wg_tile])
+                clean_hi = chi_ref[batch, wg_tile]
 
             def wait_inputs(slot):
                 for j in range(5 if has_seg else 4):
@@ -813,10 +814,7 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                     plgpu.barrier_arrive(consumed.at[slot])
 
                 if has_seg:
-                    for lo_i, hi_i, masked in seg_ranges:
-                        carry = lax.fori_loop(lo_i, hi_i, functools.partial(
-                            lambda i, cr, m: step(g, i, cr, causal_mask=causal and m, seg_mask=m), m=masked), carry)
-                    return carry
+                    return _segment_loops(functools.partial(step, g), carry, start, q_end, clean_lo, clean_hi, causal)
                 carry = lax.fori_loop(start, full_start, lambda i, cr: step(g, i, cr, causal_mask=causal), carry)
                 carry = lax.fori_loop(full_start, q_end, lambda i, cr: step(g, i, cr), carry)
                 return carry

@@ -1,5 +1,5 @@
 """Suite-wide settings: float32 matmuls on CPU, Triton kernels interpreted, GPU tests skipped (reported as skipped)
-without a GPU, and one XLA compilation cache for the run."""
+without a GPU, XLA's CPU code generated without LLVM's optimizations, and one XLA compilation cache for the run."""
 
 import os
 import shutil
@@ -17,9 +17,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton is imported.
 if os.environ.get("LITESPARK_TEST_GPU") != "1":
+    # Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The suite's programs are tiny and compiled more often than they run long: XLA's CPU backend without LLVM's
+    # optimizations (jax's `jax_disable_most_optimizations`; the HLO passes, fusion and buffer assignment are
+    # unchanged) cut tests/train/test_step.py from 124 to 79 s of CPU. Subprocesses inherit it. Tests that run long
+    # programs opt out (marker `optimized_xla`, below).
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -34,6 +39,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _optimized_xla(request, monkeypatch):
+    """Tests marked ``optimized_xla`` compile with LLVM's optimizations as usual: they run their programs for long
+    enough (hundreds of training steps) that -O0 code costs more than its compilation saves."""
+    if request.node.get_closest_marker("optimized_xla") is None:
+        yield
+        return
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")  # for the subprocesses the test starts
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_sessionfinish(session):

@@ -21,6 +21,7 @@ def _text(cell) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.optimized_xla
 def test_quickstart_notebook_runs_and_shows_a_falling_loss(tmp_path, monkeypatch):
     monkeypatch.setenv("LITESPARK_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))

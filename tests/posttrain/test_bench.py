@@ -7,6 +7,7 @@ import pytest
 from litespark_jax.energy import EnergyMeter
 from litespark_jax.posttrain import bench
 
+pytestmark = pytest.mark.optimized_xla  # a step of the SFT preset's model: running it costs more than compiling it
 no_nvml = pytest.mark.skipif(EnergyMeter().available, reason="checks the rows of a machine without NVML")
 
 

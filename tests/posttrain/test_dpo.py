@@ -147,6 +147,7 @@ def _run_config(tmp_path, n_pairs, steps, seq_len=128, d_model=64, batch=32, **p
 
 
 @pytest.mark.slow
+@pytest.mark.optimized_xla
 def test_short_run_on_bundled_pairs_raises_reward_accuracy(tmp_path):
     from litespark_jax.posttrain.trainer import DPOTrainer
     from litespark_jax.train.loop import train

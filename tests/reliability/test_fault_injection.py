@@ -20,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from litespark_jax.checkpoint.manager import CheckpointManager, finalized_steps
 from tests.checkpoint.conftest import TINY, subprocess_env
@@ -102,6 +103,7 @@ def _final_arrays(checkpoint_dir, prefix):
     return CheckpointManager(checkpoint_dir, read_only=True).restore_arrays(prefix, step=STEPS).state
 
 
+@pytest.mark.optimized_xla
 def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
     began = time.time()
     env = _env(tmp_path / "jax-cache")

@@ -9,7 +9,8 @@ Implementations:
 
 ``auto`` picks the reference on CPU; on GPUs, the implementation measured fastest for the shape (``_pallas_wins``
 below, from ``docs/perf/attention.md``), falling back to cuDNN when the Pallas kernel does not support the shape
-(seq not a multiple of 128, head_dim not 64/128, seq_q != seq_k, non-16-bit dtypes) or is not measured faster.
+(seq not a multiple of 128, head_dim not 64/128, seq_q != seq_k, non-16-bit dtypes) or is not measured faster,
+and to the reference where cuDNN does not take the inputs either (float32, head dims cuDNN does not support).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def _auto(*, q_shape=None, kv_shape=None, dtype=None, has_segments=False, causal
 
         if mosaic_gpu.supports(q_shape, kv_shape, dtype) is None and _pallas_wins(q_shape, causal, has_segments):
             return "pallas"
+    if q_shape is not None and _cudnn_mod.supports(q_shape, dtype) is not None:
+        return REFERENCE  # e.g. a float32 model on a GPU: XLA's attention
     return "cudnn"
 
 

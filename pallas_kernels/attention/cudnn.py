@@ -73,8 +73,25 @@ def segment_offsets(segment_ids, max_segments: int):
     return offsets, lengths
 
 
+def supports(q_shape, dtype) -> str | None:
+    """None if cuDNN's flash attention takes these inputs, else the reason it does not. jax 0.11's cuDNN route takes
+    16-bit floats only (float32 raises deep inside jax) and head dims that are multiples of 8 up to 128 (256 on
+    Hopper)."""
+    from pallas_kernels._dispatch import is_hopper
+
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype must be bfloat16 or float16, not {jnp.dtype(dtype).name}"
+    head_dim, max_head_dim = q_shape[-1], 256 if is_hopper() else 128
+    if head_dim % 8 or head_dim > max_head_dim:
+        return f"head_dim must be a multiple of 8 up to {max_head_dim}, not {head_dim}"
+    return None
+
+
 def attention(q, k, v, *, segment_ids=None, causal=True, softmax_scale=None, mode: str = "mask",
               max_segments: int | None = None):
+    reason = supports(q.shape, q.dtype)
+    if reason is not None:
+        raise ValueError(f"attention impl 'cudnn': {reason} (impl='auto' or 'reference' takes these inputs)")
     if segment_ids is None:
         return with_named_residuals(functools.partial(
             jax.nn.dot_product_attention, is_causal=causal, scale=softmax_scale, implementation="cudnn"))(q, k, v)

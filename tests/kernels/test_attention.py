@@ -324,6 +324,35 @@ def test_auto_is_reference_on_cpu():
     assert name == "reference"
 
 
+@pytest.mark.parametrize("hopper", [False, True])
+def test_auto_on_a_gpu_sends_what_cudnn_cannot_take_to_the_reference(monkeypatch, hopper):
+    """The rule as a GPU would run it (platform and card faked): float32 inputs or a head dim cuDNN rejects go to
+    XLA's attention, not to a cuDNN call that raises (a float32 model on a GPU did)."""
+    import importlib
+
+    import pallas_kernels._dispatch
+
+    attention_mod = importlib.import_module("pallas_kernels.attention")  # the package (its name is also a function)
+
+    for module in (attention_mod, pallas_kernels._dispatch):
+        monkeypatch.setattr(module, "platform", lambda: "gpu")
+    monkeypatch.setattr(attention_mod, "is_hopper", lambda: hopper)
+    monkeypatch.setattr(pallas_kernels._dispatch, "is_hopper", lambda: hopper)
+    pick = lambda d, dtype, seq=4096: attention_mod._auto(  # noqa: E731
+        q_shape=(2, seq, 8, d), kv_shape=(2, seq, 2, d), dtype=dtype, causal=True)
+    assert pick(128, jnp.bfloat16) == ("pallas" if hopper else "cudnn")
+    assert pick(128, jnp.float16, seq=4000) == "cudnn"  # Pallas needs seq % 128 == 0; cuDNN does not
+    assert pick(128, jnp.float32) == "reference"
+    assert pick(96, jnp.bfloat16) == "cudnn"
+    assert pick(100, jnp.bfloat16) == "reference"
+    assert pick(256, jnp.bfloat16) == ("cudnn" if hopper else "reference")
+    from pallas_kernels.attention import cudnn
+
+    q = jnp.zeros((1, 128, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="impl 'cudnn': dtype must be bfloat16 or float16, not float32"):
+        cudnn.attention(q, q, q)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,6 +428,9 @@ def test_gpu_auto_dispatch():
     name, _ = registry.resolve("auto", q_shape=(2, 4096, 32, 128), kv_shape=(2, 4096, 8, 128), dtype=jnp.bfloat16,
                                causal=False)
     assert name == "cudnn"
+    name, _ = registry.resolve("auto", q_shape=(2, 4096, 32, 128), kv_shape=(2, 4096, 8, 128), dtype=jnp.float32,
+                               causal=True)
+    assert name == "reference"  # cuDNN takes 16-bit inputs only
     q, k, v, do = _inputs(5, 1, 1024, 8, 2, 128, jnp.bfloat16)
     _check_against_reference(jax.jit(lambda q, k, v, **kw: dispatch_attention(q, k, v, **kw),
                                      static_argnames=("causal",)), q, k, v, do, tol=1e-2, causal=True)

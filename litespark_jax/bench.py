@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 import pallas_kernels
+from pallas_kernels.attention import cudnn as cudnn_attention
 from litespark_jax import trace_summary
 from litespark_jax.cli import require_at_least, run_main
 from litespark_jax.config import Config, load_config
@@ -35,11 +36,16 @@ from litespark_jax.train.state import abstract_model, init_train_state, state_sh
 from litespark_jax.train.step import compiler_options, make_train_step
 
 
-def baseline_overrides() -> list[str]:
+def baseline_overrides(model=None) -> list[str]:
     """The baseline's settings. A function, not a constant: asking for the backend at import time would start it
-    before ``run_main`` sets the GPU memory fraction (it did, and capped every bench step at 75% of the card)."""
-    # cuDNN where there is a GPU; on CPU (smoke tests) the reference stands in for it.
-    return [f"model.attention_impl={'cudnn' if jax.default_backend() == 'gpu' else 'reference'}", *_BASELINE_REST]
+    before ``run_main`` sets the GPU memory fraction (it did, and capped every bench step at 75% of the card).
+
+    Attention is cuDNN's where there is a GPU and cuDNN takes the ``model``'s inputs (16-bit, a head dim it
+    supports). Otherwise, on CPU (smoke tests) or for a float32 model, XLA's attention (the reference) stands in,
+    as it would for a user of ``jax.nn.dot_product_attention``."""
+    cudnn = jax.default_backend() == "gpu" and (model is None or cudnn_attention.supports(
+        (1, 1, model.num_heads, model.resolved_head_dim), model.dtype) is None)
+    return [f"model.attention_impl={'cudnn' if cudnn else 'reference'}", *_BASELINE_REST]
 
 
 _BASELINE_REST = [
@@ -315,7 +321,8 @@ def main(argv=None) -> int:
         parser.error("--curve-noise needs --curve-steps N and --baseline")
     if args.baseline:
         # Last, so the variants that need the most memory get an unfragmented allocator; same tokens either way.
-        specs.append(("baseline", [*args.overrides, *baseline_overrides()]))
+        model = load_config(args.config, args.overrides).model
+        specs.append(("baseline", [*args.overrides, *baseline_overrides(model)]))
         if args.curve_noise:
             specs.append((RERUN, specs[-1][1]))
     variants = [(name, load_config(args.config, overrides)) for name, overrides in specs]

@@ -185,3 +185,15 @@ def test_weak_scaling_script_runs_the_same_per_device_batch_over_an_fsdp_mesh(tm
         assert r["global_batch"] == 2 * per_gpu
         assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2)
     assert "tok/s/GPU" in proc.stdout
+
+
+def test_baseline_attention_is_cudnn_only_where_cudnn_takes_the_model(monkeypatch):
+    """On a GPU the baseline's attention is cuDNN's, except for a model cuDNN rejects (float32: the tiny preset),
+    which gets XLA's attention instead of a baseline that raises; on CPU always XLA's."""
+    from litespark_jax.config import load_config
+
+    tiny, bf16 = (load_config("configs/tiny.yaml", extra).model for extra in ([], ["model.dtype=bfloat16"]))
+    assert "model.attention_impl=reference" in bench.baseline_overrides(bf16)  # this CPU
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+    assert "model.attention_impl=cudnn" in bench.baseline_overrides(bf16)
+    assert "model.attention_impl=reference" in bench.baseline_overrides(tiny)

@@ -52,7 +52,7 @@ def run(kind: str, config: Config) -> dict:
         summary["train_after"] = trainer.evaluate_pairs(result.state.params, trainer.pairs,
                                                         max_batches=t.eval_batches)
     if main_process:
-        lines = [f"final train loss {final.get('loss', float('nan')):.4f}"]
+        lines = [f"final train loss {final['loss']:.4f}"] if "loss" in final else []  # none: no step left to take
         if kind == "sft" and result.eval_history:
             lines.append(f"eval loss {result.eval_history[-1]['eval_loss']:.4f} nats per assistant token")
         if kind == "dpo":

@@ -150,6 +150,9 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     t, lc = config.train, config.log
     checkpoints = RunCheckpoints(trainer)
     state, data_state, start_step = checkpoints.restore_or_init()
+    if start_step >= t.steps and jax.process_index() == 0:
+        print(f"nothing to train: the run's checkpoint is at step {start_step} and train.steps is {t.steps} "
+              "(raise train.steps to train further)", flush=True)
     iterator = trainer.train_iterator()
     if data_state is not None:
         iterator.set_state(data_state)

@@ -193,7 +193,8 @@ def test_baseline_attention_is_cudnn_only_where_cudnn_takes_the_model(monkeypatc
     from litespark_jax.config import load_config
 
     tiny, bf16 = (load_config("configs/tiny.yaml", extra).model for extra in ([], ["model.dtype=bfloat16"]))
-    assert "model.attention_impl=reference" in bench.baseline_overrides(bf16)  # this CPU
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
+    assert "model.attention_impl=reference" in bench.baseline_overrides(bf16)
     monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
     assert "model.attention_impl=cudnn" in bench.baseline_overrides(bf16)
     assert "model.attention_impl=reference" in bench.baseline_overrides(tiny)

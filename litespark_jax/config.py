@@ -405,6 +405,14 @@ def _validate_kernel_impls(m: "ModelConfig") -> None:
         if value not in known:
             raise ConfigError(f"model.{key} must be one of {', '.join(known)}, got {value!r}"
                               f"{_did_you_mean(value, known)}")
+    # cuDNN's attention takes 16-bit inputs and head dims that are multiples of 8 (up to 128, 256 on Hopper: the
+    # card is checked at the call, this runs before the backend starts).
+    if m.attention_impl == "cudnn" and m.dtype not in ("bfloat16", "float16"):
+        raise ConfigError(f"model.attention_impl=cudnn needs model.dtype bfloat16 or float16 (cuDNN's attention "
+                          f"takes 16-bit inputs), got {m.dtype!r}; attention_impl=auto picks what takes it")
+    if m.attention_impl == "cudnn" and (m.resolved_head_dim % 8 or m.resolved_head_dim > 256):
+        raise ConfigError(f"model.attention_impl=cudnn needs a head dimension that is a multiple of 8 up to 256, "
+                          f"got {m.resolved_head_dim}")
 
 
 def _validate_xla_options(options) -> None:

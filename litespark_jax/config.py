@@ -405,14 +405,15 @@ def _validate_kernel_impls(m: "ModelConfig") -> None:
         if value not in known:
             raise ConfigError(f"model.{key} must be one of {', '.join(known)}, got {value!r}"
                               f"{_did_you_mean(value, known)}")
-    # cuDNN's attention takes 16-bit inputs and head dims that are multiples of 8 (up to 128, 256 on Hopper: the
-    # card is checked at the call, this runs before the backend starts).
-    if m.attention_impl == "cudnn" and m.dtype not in ("bfloat16", "float16"):
-        raise ConfigError(f"model.attention_impl=cudnn needs model.dtype bfloat16 or float16 (cuDNN's attention "
-                          f"takes 16-bit inputs), got {m.dtype!r}; attention_impl=auto picks what takes it")
-    if m.attention_impl == "cudnn" and (m.resolved_head_dim % 8 or m.resolved_head_dim > 256):
-        raise ConfigError(f"model.attention_impl=cudnn needs a head dimension that is a multiple of 8 up to 256, "
-                          f"got {m.resolved_head_dim}")
+    if m.attention_impl == "cudnn":
+        from pallas_kernels.attention import cudnn
+
+        # Against the largest head dim any card takes: this card's (128 below Hopper) is checked at the call, as
+        # validation runs before the backend starts.
+        reason = cudnn.supports((m.resolved_head_dim,), m.dtype, max_head_dim=256)
+        if reason is not None:
+            raise ConfigError(f"model.attention_impl=cudnn: the model's {reason}; attention_impl=auto picks an "
+                              "attention that takes it")
 
 
 def _validate_xla_options(options) -> None:

@@ -73,15 +73,18 @@ def segment_offsets(segment_ids, max_segments: int):
     return offsets, lengths
 
 
-def supports(q_shape, dtype) -> str | None:
+def supports(q_shape, dtype, *, max_head_dim: int | None = None) -> str | None:
     """None if cuDNN's flash attention takes these inputs, else the reason it does not. jax 0.11's cuDNN route takes
     16-bit floats only (float32 raises deep inside jax) and head dims that are multiples of 8 up to 128 (256 on
-    Hopper)."""
+    Hopper). ``max_head_dim`` given: that limit instead of this card's, without starting the backend (config
+    validation)."""
     from pallas_kernels._dispatch import is_hopper
 
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype must be bfloat16 or float16, not {jnp.dtype(dtype).name}"
-    head_dim, max_head_dim = q_shape[-1], 256 if is_hopper() else 128
+    head_dim = q_shape[-1]
+    if max_head_dim is None:
+        max_head_dim = 256 if is_hopper() else 128
     if head_dim % 8 or head_dim > max_head_dim:
         return f"head_dim must be a multiple of 8 up to {max_head_dim}, not {head_dim}"
     return None

@@ -55,12 +55,12 @@ def train_and_report(config: Config) -> TrainResult:
         entropy = data_lib.unigram_entropy(config.data, data_lib.build_tokenizer(config.data))
         result.unigram_entropy = entropy
         final = result.history[-1] if result.history else {}
-        eval_loss = result.eval_history[-1]["eval_loss"] if result.eval_history else None
         throughput = [h["tokens_per_second"] for h in result.history if "tokens_per_second" in h]
         lines = []  # none for a resumed run that had no step left to take
         if "loss" in final:
             lines.append(f"final train loss {final['loss']:.4f}")
         if result.eval_history:
+            eval_loss = result.eval_history[-1]["eval_loss"]
             lines.append(f"validation loss {eval_loss:.4f} nats/token vs unigram entropy {entropy:.4f} nats/token "
                          f"({'below' if eval_loss < entropy else 'NOT below'} by {entropy - eval_loss:.4f})")
         if throughput:

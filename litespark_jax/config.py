@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -24,6 +25,13 @@ REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "names")
 ACTIVATION_NAMES = ("attention_in", "query", "key", "value", "attention_out", "attention_proj", "residual_mid",
                     "mlp_in", "mlp_gate_up", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _expand_home(section, name: str) -> None:
+    """A leading ~ in a path field means the home directory, as in a shell (a YAML preset has no shell)."""
+    value = getattr(section, name)
+    if isinstance(value, str) and value.startswith("~"):
+        object.__setattr__(section, name, os.path.expanduser(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +96,7 @@ class ModelConfig:
 
     @property
     def resolved_head_dim(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
 
     def num_params(self) -> int:
         """Total trainable parameters (the tied embedding counted once)."""
@@ -150,7 +158,7 @@ class TrainConfig:
     eval_batches: int = 8
     """Validation batches per evaluation."""
     run_dir: str = "runs/default"
-    """Where metrics, TensorBoard events and checkpoints go."""
+    """Where metrics, TensorBoard events and checkpoints go (a leading ~ is the home directory)."""
     peak_tflops_per_device: float | None = None
     """Peak dense TFLOP/s for MFU; None detects H100/H200 (989) and shows no MFU elsewhere."""
     xla_options: dict | None = None
@@ -160,6 +168,10 @@ class TrainConfig:
     resume: str = "auto"
     """Where to start from: auto (the latest good checkpoint in checkpoint.dir, else from scratch), never (always
     from scratch), or a checkpoint directory (its latest good step, or one step's directory)."""
+    resume_data: bool = True
+    """Continue the checkpoint's data stream where it stopped. false: restore the model and optimizer but start the
+    data stream afresh, e.g. after changing data.train_files, data.mixture or data.shuffle on purpose (a resume
+    that would not continue the same stream of batches is otherwise refused)."""
     on_nonfinite: str = "stop"
     """A step whose loss or gradient is NaN/inf is never applied (the state keeps its previous values); then: stop
     (exit at the next log point or save with a one-line error, the last good checkpoint intact) or skip (count it in
@@ -174,6 +186,9 @@ class TrainConfig:
     consumed since it, count it in the metric rollbacks)."""
     max_rollbacks: int = 3
     """Stop with an error after this many spike rollbacks in one process (a spike that keeps recurring)."""
+
+    def __post_init__(self):
+        _expand_home(self, "run_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +219,7 @@ class CheckpointConfig:
     """Orbax checkpoints: where, how often, which ones are kept, and whether saving overlaps training."""
 
     dir: str | None = None
-    """Checkpoint directory; None means RUN_DIR/checkpoints."""
+    """Checkpoint directory; None means RUN_DIR/checkpoints (a leading ~ is the home directory)."""
     every: int = 1000
     """Save every this many steps (0 = only at the end of training and on preemption)."""
     keep_last: int = 3
@@ -213,6 +228,9 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this forever (0 = none)."""
     async_save: bool = True
     """Write checkpoints in the background while training continues (only the device-to-host copy blocks)."""
+
+    def __post_init__(self):
+        _expand_home(self, "dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,17 +291,22 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     source = "command line"
     if path is not None:
         source = path
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"config file {path!r} does not exist")
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+        try:  # decoded here, not by the YAML reader, so a bad byte's offset is from the start of the file
+            with open(path, "rb") as f:
+                raw = yaml.safe_load(f.read().decode("utf-8")) or {}
+        except OSError as e:  # a directory, no permission
+            raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or _one_line(e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text: byte {e.start} ({e.object[e.start]:#04x}) cannot be "
+                              f"decoded ({e.reason})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
-        _apply_override(raw, override)
+        _apply_override(raw, override, source)
     config = from_dict(raw, source)
     validate(config)
     return config
@@ -293,6 +316,9 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     """Build a Config from nested dicts, checking every key and value type."""
     sections = {}
     for name, value in raw.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{source}: top-level key {name!r} ({type(name).__name__}) is not a section name "
+                              "(YAML reads an unquoted 4 or yes as a number or bool)")
         if name not in _SECTION_TYPES:
             raise ConfigError(f"{source}: unknown section {name!r}{_did_you_mean(name, _SECTION_TYPES)}")
         if value is None:
@@ -308,6 +334,9 @@ def _build_section(name: str, cls: type, values: dict, source: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: section {name!r} has key {key!r} ({type(key).__name__}), not a field name "
+                              "(YAML reads an unquoted 4 or yes as a number or bool)")
         if key not in fields:
             raise ConfigError(f"{source}: unknown key '{name}.{key}'{_did_you_mean(key, fields, prefix=name + '.')}")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key], source)
@@ -357,8 +386,9 @@ def _type_name(annotation) -> str:
     return getattr(typing.get_origin(annotation) or annotation, "__name__", str(annotation))
 
 
-def _apply_override(raw: dict, override: str) -> None:
-    """Apply ``section.key=value``; the value is parsed as YAML (``8``, ``1e-3``, ``true``, ``[a, b]``)."""
+def _apply_override(raw: dict, override: str, source: str = "command line") -> None:
+    """Apply ``section.key=value``; the value is parsed as YAML (``8``, ``1e-3``, ``true``, ``[a, b]``). ``source``
+    names where ``raw`` came from, for a section there that is not a mapping."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.steps=200)")
     dotted, text = override.split("=", 1)
@@ -372,13 +402,16 @@ def _apply_override(raw: dict, override: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    target = raw.setdefault(section, {}) or {}
-    raw[section] = target
+    target = raw.get(section)
+    if target is None:
+        target = raw[section] = {}
+    if not isinstance(target, dict):  # the error from_dict gives without the override
+        raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(target).__name__}")
     target[key] = value
 
 
 def _did_you_mean(word: str, choices, prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
@@ -432,9 +465,39 @@ def _validate_xla_options(options) -> None:
             raise ConfigError(f"train.xla_options: {name!r} must be a string, bool or number, got {value!r}")
 
 
+def _validate_finite(config: Config) -> None:
+    """Every float field is a finite number: NaN passes every ``<=`` range check below, and inf breaks the run
+    late."""
+    for section in _SECTION_TYPES:
+        values = getattr(config, section)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+
+
+def _validate_rope_scaling(scaling: dict | None) -> None:
+    """The four Llama-3 numbers ``model.rope.inverse_frequencies`` divides by, checked here rather than failing in
+    numpy at model build."""
+    if scaling is None:
+        return
+    required = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in required if k not in scaling]
+    if missing:
+        raise ConfigError(f"model.rope_scaling is missing {', '.join(sorted(missing))}")
+    for key in required:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"model.rope_scaling.{key} must be a positive number, got {value!r}")
+    if scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+        raise ConfigError(f"model.rope_scaling.high_freq_factor must differ from low_freq_factor (both are "
+                          f"{scaling['low_freq_factor']}; RoPE divides by their difference)")
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError for the first rule the config breaks."""
     m, t, o, g = config.model, config.train, config.optim, config.mesh
+    _validate_finite(config)
     positive = {
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.num_layers": m.num_layers,
         "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads, "model.d_ff": m.d_ff,
@@ -447,6 +510,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if config.log.profile_start < 0:
         raise ConfigError(f"log.profile_start must be >= 0 (0: no profile), got {config.log.profile_start}")
+    if m.head_dim is not None and m.head_dim <= 0:
+        raise ConfigError(f"model.head_dim must be positive or null (d_model // num_heads), got {m.head_dim}")
     if m.head_dim is None and m.d_model % m.num_heads:
         raise ConfigError(f"model.num_heads ({m.num_heads}) must divide model.d_model ({m.d_model})")
     if m.num_heads % m.num_kv_heads:
@@ -479,11 +544,7 @@ def validate(config: Config) -> None:
         if name not in ACTIVATION_NAMES:
             raise ConfigError(f"model.remat_save_names: unknown activation {name!r}; known: "
                               f"{', '.join(ACTIVATION_NAMES)}{_did_you_mean(str(name), ACTIVATION_NAMES)}")
-    if m.rope_scaling is not None:
-        required = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-        missing = required - set(m.rope_scaling)
-        if missing:
-            raise ConfigError(f"model.rope_scaling is missing {', '.join(sorted(missing))}")
+    _validate_rope_scaling(m.rope_scaling)
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.grad_accum_steps "
@@ -493,6 +554,10 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.learning_rate must be positive and optim.min_lr_ratio within [0, 1]")
     if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must not be negative")
+    if o.decay_steps is not None and o.decay_steps < 1:
+        raise ConfigError(f"optim.decay_steps must be positive or null (until train.steps), got {o.decay_steps}")
+    if not 0 <= t.seed < 2**32:  # the data loader's seed is an unsigned 32-bit integer
+        raise ConfigError(f"train.seed must be within [0, 2**32 - 1], got {t.seed}")
     for key, value in (("mesh.data", g.data), ("mesh.fsdp", g.fsdp), ("mesh.tensor", g.tensor),
                        ("mesh.context", g.context)):
         if value == 0 or value < -1:

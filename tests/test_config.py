@@ -9,6 +9,7 @@ from litespark_jax.config import Config, describe_options, load_config
 from litespark_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROPE = "factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
@@ -55,6 +56,23 @@ def test_overrides_are_parsed_as_yaml_values():
     (["train.xla_options={xla_gpu_enable_latency_hiding_scheduler:true}"],
      "'xla_gpu_enable_latency_hiding_scheduler:true' has no value (write 'name: value', with a space after"),
     (["train.xla_options={xla_gpu_autotune_level: [4]}"], "'xla_gpu_autotune_level' must be a string, bool or number"),
+    (["train.seed=-1"], "train.seed must be within [0, 2**32 - 1], got -1"),
+    (["train.seed=4294967296"], "train.seed must be within [0, 2**32 - 1], got 4294967296"),
+    (["optim.decay_steps=0"], "optim.decay_steps must be positive or null (until train.steps), got 0"),
+    (["model.head_dim=-2"], "model.head_dim must be positive or null (d_model // num_heads), got -2"),
+    (["model.head_dim=0"], "model.head_dim must be positive or null (d_model // num_heads), got 0"),
+    ([f"model.rope_scaling={{{ROPE}, factor: x}}"], "model.rope_scaling.factor must be a positive number, got 'x'"),
+    ([f"model.rope_scaling={{{ROPE}, factor: .nan}}"], "model.rope_scaling.factor must be a positive number, got nan"),
+    ([f"model.rope_scaling={{{ROPE}, low_freq_factor: 0}}"], "model.rope_scaling.low_freq_factor must be a positive"),
+    ([f"model.rope_scaling={{{ROPE}, original_max_position_embeddings: true}}"],
+     "model.rope_scaling.original_max_position_embeddings must be a positive number, got True"),
+    ([f"model.rope_scaling={{{ROPE}, high_freq_factor: 1}}"],
+     "model.rope_scaling.high_freq_factor must differ from low_freq_factor (both are 1"),
+    (["model.rope_scaling={factor: 8}"], "model.rope_scaling is missing high_freq_factor, low_freq_factor, original_"),
+    (["optim.learning_rate=nan"], "optim.learning_rate must be a finite number, got nan"),
+    (["optim.b2=.inf"], "optim.b2 must be a finite number, got inf"),
+    (["model.rope_theta=-inf"], "model.rope_theta must be a finite number, got -inf"),
+    (["posttrain.beta=.nan"], "posttrain.beta must be a finite number, got nan"),
 ])
 def test_bad_values_raise_one_clear_sentence(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -80,3 +98,39 @@ def test_help_lists_every_option_with_its_default():
     text = describe_options()
     assert "model.num_heads=8" in text and "train.steps=1000" in text and "optim.b2=0.95" in text
     assert "Key/value heads" in text  # the field docstring travels into --help
+
+
+def test_edge_values_that_are_valid_still_load():
+    cfg = load_config(None, ["train.seed=4294967295", "optim.decay_steps=1", "model.head_dim=16",
+                             f"model.rope_scaling={{{ROPE}}}"])
+    assert cfg.train.seed == 2**32 - 1 and cfg.optim.decay_steps == 1 and cfg.model.resolved_head_dim == 16
+
+
+def test_an_override_onto_a_section_that_is_not_a_mapping_names_it(tmp_path):
+    path = tmp_path / "scalar.yaml"
+    path.write_text("train: 5\n")
+    for overrides in ([], ["train.steps=2"]):
+        with pytest.raises(ConfigError, match=r"scalar.yaml: section 'train' must be a mapping, got int$"):
+            load_config(str(path), overrides)
+
+
+def test_unreadable_config_files_name_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text: byte 5 \(0xe9\) cannot be decoded"):
+        load_config(str(latin1))
+    with pytest.raises(ConfigError, match=r"config file '.*' cannot be read: Is a directory"):
+        load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  4: num_layers\n", "keys.yaml: section 'model' has key 4 (int), not a field name"),
+    ("model:\n  yes: 1\n", "keys.yaml: section 'model' has key True (bool), not a field name"),
+    ("yes:\n  steps: 1\n", "keys.yaml: top-level key True (bool) is not a section name"),
+])
+def test_keys_that_yaml_reads_as_numbers_or_bools_are_named(tmp_path, text, message):
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from litespark_jax.errors import ConfigError
@@ -82,7 +83,7 @@ class DataConfig:
             for key, weight in self.mixture.items():
                 if not isinstance(key, str):
                     raise ConfigError(f"data.mixture: set names must be strings, got {key!r}")
-                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-                    raise ConfigError(f"data.mixture.{key}: expected a weight >= 0, got {weight!r}")
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+                    raise ConfigError(f"data.mixture.{key}: expected a finite weight >= 0, got {weight!r}")
             if sum(self.mixture.values()) <= 0:
                 raise ConfigError("data.mixture: weights sum to 0; give at least one set a positive weight")

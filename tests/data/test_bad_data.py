@@ -106,7 +106,8 @@ def test_missing_tokenizer_file(tmp_path):
 
 @pytest.mark.parametrize("field,value", [
     ("format", "parquet"), ("on_bad_record", "ignore"), ("num_workers", -1), ("shuffle", "yes"),
-    ("mixture", {"A": -1}), ("mixture", {"A": 0}), ("train_files", ""), ("tokenizer", None),
+    ("mixture", {"A": -1}), ("mixture", {"A": 0}), ("mixture", {"A": float("nan")}), ("mixture", {"A": float("inf")}),
+    ("train_files", ""), ("tokenizer", None),
 ])
 def test_config_validate_names_the_key(field, value):
     with pytest.raises(ConfigError, match=rf"^data\.{field}"):

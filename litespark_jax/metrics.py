@@ -44,7 +44,9 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops: float | N
 class MetricsWriter:
     """Writes scalar metrics to RUN_DIR/metrics.jsonl and TensorBoard (only on process 0)."""
 
-    def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, start_step: int = 0):
+        """``start_step``: the step the run starts from (its checkpoint's); records an earlier attempt wrote past it
+        are moved out of metrics.jsonl (see ``set_aside_records_after``), so the file holds one record per step."""
         self._enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
@@ -52,7 +54,9 @@ class MetricsWriter:
             return
         os.makedirs(run_dir, exist_ok=True)
         if jsonl:
-            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            set_aside_records_after(path, start_step)
+            self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -74,3 +78,31 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def set_aside_records_after(path: str, step: int) -> int:
+    """Move the records of ``path`` (JSONL with a "step" each) past ``step``, and any unreadable line (a write cut
+    off by a kill), to ``<name>.superseded.jsonl`` beside it; returns how many moved. Those steps were trained by an
+    attempt that did not reach its next checkpoint; the resumed run writes them again."""
+    if not os.path.isfile(path):
+        return 0
+    kept, moved = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                record_step = None
+            (kept if isinstance(record_step, (int, float)) and record_step <= step else moved).append(line)
+    if not moved:
+        return 0
+    superseded = path[: -len(".jsonl")] + ".superseded.jsonl" if path.endswith(".jsonl") else path + ".superseded"
+    with open(superseded, "a") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        f.writelines(kept)
+    os.replace(temporary, path)
+    print(f"{path}: moved {len(moved)} record(s) past step {step} (from an attempt that did not reach its next "
+          f"checkpoint) to {superseded}", flush=True)
+    return len(moved)

@@ -133,6 +133,8 @@ class Restored:
     config: dict
     meta: dict
     path: str
+    skipped: list[int] = dataclasses.field(default_factory=list)
+    """Newer steps that were unreadable and passed over to reach this one."""
 
 
 class CheckpointManager:
@@ -156,6 +158,8 @@ class CheckpointManager:
         except OSError as e:
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e.strerror or e}") from None
         self._pending: int | None = None
+        self._written: set[int] = set()
+        self.read_only = read_only
 
     # -- saving --------------------------------------------------------------------------------------------------
 
@@ -163,10 +167,15 @@ class CheckpointManager:
              seed: int = 0, force: bool = False) -> bool:
         """Start saving ``state`` as ``step``; returns once the arrays are copied off the devices (async) or
         written (sync). Raises ``CheckpointError`` when this or the previous background save failed (e.g. no space
-        left); the previous finalized checkpoint is then still intact."""
+        left); the previous finalized checkpoint is then still intact. A step this manager already saved is not
+        saved again (False); a step some other writer left in the directory is an error, never silently kept."""
         self.check_for_errors()
-        if step in self.all_steps():
+        if step in self._written:  # possibly still being written in the background
             return False
+        if step in self.all_steps():
+            raise CheckpointError(
+                f"checkpoint step {step} already exists in {self.directory} and this run did not write it: is "
+                f"another run training into the same checkpoint.dir?")
         flat, _ = flatten(state)
         meta = {"format": FORMAT_VERSION, "step": int(step), "seed": int(seed), "checksums": checksums(flat)}
         args = ocp.args.Composite(
@@ -181,6 +190,7 @@ class CheckpointManager:
             raise self._save_error(step, e) from e
         if saved:
             self._pending = step
+            self._written.add(step)
             if not self.cfg.async_save:
                 self.wait()
         return saved
@@ -204,7 +214,7 @@ class CheckpointManager:
             self._manager.wait_until_finished()
         except Exception:  # noqa: BLE001 - that save failed too; its partial directory goes below
             pass
-        self._remove_partial_saves()
+        self.remove_partial_saves()
         previous = [s for s in finalized_steps(self.directory) if step is None or s < step]
         kept = f"; the previous checkpoint {self.directory}/{previous[-1]} is intact" if previous else ""
         if _is_no_space(error):
@@ -213,13 +223,34 @@ class CheckpointManager:
         return CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: "
                                f"{_one_line(error)}{kept}")
 
-    def _remove_partial_saves(self) -> None:
-        """Delete unfinalized step directories of a failed save (never restored; they only hold disk space)."""
-        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    def remove_partial_saves(self) -> None:
+        """Delete unfinalized step directories of a failed or killed save (never restored; they only hold disk
+        space). Only while no save of this directory is in flight."""
+        if self.read_only or jax.process_index() != 0 or not os.path.isdir(self.directory):
             return
         for name in os.listdir(self.directory):
             if ".orbax-checkpoint-tmp" in name and name.split(".")[0].isdigit():
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Rename unreadable step directories to ``<step>.unreadable`` so that no restore tries them again and a
+        retrained step can be saved under the same number; their files stay on disk for inspection."""
+        if not steps or self.read_only:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target, n = source + ".unreadable", 1
+                while os.path.exists(target):
+                    n += 1
+                    target = f"{source}.unreadable{n}"
+                os.rename(source, target)
+                log.warning("warning: moved the unreadable checkpoint %s aside to %s", source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("litespark_checkpoint_set_aside")
+        self._manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         """True when JAX's multi-host preemption notice says every process should save at ``step``."""
@@ -264,7 +295,7 @@ class CheckpointManager:
                 return restore_step(step)
             except _Corrupted as e:
                 raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable: {e}") from None
-        failures = []
+        failures, skipped = [], []
         for candidate in reversed(steps):
             try:
                 restored = restore_step(candidate)
@@ -272,7 +303,9 @@ class CheckpointManager:
                 log.warning("warning: checkpoint %s/%d is unreadable (%s); falling back to the previous one",
                             self.directory, candidate, e)
                 failures.append(f"{candidate}: {e}")
+                skipped.append(candidate)
                 continue
+            restored.skipped = skipped
             return restored
         raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
 
@@ -313,9 +346,13 @@ class CheckpointManager:
         target, _ = flatten(abstract_state)
         meta, saved = self._read_meta(step)
         _check_compatible(saved, target, path)
+        # Read each array in the dtype it was saved in (the checksums are of those bits), then cast what the config
+        # now stores differently (e.g. optim.state_dtype changed between runs).
+        as_saved = {name: jax.ShapeDtypeStruct(want.shape, saved[name].dtype, sharding=want.sharding)
+                    for name, want in target.items()}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
+                state=ocp.args.StandardRestore(as_saved),
                 data=ocp.args.JsonRestore(),
                 config=ocp.args.JsonRestore(),
             ))
@@ -323,6 +360,7 @@ class CheckpointManager:
             raise _Corrupted(_one_line(e)) from e
         flat = restored["state"]
         _verify_checksums(flat, meta)
+        flat = _cast_to(flat, target, path)
         data = restored["data"] or {}
         return Restored(step=step, state=unflatten(flat, abstract_state), data_state=data.get("iterator"),
                         config=restored["config"] or {}, meta=meta, path=path)
@@ -342,6 +380,19 @@ def _verify_checksums(flat: dict, meta: dict) -> None:
     bad = [name for name in flat if expected.get(name) != actual[name]]
     if bad:
         raise _Corrupted(f"checksum mismatch in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+
+
+def _cast_to(flat: dict, target: dict, path: str) -> dict:
+    """Arrays whose saved dtype differs from the target's, cast on their devices (same sharding)."""
+    changed = {name: (flat[name].dtype, want.dtype) for name, want in target.items() if flat[name].dtype != want.dtype}
+    if not changed:
+        return flat
+    kinds = sorted({f"{jnp.dtype(have).name} -> {jnp.dtype(want).name}" for have, want in changed.values()})
+    log.warning("checkpoint %s: %d array(s) cast to the dtypes of this run's config (%s; e.g. %s)", path,
+                len(changed), ", ".join(kinds), next(iter(changed)))
+    cast = {name: jax.jit(lambda x, dtype=target[name].dtype: x.astype(dtype),
+                          out_shardings=target[name].sharding)(flat[name]) for name in changed}
+    return {**flat, **cast}
 
 
 def _check_compatible(saved: dict, target: dict, path: str) -> None:

@@ -4,7 +4,13 @@ See docs/DATA.md for the design and the guarantees.
 """
 
 from litespark_jax.data.config import DataConfig
-from litespark_jax.data.pipeline import BatchIterator, make_eval_iterator, make_train_iterator, unigram_entropy
+from litespark_jax.data.pipeline import (
+    BatchIterator,
+    check_validation_split,
+    make_eval_iterator,
+    make_train_iterator,
+    unigram_entropy,
+)
 from litespark_jax.data.tokenizers import (
     ByteTokenizer,
     HuggingFaceTokenizer,
@@ -22,6 +28,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "Tokenizer",
     "build_tokenizer",
+    "check_validation_split",
     "load_tokenizer",
     "make_eval_iterator",
     "make_train_iterator",

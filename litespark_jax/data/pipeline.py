@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import math
 import os
 from typing import Any
@@ -165,6 +166,13 @@ class EvalBatchBuilder(_BatchBuilder):
         return [(self.stream, w) if w < self.num_windows else (None, w) for w in windows]
 
 
+_IDENTITY_SETTINGS = {  # what a user changes to make an identity field differ
+    "seed": "train.seed", "seq_len": "train.seq_len", "global_batch_size": "train.global_batch_size",
+    "num_docs": "the number of documents in data.train_files", "shuffle": "data.shuffle", "mixture": "data.mixture",
+    "documents": "the documents of data.train_files (their sizes)", "tokenizer": "the tokenizer (data.tokenizer)",
+}
+
+
 class BatchIterator(grain.DatasetIterator):
     """Checkpointable iterator over local batches; state = global step, valid across process counts."""
 
@@ -225,9 +233,12 @@ class BatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         for key, value in self._identity.items():
-            if key in state and state[key] != value:
-                raise DataError(f"data iterator state was saved with {key}={state[key]!r} but this run has "
-                                f"{key}={value!r}; resuming would not reproduce the batches")
+            if key in state and state[key] != value:  # a key missing from an older state is not checked
+                setting = _IDENTITY_SETTINGS.get(key, key)
+                raise DataError(f"the checkpoint's data position was saved with {setting} = {state[key]!r} but this "
+                                f"run has {value!r}; resuming would not continue the same stream of batches "
+                                f"(restore that setting, or set train.resume_data=false to keep the model and "
+                                f"optimizer and start the data stream afresh)")
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise DataError(f"data iterator state has no valid 'step' (got {step!r})")
@@ -248,8 +259,33 @@ def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, seq_len: int, 
     order = DocumentOrder(store.set_index, store.set_names, seed=seed, shuffle=cfg.shuffle, mixture=cfg.mixture)
     builder = TrainBatchBuilder(store, order, tokenizer, seq_len, global_batch_size, rows)
     identity = {"kind": "train", "seed": int(seed), "seq_len": seq_len, "global_batch_size": global_batch_size,
-                "num_docs": len(store)}
+                "num_docs": len(store), "documents": _document_digest(store), "tokenizer": tokenizer.name,
+                "shuffle": bool(cfg.shuffle), "mixture": _mixture_key(cfg.mixture)}
     return BatchIterator(builder, identity=identity, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+
+
+def _document_digest(store) -> str:
+    """A short digest of the document set (ids, sizes, sets), so a resumed iterator notices other data with the
+    same document count. Text stores hash character counts (no tokenizing); prepared ones their token counts."""
+    digest = hashlib.sha256(np.asarray(store.set_index, dtype=np.int64).tobytes())
+    digest.update("\0".join(store.set_names).encode())
+    if isinstance(store, TextDocumentStore):
+        sizes = np.fromiter((len(text) for text in store.corpus.texts), dtype=np.int64, count=len(store))
+    else:
+        sizes = np.asarray(store.lengths(np.arange(len(store))), dtype=np.int64)
+    digest.update(sizes.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _mixture_key(mixture) -> list | None:
+    return None if not mixture else sorted([str(name), float(weight)] for name, weight in dict(mixture).items())
+
+
+def check_validation_split(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+    """Open the validation split now (cached for the evaluations), so a wrong ``data.validation_files`` fails
+    before training rather than at the first evaluation."""
+    cfg.validate()
+    open_store(cfg.validation_files, cfg, tokenizer, "data.validation_files")
 
 
 def make_eval_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, seq_len: int, global_batch_size: int,

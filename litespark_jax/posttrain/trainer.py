@@ -71,6 +71,9 @@ class _PosttrainMixin:
 
     kind = "sft"
 
+    def check_eval_data(self) -> None:
+        """The SFT/DPO evaluation files were read when the trainer was built."""
+
     def _setup_posttrain(self, config: Config):
         p = config.posttrain
         p.validate()

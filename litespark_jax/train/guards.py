@@ -112,6 +112,7 @@ class Guards:
                 f"loss spike at step {step} after {self.rollbacks} rollback(s) (train.max_rollbacks="
                 f"{self.cfg.max_rollbacks}); training stopped; {self._last_good()}")
         restored = trainer.restore_state(manager)
+        manager.set_aside(restored.skipped)  # so the retrained steps can be saved under their numbers
         self.rollbacks += 1
         self._window.clear()
         self._bad_count, self._first_bad = None, None

@@ -127,6 +127,10 @@ class Trainer:
         self.watchdog.beat()
         return out
 
+    def check_eval_data(self) -> None:
+        """Fail before training, not after it, when the evaluation data cannot be read."""
+        data_lib.check_validation_split(self.config.data, self.tokenizer)
+
     def evaluate(self, params) -> float:
         """Mean NLL per token over ``train.eval_batches`` validation batches."""
         t = self.config.train
@@ -149,14 +153,22 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     trainer = trainer if trainer is not None else Trainer(config)
     t, lc = config.train, config.log
     checkpoints = RunCheckpoints(trainer)
-    state, data_state, start_step = checkpoints.restore_or_init()
-    if start_step >= t.steps and jax.process_index() == 0:
-        print(f"nothing to train: the run's checkpoint is at step {start_step} and train.steps is {t.steps} "
-              "(raise train.steps to train further)", flush=True)
-    iterator = trainer.train_iterator()
-    if data_state is not None:
-        iterator.set_state(data_state)
-    writer = MetricsWriter(t.run_dir, jsonl=lc.jsonl, tensorboard=lc.tensorboard)
+    try:
+        state, data_state, start_step = checkpoints.restore_or_init()
+        if start_step >= t.steps and jax.process_index() == 0:
+            print(f"nothing to train: the run's checkpoint is at step {start_step} and train.steps is {t.steps} "
+                  "(raise train.steps to train further)", flush=True)
+        if start_step < t.steps:
+            trainer.check_eval_data()
+        iterator = trainer.train_iterator()
+        if data_state is not None and t.resume_data:
+            iterator.set_state(data_state)
+        elif data_state is not None and jax.process_index() == 0:
+            print("train.resume_data=false: the data stream starts afresh", flush=True)
+    except BaseException:
+        checkpoints.close()  # releases the directory's lock: a refused start leaves the directory as it was
+        raise
+    writer = MetricsWriter(t.run_dir, jsonl=lc.jsonl, tensorboard=lc.tensorboard, start_step=start_step)
     history, eval_history = [], []
     tokens_per_step = t.global_batch_size * t.seq_len
     bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
@@ -213,18 +225,20 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                         bar.n = step
                         interval_start = None
                         continue
-            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                eval_loss = trainer.evaluate(state.params)
-                eval_history.append({"step": step, "eval_loss": eval_loss})
-                writer.write(step, {"eval_loss": eval_loss})
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
             bar.update(1)
+            # Save before evaluating: the (asynchronous) write overlaps the evaluation, and an evaluation that
+            # fails cannot cost the step's checkpoint.
             if checkpoints.should_save(step) or preemption.requested or checkpoints.preemption_reached(step):
                 guards.check_nonfinite(step)  # on_nonfinite=stop: stop before saving past a bad step
                 checkpoints.save(step, state, iterator)
             if preemption.requested:
                 bar.write(f"preempted: saved step {step} to {checkpoints.directory}; exiting")
                 break
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                eval_loss = trainer.evaluate(state.params)
+                eval_history.append({"step": step, "eval_loss": eval_loss})
+                writer.write(step, {"eval_loss": eval_loss})
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
     finally:
         energy.stop()  # ends the clock sampler's thread
         profiler.close()

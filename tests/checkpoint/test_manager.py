@@ -69,6 +69,59 @@ def test_damaged_newest_checkpoint_falls_back_to_previous_with_warning(tmp_path,
     assert any("falling back" in r.getMessage() and str(tmp_path / "2") in r.getMessage() for r in caplog.records)
 
 
+def _damage_newest_state(directory, step):
+    for root, _, files in os.walk(directory / str(step) / "state"):
+        for name in files:
+            if os.sep + "d" + os.sep in os.path.join(root, name):
+                os.truncate(os.path.join(root, name), 0)
+
+
+def test_unreadable_steps_are_moved_aside_so_their_numbers_can_be_saved_again(tmp_path):
+    save_steps(tmp_path, [1, 2, 3], n=20000)
+    _damage_newest_state(tmp_path, 3)
+    _damage_newest_state(tmp_path, 2)
+    manager = CheckpointManager(str(tmp_path), CheckpointConfig(keep_last=10))
+    restored = manager.restore(abstract(make_state(n=20000)))
+    assert (restored.step, restored.skipped) == (1, [3, 2])
+    manager.set_aside(restored.skipped)
+    assert finalized_steps(str(tmp_path)) == [1]
+    assert sorted(p.name for p in tmp_path.iterdir() if "unreadable" in p.name) == ["2.unreadable", "3.unreadable"]
+    assert manager.save(2, make_state(7, n=20000))  # the retrained step 2, not silently skipped
+    manager.close()
+    again = CheckpointManager(str(tmp_path), read_only=True).restore(abstract(make_state(n=20000)))
+    assert again.step == 2 and again.skipped == []
+    np.testing.assert_array_equal(np.asarray(again.state["params"]["w"]),
+                                  np.asarray(make_state(7, n=20000)["params"]["w"]))
+
+
+def test_a_step_another_writer_left_is_an_error_and_a_step_saved_twice_is_saved_once(tmp_path):
+    first = CheckpointManager(str(tmp_path))
+    assert first.save(1, make_state(1))
+    assert first.save(1, make_state(1)) is False  # e.g. a preemption save at the step of a periodic one
+    first.wait()
+    second = CheckpointManager(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"checkpoint step 1 already exists in .* and this run did not write "
+                                              r"it: is another run training into the same checkpoint.dir\?"):
+        second.save(1, make_state(2))
+    first.close()
+    second.close()
+
+
+def test_a_changed_dtype_is_cast_on_restore_not_reported_as_corruption(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    state = make_state()
+    want = abstract(state)
+    want["params"]["w"] = jax.ShapeDtypeStruct((1000,), jnp.bfloat16, sharding=state["params"]["w"].sharding)
+    want["params"]["norm"]["scale"] = jax.ShapeDtypeStruct((4,), jnp.float32,
+                                                           sharding=state["params"]["norm"]["scale"].sharding)
+    restored = CheckpointManager(str(tmp_path), read_only=True).restore(want)
+    assert restored.step == 2 and restored.skipped == []
+    w, scale = restored.state["params"]["w"], restored.state["params"]["norm"]["scale"]
+    assert (w.dtype, scale.dtype) == (jnp.bfloat16, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(make_state(2)["params"]["w"].astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(scale), np.full(4, 2.0, np.float32))
+
+
 def test_shape_mismatch_names_the_parameter(tmp_path):
     save_steps(tmp_path, [1])
     wrong = make_state(n=999)

@@ -37,3 +37,96 @@ def test_shape_mismatch_and_non_checkpoint_resume(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'empty'} is not a checkpoint directory: it holds no finalized step directories "
         f"(like {tmp_path / 'empty'}/1000 with a _CHECKPOINT_METADATA file)")
+
+
+def _run(tmp_path, *overrides):
+    return train(load_config(None, TINY + [f"train.run_dir={tmp_path / 'run'}", *overrides]))
+
+
+def test_resuming_an_older_step_beside_newer_ones_is_refused(tmp_path):
+    _run(tmp_path, "train.steps=4", "checkpoint.every=2")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    with pytest.raises(CheckpointError, match=r"resuming from .*/checkpoints/2 \(step 2\) but .* already holds the "
+                                              r"newer step\(s\) \[4\]: training from there would mix two histories"):
+        _run(tmp_path, "train.steps=4", "checkpoint.every=2", f"train.resume={checkpoints / '2'}")
+    assert finalized_steps(str(checkpoints)) == [2, 4]
+
+
+def test_a_fallback_past_an_unreadable_step_moves_it_aside_and_saves_the_retrained_one(tmp_path):
+    _run(tmp_path, "train.steps=4", "checkpoint.every=2")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for root, _, files in os.walk(checkpoints / "4" / "state"):
+        for name in files:
+            if os.sep + "d" + os.sep in os.path.join(root, name):
+                os.truncate(os.path.join(root, name), 0)
+    result = _run(tmp_path, "train.steps=4", "checkpoint.every=2")
+    assert [h["step"] for h in result.history] == [3, 4]
+    assert finalized_steps(str(checkpoints)) == [2, 4]
+    assert (checkpoints / "4.unreadable").is_dir()
+    # The saved step 4 is the retrained one: a third run restores it with no fallback and has nothing to train.
+    assert _run(tmp_path, "train.steps=4", "checkpoint.every=2").history == []
+
+
+def test_a_second_run_cannot_train_into_a_checkpoint_dir_in_use(tmp_path):
+    from litespark_jax.checkpoint.session import DirectoryLock
+
+    held = DirectoryLock(str(tmp_path / "run" / "checkpoints"))
+    try:
+        with pytest.raises(CheckpointError, match=rf"is in use by pid {os.getpid()} on .*: another run is training "
+                                                  r"into this checkpoint.dir"):
+            _run(tmp_path, "train.steps=1")
+    finally:
+        held.release()
+    _run(tmp_path, "train.steps=1")  # released: the run trains
+
+
+def test_leftover_partial_saves_are_removed_when_a_run_starts(tmp_path):
+    _run(tmp_path, "train.steps=2", "checkpoint.every=1")
+    leftover = tmp_path / "run" / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
+    leftover.mkdir()
+    (leftover / "junk").write_text("x")
+    _run(tmp_path, "train.steps=3")
+    assert not leftover.exists()
+
+
+def test_a_wrong_validation_glob_fails_before_the_first_step(tmp_path):
+    from litespark_jax.errors import DataError
+
+    with pytest.raises(DataError, match=r"data.validation_files: glob '.*/nope/\*.jsonl' matches no files"):
+        _run(tmp_path, "train.steps=3", f"data.validation_files={tmp_path / 'nope'}/*.jsonl")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
+def test_records_past_the_resumed_step_leave_metrics_jsonl(tmp_path):
+    import json
+
+    _run(tmp_path, "train.steps=2", "checkpoint.every=2")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # an attempt that trained steps 3-4 and died before its next checkpoint
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n")
+        f.write('{"step": 5, "lo')  # cut off by the kill
+    _run(tmp_path, "train.steps=4", "checkpoint.every=2")
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert [s for s in steps if s > 2] == [3, 4, 4] and steps.count(3) == 1  # step 4 also has its eval record
+    superseded = (tmp_path / "run" / "metrics.superseded.jsonl").read_text().splitlines()
+    assert superseded[:2] == ['{"step": 3, "loss": 9.0}', '{"step": 4, "loss": 9.0}'] and len(superseded) == 3
+
+
+def test_a_changed_data_order_is_refused_unless_resume_data_is_false(tmp_path, capsys):
+    from litespark_jax.errors import DataError
+
+    _run(tmp_path, "train.steps=2")
+    with pytest.raises(DataError, match=r"data\.shuffle = True but this run has False"):
+        _run(tmp_path, "train.steps=3", "data.shuffle=false")
+    result = _run(tmp_path, "train.steps=3", "data.shuffle=false", "train.resume_data=false")
+    assert [h["step"] for h in result.history] == [3]
+    assert "train.resume_data=false: the data stream starts afresh" in capsys.readouterr().out
+
+
+def test_a_leading_tilde_in_run_and_checkpoint_dirs_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    train(load_config(None, TINY + ["train.run_dir=~/run", "checkpoint.dir=~/ckpt", "train.steps=1"]))
+    assert (tmp_path / "home" / "run" / "metrics.jsonl").is_file()
+    assert finalized_steps(str(tmp_path / "home" / "ckpt")) == [1]
+    assert not (tmp_path / "~").exists()

@@ -86,6 +86,26 @@ def test_state_from_a_different_configuration_is_refused(corpus, byte_tokenizer)
         other.set_state(state)
 
 
+@pytest.mark.parametrize("change, named", [
+    ("shuffle", r"data\.shuffle = True but this run has False"),
+    ("other documents", r"the documents of data\.train_files \(their sizes\) = '[0-9a-f]{16}' but this run has"),
+])
+def test_state_from_other_data_or_order_is_refused_naming_the_setting(corpus, byte_tokenizer, change, named):
+    state = train_iter(corpus["cfg"], byte_tokenizer).get_state()
+    cfg = corpus["cfg"]
+    if change == "shuffle":
+        cfg = dataclasses.replace(cfg, shuffle=False)
+    else:  # the same number of documents, one of them edited
+        shard = corpus["root"] / "train" / "chunk1" / "example_train_0.jsonl"
+        lines = shard.read_text().splitlines()
+        lines[0] = json.dumps({"text": json.loads(lines[0])["text"] + " and a few more words"})
+        shard.write_text("\n".join(lines) + "\n")
+    other = train_iter(cfg, byte_tokenizer)
+    with pytest.raises(DataError, match=named + r".*train\.resume_data=false"):
+        other.set_state(json.loads(json.dumps(state)))
+    other.set_state({"step": 3})  # a state without the new identity fields (an older checkpoint) is accepted
+
+
 def test_grain_worker_processes_give_the_same_batches(corpus, byte_tokenizer):
     reference, _ = global_batches(corpus["cfg"], byte_tokenizer, 6, 1)
     cfg = dataclasses.replace(corpus["cfg"], num_workers=2)

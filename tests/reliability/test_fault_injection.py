@@ -53,8 +53,9 @@ def _records(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _losses(records):
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+def _losses(records, since: float = 0.0):
+    """(step, loss) of the records written at or after ``since`` (a wall-clock time)."""
+    return [(r["step"], r["loss"]) for r in records if "loss" in r and r["time"] >= since]
 
 
 def _tmp_dirs(checkpoint_dir) -> set:
@@ -64,7 +65,7 @@ def _tmp_dirs(checkpoint_dir) -> set:
     return {name for name in os.listdir(checkpoint_dir) if ".orbax-checkpoint-tmp" in name}
 
 
-def _wait_and_kill(proc, run_dir, checkpoint_dir, start_records, rng):
+def _wait_and_kill(proc, run_dir, checkpoint_dir, attempt_start, rng):
     """Kill ``proc`` at a random moment of one of three kinds; returns (kind, whether a save of this process was in
     flight) or None when the process finished first."""
     leftover = _tmp_dirs(checkpoint_dir)  # partial writes of earlier killed processes, cleaned up on resume
@@ -84,7 +85,7 @@ def _wait_and_kill(proc, run_dir, checkpoint_dir, start_records, rng):
         if kind == "startup" and time.time() - started >= startup_delay:
             break
         if kind != "startup":
-            logged = len(_losses(_records(run_dir))) - start_records
+            logged = len(_losses(_records(run_dir), since=attempt_start))
             if kind == "save" and logged >= 1 and saving():
                 break
             if kind == "step" and logged >= target_steps:
@@ -120,18 +121,18 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
     for attempt in range(KILLS + 10):
         assert time.time() - began < TIME_BOUND_S, f"fault injection exceeded {TIME_BOUND_S} s after {kills} kills"
         resume_from = (finalized_steps(checkpoint_dir) or [0])[-1]
-        start_records = len(_losses(_records(run_dir)))
+        attempt_start = time.time()
         log_path = tmp_path / f"attempt-{attempt}.log"
         proc = _start(run_dir, env, log_path)
         done = kills >= KILLS
-        outcome = None if done else _wait_and_kill(proc, run_dir, checkpoint_dir, start_records, rng)
+        outcome = None if done else _wait_and_kill(proc, run_dir, checkpoint_dir, attempt_start, rng)
         if outcome is None:
             assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
         else:
             kills += 1
             kinds[outcome[0]] = kinds.get(outcome[0], 0) + 1
             in_flight += outcome[1]
-        logged = _losses(_records(run_dir))[start_records:]
+        logged = _losses(_records(run_dir), since=attempt_start)
         segments.append((resume_from, [s for s, _ in logged]))
         if logged:
             assert f"(step {resume_from})" in log_path.read_text() or resume_from == 0
@@ -147,9 +148,15 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
         assert steps == list(range(resume_from + 1, resume_from + 1 + len(steps))), (resume_from, steps)
     assert segments[-1][1][-1] == STEPS
     assert not _tmp_dirs(checkpoint_dir)  # partial writes of killed processes were cleaned up
+    # metrics.jsonl holds one record per step: a resumed process moves the records its killed predecessor wrote past
+    # the checkpoint it resumes from to metrics.superseded.jsonl.
+    kept = _losses(_records(run_dir))
+    assert [s for s, _ in kept] == list(range(1, STEPS + 1))
+    with open(os.path.join(run_dir, "metrics.superseded.jsonl")) as f:
+        moved = _losses([json.loads(line) for line in f if line.strip().endswith("}")])
+    assert moved  # killed processes had logged steps past their last finalized checkpoint
     # Every logged loss, of every process, equals the uninterrupted run's bitwise.
-    logged = _losses(_records(run_dir))
-    assert {s for s, _ in logged} == set(range(1, STEPS + 1))
+    logged = kept + moved
     mismatched = [(s, loss, expected[s]) for s, loss in logged if loss != expected[s]]
     assert not mismatched, mismatched[:5]
     # The final parameters and optimizer state equal the uninterrupted run's bitwise.

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--margin", type=float, default=0.005,
                         help="how much faster (fraction) the step must be to keep a pick (run-to-run noise is ~0.5%%)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.step_steps < 1 or args.iters < 1 or args.margin < 0 or args.tolerance < 0:
         parser.error("--iters and --step-steps must be >= 1, --margin and --tolerance >= 0")
     config = load_config(args.config, args.overrides)

@@ -305,7 +305,7 @@ def main(argv=None) -> int:
                         help=f"with --curve-steps and --baseline: train the baseline twice ({RERUN!r}) to measure "
                              "the setup's own run-to-run noise and judge each gap against it")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     require_at_least(parser, args, steps=1, warmup=0, curve_steps=0, docs=1)
     # (name, overrides) per variant; the config is built from them (again for --curve-steps, with its settings).
     specs = [("litespark", [*args.overrides, *args.litespark])]

@@ -36,7 +36,8 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, Config]:
-    args = parser.parse_args(argv)
+    """Flags and overrides in any order (`train.steps=2 --config X.yaml` too)."""
+    args = parser.parse_intermixed_args(argv)
     return args, load_config(args.config, args.overrides)
 
 

@@ -23,6 +23,7 @@ def run_cli(*args, cwd=ROOT, **env_vars):
     (["model.num_kv_heads=3"], "must divide model.num_heads"),
     (["train.seq_len=100000"], "is longer than model.max_seq_len"),
     (["model.vocab_size=100"], "model.vocab_size (100) is smaller than the tokenizer's vocabulary"),
+    (["model.num_heads=7", "--config", "configs/tiny.yaml", "train.steps=2"], "must divide model.d_model"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message):
     result = run_cli(*args)

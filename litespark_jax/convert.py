@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 
@@ -49,7 +50,7 @@ _DTYPES = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
 # Export
 
 
-def export_hf(checkpoint: str, out_dir: str, *, dtype: str | None = None, max_shard_size: int = 5 * 2**30,
+def export_hf(checkpoint: str, out_dir: str, *, dtype: str | None = None, max_shard_size: int = 5 * 10**9,
               tokenizer: bool = True) -> str:
     """Write a Hugging Face Llama directory from a checkpoint directory (its newest good step) or one step dir.
 
@@ -329,12 +330,21 @@ def _unflatten_dotted(flat: dict) -> dict:
     return tree
 
 
-def _parse_size(text: str) -> int:
-    text = text.strip().upper()
-    for suffix, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * scale)
-    return int(text)
+# As save_pretrained counts them: KB/MB/GB (and K/M/G) are powers of 10, so 5GB = 5 * 10**9; KiB/MiB/GiB powers of 2.
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
+               "G": 10**9, "GB": 10**9, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``--max-shard-size`` in bytes (an argparse ``type``, so a bad value is argparse's error naming the flag)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text.strip(), re.IGNORECASE)
+    if match is None or match[2].upper() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: expected a number and an optional unit, e.g. "
+                                         "5GB (5 * 10**9 bytes), 5GiB (5 * 2**30), 500MB or 1024 (bytes)")
+    size = int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a shard must be allowed at least 1 byte")
+    return size
 
 
 def main(argv=None) -> int:
@@ -345,7 +355,9 @@ def main(argv=None) -> int:
     to_hf.add_argument("--checkpoint", required=True, help="checkpoint directory (newest good step) or a step dir")
     to_hf.add_argument("--out", required=True, help="output directory")
     to_hf.add_argument("--dtype", default=None, choices=list(_DTYPES), help="tensor dtype (default: as trained)")
-    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
+    to_hf.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                       help="largest safetensors shard: 5GB = 5 * 10**9 bytes as in save_pretrained, 5GiB = 5 * 2**30, "
+                            "also 500MB, 500M, or a number of bytes (default 5GB)")
     to_hf.add_argument("--no-tokenizer", action="store_true", help="do not write the tokenizer")
     from_hf = sub.add_parser("from-hf", help="import a local Hugging Face Llama directory as a step-0 checkpoint")
     from_hf.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
@@ -354,7 +366,7 @@ def main(argv=None) -> int:
     from_hf.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a config value")
     args = parser.parse_args(argv)
     if args.command == "to-hf":
-        export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=_parse_size(args.max_shard_size),
+        export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                   tokenizer=not args.no_tokenizer)
         print(f"wrote {args.out}")
     else:

@@ -607,7 +607,7 @@ def main(argv=None) -> int:
     parser.add_argument("--xla-check", action="store_true",
                         help="compile the step on CPU host devices and compare with XLA's memory analysis")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         parser.error(f"--efficiency {args.efficiency}: a fraction of the peak, in (0, 1]")
     if args.mem_fraction is not None and not 0 < args.mem_fraction <= 1:
@@ -627,13 +627,8 @@ def main(argv=None) -> int:
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     from litespark_jax.config import load_config
-    from litespark_jax.errors import UserError
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)  # a UserError here or below is run_main's one-line error
     fraction = args.mem_fraction if args.mem_fraction is not None else mem_fraction_for(n)
     cfg, train, gpu = config.model, config.train, gpu_with_fraction(args.gpu, fraction)
     kw = plan_options(config, n, args.attention or ("reference" if args.xla_check else "flash"), args.efficiency)
@@ -646,20 +641,14 @@ def main(argv=None) -> int:
           f"{args.nodes} node(s) x {args.gpus_per_node} {gpu.name} (attention model: {attention}, loss: {ce}; "
           f"memory fraction {fraction:g}: {gpu.hbm_gib:.1f} GiB usable)")
     if mesh_sizes:
-        from litespark_jax.config import MeshConfig
-        from litespark_jax.parallel.mesh import inter_node_shape
-
-        sizes = mesh_sizes
-        inter = inter_node_shape(MeshConfig(**sizes), sizes, args.nodes)
         from types import SimpleNamespace
 
-        from litespark_jax.parallel.mesh import check_shapes
+        from litespark_jax.parallel.mesh import check_shapes, inter_node_shape
 
-        try:
-            check_shapes(config, SimpleNamespace(shape=sizes))
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        sizes = mesh_sizes
+        # The config's mesh.inter_node_* settings count: the error for an unplaceable mesh tells the user to set them.
+        inter = inter_node_shape(dataclasses.replace(config.mesh, **sizes), sizes, args.nodes)
+        check_shapes(config, SimpleNamespace(shape=sizes))
         plans = [plan_mesh(cfg, train, gpu, sizes, inter, train.grad_accum_steps, **kw)]
     else:
         plans = plan_all(cfg, train, gpu, args.nodes, args.gpus_per_node,
@@ -713,4 +702,6 @@ def _resolved_ce(cfg, train, n_devices: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from litespark_jax.cli import run_main
+
+    sys.exit(run_main(main))

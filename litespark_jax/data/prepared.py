@@ -3,7 +3,8 @@
 Layout of a prepared directory:
     metadata.json            format, tokenizer (name, vocab, specials), token dtype, shards
     tokenizer/               a copy of the tokenizer (Tokenizer.save), so the directory is self-describing
-    shard_00000.zarr/        1-D token ids of all documents of input shard 0, back to back (no BOS/EOS)
+    shard_00000.zarr/        1-D token ids of all documents of input shard 0, back to back (no BOS/EOS); not
+                             written for a shard whose documents are all empty (zarr has no 0-length chunks)
     shard_00000.index.npz    per-document token offsets and redpajama_set_name
 Shards map one-to-one to input files, in sorted input order, so document ids match the jsonl path exactly and a
 run trains on the same batches from either form.
@@ -160,10 +161,13 @@ class PreparedDocumentStore:
         return state
 
     def _open(self):
+        """One tensorstore array per shard; None for a shard with no tokens (it has no array, and its documents,
+        all empty, are never read)."""
         if self._arrays is None:
             context = ts.Context({"cache_pool": {"total_bytes_limit": self._cache_bytes}})
             self._arrays = [ts.open(_zarr_spec(os.path.join(self.path, s["name"] + ".zarr")), context=context,
-                                    read=True).result() for s in self.metadata["shards"]]
+                                    read=True).result() if s["num_tokens"] else None
+                            for s in self.metadata["shards"]]
         return self._arrays
 
     def __len__(self) -> int:

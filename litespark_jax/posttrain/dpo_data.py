@@ -10,7 +10,8 @@ each target (0 where masked) when precomputed, else zeros that the trainer fills
 
 Too long (prompt + longer response > seq_len + 1 tokens): ``truncate`` keeps the end of the prompt (at least half
 the window when the prompt is that long) and then cuts the responses' ends; ``drop`` skips the pair; ``error``
-raises. All are counted in ``DPOStats``.
+raises. All are counted in ``DPOStats``. A pair whose responses are the same once cut (a shared prefix longer
+than the room left) is dropped and counted: it would train nothing (loss log 2, zero gradient).
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ class DPOStats:
     """Pairs whose prompt start and/or response ends were cut (truncation=truncate)."""
     dropped_too_long: int = 0
     """Pairs skipped as too long (truncation=drop)."""
+    dropped_identical: int = 0
+    """Truncated pairs skipped because cutting made chosen and rejected identical."""
     tokens_cut: int = 0
+    """Tokens removed from the truncated (kept) pairs."""
 
     def summary(self) -> str:
         return (f"{self.pairs} pairs, {self.kept} kept, {self.truncated} truncated ({self.tokens_cut} tokens cut), "
-                f"{self.dropped_too_long} dropped as too long")
+                f"{self.dropped_too_long} dropped as too long, {self.dropped_identical} dropped as identical "
+                f"after truncation")
 
 
 def prompt_messages(obj: dict, where: str) -> list[dict]:
@@ -71,7 +76,8 @@ def tokenize_pair(obj: dict, where: str, template_tokens) -> tuple[list[int], li
 
 
 def fit_pair(prompt, chosen, rejected, seq_len: int, truncation: str, stats: DPOStats, where: str):
-    """The pair cut to ``seq_len + 1`` tokens per side, or None when dropped."""
+    """The pair cut to ``seq_len + 1`` tokens per side, or None when dropped (too long under truncation=drop, or
+    its responses identical once cut)."""
     budget = seq_len + 1
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= budget:
@@ -88,6 +94,9 @@ def fit_pair(prompt, chosen, rejected, seq_len: int, truncation: str, stats: DPO
     prompt = prompt[len(prompt) - keep:]
     room = budget - len(prompt)
     chosen, rejected = chosen[:room], rejected[:room]
+    if chosen == rejected:
+        stats.dropped_identical += 1
+        return None
     stats.truncated += 1
     stats.tokens_cut += before - len(prompt) - len(chosen) - len(rejected)
     return prompt, chosen, rejected

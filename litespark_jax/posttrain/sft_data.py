@@ -28,14 +28,19 @@ FEATURES = ("inputs", "targets", "loss_mask")
 
 
 def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
-    """(``file:line``, object) for every non-blank line; DataError for a missing file or a line that is not JSON."""
+    """(``file:line``, object) for every non-blank line; DataError for a missing file or a line that is not UTF-8
+    JSON. Lines are decoded one at a time so a bad byte is reported with its file and line."""
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

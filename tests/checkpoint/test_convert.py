@@ -12,7 +12,7 @@ from flax import nnx
 
 from litespark_jax.checkpoint.manager import CheckpointManager
 from litespark_jax.config import CheckpointConfig, Config, ModelConfig, OptimConfig, TrainConfig
-from litespark_jax.convert import export_hf, import_hf, load_hf_params, main
+from litespark_jax.convert import export_hf, import_hf, load_hf_params, main, parse_size
 from litespark_jax.errors import CheckpointError
 from litespark_jax.model import Llama
 from litespark_jax.train.optimizer import build_optimizer
@@ -136,6 +136,30 @@ def test_cli_round_trip_and_resume_source(tmp_path, capsys):
     assert main(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
                  "train.seq_len=32"]) == 0
     assert "train.resume=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("5G", 5 * 10**9), ("5gb", 5 * 10**9),
+                                        ("5GiB", 5 * 2**30), ("500MB", 500 * 10**6), ("500M", 500 * 10**6),
+                                        ("1.5 MiB", 3 * 2**19), ("40K", 40_000), ("1024", 1024), ("1024B", 1024)])
+def test_shard_sizes_count_as_save_pretrained_does(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["5X", "GB", "-5GB", "5 GB B", "0", "0MB", "0.1B", "5Gi"])
+def test_bad_shard_size_is_argparses_error_naming_the_flag(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to-hf", "--checkpoint", "ckpt", "--out", "hf", f"--max-shard-size={text}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --max-shard-size: {text!r}" in err and "Traceback" not in err
+
+
+def test_cli_max_shard_size_takes_a_unit(tmp_path):
+    write_checkpoint(tmp_path / "ckpt", MODELS["llama3-tied-gqa"])
+    assert main(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"),
+                 "--max-shard-size", "40K"]) == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
 
 
 def test_bad_hf_directories_give_one_line_errors(tmp_path):

@@ -7,10 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from litespark_jax.data import build_tokenizer, make_eval_iterator, make_train_iterator
+from litespark_jax.data import DataConfig, build_tokenizer, make_eval_iterator, make_train_iterator
 from litespark_jax.data.bpe_train import train_bpe
 from litespark_jax.errors import DataError
 from litespark_jax.prepare import main as prepare_cli
+from tests.data.conftest import make_docs, records, write_jsonl
 
 
 def batches(cfg, tok, steps, **kw):
@@ -67,3 +68,14 @@ def test_prepare_refuses_to_overwrite_and_reports_bad_data(corpus, tmp_path, cap
     bad.write_text('{"text": "ok"}\n{"text": \n')
     assert prepare_cli(["--files", str(bad), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_prepared_corpus_with_an_all_empty_shard_is_readable(tmp_path, byte_tokenizer):
+    # The first input has documents but no tokens: its shard is listed (document ids) but has no zarr array.
+    write_jsonl(tmp_path / "raw" / "a_empty.jsonl", records(["", ""]))
+    write_jsonl(tmp_path / "raw" / "b_ok.jsonl", records(make_docs(20, seed=4)))
+    raw = DataConfig(train_files=str(tmp_path / "raw" / "*.jsonl"), prefetch=2)
+    out = tmp_path / "prepared"
+    assert prepare_cli(["--files", raw.train_files, "--out", str(out), "--no-progress"]) == 0
+    assert_same(batches(raw, byte_tokenizer, 10),
+                batches(dataclasses.replace(raw, train_files=str(out)), byte_tokenizer, 10))

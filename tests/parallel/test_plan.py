@@ -226,3 +226,23 @@ def test_mem_fraction_outside_zero_one_is_refused(value, capsys):
         plan.main(["--config", "configs/tiny.yaml", "--gpus-per-node", "1", "--mem-fraction", value])
     assert exit_info.value.code == 2
     assert f"--mem-fraction {float(value)}: a fraction of the card's memory" in capsys.readouterr().err
+
+
+def test_a_mesh_the_nodes_cannot_be_placed_on_is_one_error_line():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "litespark_jax.plan", "--config", "configs/tiny.yaml", "--nodes", "2",
+                           "--gpus-per-node", "8", "--mesh", "1x1x16x1"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: mesh: cannot place 2 nodes on the axes {'data': 1, 'fsdp': 1, 'tensor': 16, 'context': 1}; set "
+        "mesh.inter_node_* (e.g. mesh.inter_node_data=2) so that each divides its axis size"]
+
+
+def test_mesh_flag_keeps_the_configs_inter_node_sizes(capsys):
+    argv = ["--config", "configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "8", "--mesh", "2x8x1x1",
+            "train.global_batch_size=16"]
+    assert plan.main(argv) == 0
+    assert "(inter-node: data=2)" in capsys.readouterr().out  # auto: the nodes go to data first
+    assert plan.main([*argv, "mesh.inter_node_data=1", "mesh.inter_node_fsdp=2"]) == 0
+    assert "(inter-node: fsdp=2)" in capsys.readouterr().out

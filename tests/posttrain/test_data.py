@@ -91,6 +91,17 @@ def test_bad_pairs(row, match, jsonl):
         dpo_data.prepare_dpo(path, tt(), 64, "truncate")
 
 
+@pytest.mark.parametrize("prepare, row", [
+    (sft_data.prepare_sft, b'{"prompt": "caf\xe9?", "completion": "yes"}'),
+    (dpo_data.prepare_dpo, b'{"prompt": "caf\xe9?", "chosen": "yes", "rejected": "no"}'),
+])
+def test_invalid_utf8_names_file_and_line(prepare, row, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "ok", "completion": "ok", "chosen": "a", "rejected": "b"}\n' + row + b"\n")
+    with pytest.raises(DataError, match=f"^{path}:2: invalid UTF-8 at byte 15$"):
+        prepare(str(path), tt(), 64, "truncate")
+
+
 def test_missing_file():
     with pytest.raises(DataError, match="does not exist"):
         sft_data.prepare_sft("/nonexistent.jsonl", tt(), 64, "truncate")
@@ -133,6 +144,16 @@ def test_too_long_dpo_keeps_prompt_end_and_cuts_responses(jsonl):
     assert (stats.kept, stats.dropped_too_long) == (1, 1)
     with pytest.raises(DataError, match=f"{path}:1: the pair has"):
         dpo_data.prepare_dpo(path, tt(), 64, "error")
+
+
+def test_dpo_pair_identical_after_truncation_is_dropped_and_counted(jsonl):
+    # Both responses share a prefix longer than the room the prompt leaves: cut, they would be the same row.
+    path = jsonl([{"prompt": "p" * 40, "chosen": "s" * 40 + "good", "rejected": "s" * 40 + "bad"},
+                  {"prompt": "q", "chosen": "a", "rejected": "b"}])
+    pairs, stats = dpo_data.prepare_dpo(path, tt(), 64, "truncate")
+    assert (stats.pairs, stats.kept, stats.truncated, stats.dropped_identical) == (2, 1, 0, 1)
+    assert "1 dropped as identical after truncation" in stats.summary()
+    assert all(not np.array_equal(p["chosen"]["inputs"], p["rejected"]["inputs"]) for p in pairs)
 
 
 def test_packing_keeps_every_token_and_separates_segments(jsonl):

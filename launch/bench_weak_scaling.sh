@@ -14,10 +14,16 @@ out=${OUT:-weak-scaling.jsonl}
 per_gpu=${PER_GPU:-6}
 base_per_gpu=${BASE_PER_GPU:-4}
 steps=${STEPS:-6}
+# The first N of the GPUs this job may use: those the scheduler listed in CUDA_VISIBLE_DEVICES, else 0, 1, ...
+IFS=, read -r -a granted <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 63)}"
 status=0
 for n in "$@"; do
   echo "## $n GPU(s): $config, $per_gpu (baseline $base_per_gpu) sequences per GPU, mesh.fsdp=$n"
-  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout "${TIMEOUT:-420}" \
+  if [ "$n" -gt "${#granted[@]}" ]; then
+    echo "## $n GPU(s): only ${#granted[@]} listed in CUDA_VISIBLE_DEVICES; skipped"; status=1; continue
+  fi
+  visible=$(IFS=,; echo "${granted[*]:0:$n}")
+  CUDA_VISIBLE_DEVICES=$visible timeout "${TIMEOUT:-420}" \
     python -m litespark_jax.bench --config "$config" --baseline --steps "$steps" --warmup 2 --jsonl "$out" \
       mesh.fsdp="$n" train.global_batch_size=$((base_per_gpu * n)) \
       --litespark train.global_batch_size=$((per_gpu * n)) || { echo "## $n GPU(s): exit $?"; status=1; }

@@ -55,6 +55,14 @@ def _pump(stream, prefix: str):
         sys.stdout.flush()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+def _raise_interrupt(signum, frame):
+    raise _Terminated
+
+
 def launch(command: list[str], processes: int, devices_per_process: int = 1, gpus: list[str] | None = None,
            timeout: float | None = None) -> int:
     port = free_port()
@@ -68,6 +76,9 @@ def launch(command: list[str], processes: int, devices_per_process: int = 1, gpu
         pumps.append(t)
     deadline = None if timeout is None else time.monotonic() + timeout
     code = 0
+    # SIGTERM (timeout, CI cancel, scancel) must reach the workers too: they run in their own sessions, so raise
+    # here and let the cleanup below stop them, as for Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while any(p.poll() is None for p in procs):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
@@ -87,6 +98,7 @@ def launch(command: list[str], processes: int, devices_per_process: int = 1, gpu
                 p.wait()
         for t in pumps:
             t.join(timeout=5)
+        signal.signal(signal.SIGTERM, previous)
     return code or next((p.returncode for p in procs if p.returncode), 0)
 
 
@@ -112,11 +124,22 @@ def main(argv=None) -> int:
         if visible:
             gpus = visible.split(",")
         else:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
-            gpus = [str(i) for i in range(len(out.strip().splitlines()))]
+            try:
+                out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+            except FileNotFoundError:
+                parser.error("--gpus: nvidia-smi was not found and CUDA_VISIBLE_DEVICES is not set")
+            # Whole GPUs only ("GPU 0: ..."); MIG instances are listed beneath them, indented.
+            gpus = [str(i) for i in range(sum(line.startswith("GPU ") for line in out.splitlines()))]
+        if not gpus:
+            parser.error("--gpus: no GPU found (nvidia-smi -L lists none)")
         if len(gpus) % args.processes:
             parser.error(f"{len(gpus)} GPUs cannot be split evenly over {args.processes} processes")
-    return launch(command, args.processes, args.devices_per_process, gpus, args.timeout)
+    try:
+        return launch(command, args.processes, args.devices_per_process, gpus, args.timeout)
+    except KeyboardInterrupt as e:  # the workers are stopped by now
+        signal_number = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"stopped by {signal.Signals(signal_number).name}; the workers were terminated", file=sys.stderr)
+        return 128 + signal_number
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ One process per node drives all of that node's GPUs. ``initialize_from_env()`` r
   ``<jobset>-<replicated job>-0-0.<jobset>``.
 
 With none of them (or a single process) it does nothing: a one-process run needs no coordinator. The rendezvous
-waits ``LITESPARK_INIT_TIMEOUT_S`` seconds (default 300) and then fails with a message naming the coordinator, the
+waits ``LITESPARK_INIT_TIMEOUT_S`` seconds (default 300, > 0) and then fails with a message naming the coordinator, the
 process and what to check, instead of hanging until the scheduler's wall clock. On CPU the cross-process
 collectives use gloo.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -69,17 +70,32 @@ def _give_up(message: str) -> None:
     os._exit(RENDEZVOUS_EXIT_CODE)
 
 
-def _int(env, key) -> int:
+def env_number(env, key: str, default: float, *, integer: bool = False, low: float = 0.0,
+               high: float = math.inf, strict_low: bool = False) -> float:
+    """``env[key]`` as a number within [low, high] (or (low, high] with ``strict_low``), ``default`` when unset;
+    anything else is a one-line ``DistributedError`` naming the variable, not a traceback."""
+    text = env.get(key)
+    if text is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    bounds = f"{'>' if strict_low else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
     try:
-        return int(env[key])
+        value = int(text) if integer else float(text)
     except ValueError:
-        raise DistributedError(f"environment variable {key}={env[key]!r} must be an integer") from None
+        value = None
+    if value is None or not math.isfinite(value) or value < low or (strict_low and value == low) or value > high:
+        raise DistributedError(f"environment variable {key}={text!r} must be {kind} {bounds}")
+    return value
+
+
+def _int(env, key) -> int:
+    return int(env_number(env, key, 0, integer=True))
 
 
 def detect(env=None) -> ProcessSpec | None:
     """The process layout from the environment, or None for a single-process run."""
     env = os.environ if env is None else env
-    port = int(env.get("LITESPARK_COORDINATOR_PORT", DEFAULT_PORT))
+    port = int(env_number(env, "LITESPARK_COORDINATOR_PORT", DEFAULT_PORT, integer=True, low=1, high=65535))
     if "LITESPARK_COORDINATOR" in env:
         missing = [k for k in ("LITESPARK_NUM_PROCESSES", "LITESPARK_PROCESS_ID") if k not in env]
         if missing:
@@ -89,7 +105,7 @@ def detect(env=None) -> ProcessSpec | None:
             coordinator = f"{coordinator}:{port}"
         spec = ProcessSpec(coordinator, _int(env, "LITESPARK_NUM_PROCESSES"), _int(env, "LITESPARK_PROCESS_ID"),
                            "explicit")
-    elif "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    elif "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and env_number(env, "SLURM_NTASKS", 1, integer=True) > 1:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodelist:
             raise DistributedError("SLURM_JOB_NODELIST is not set; launch the job step with srun")
@@ -102,6 +118,11 @@ def detect(env=None) -> ProcessSpec | None:
         jobset, rjob = env["JOBSET_NAME"], env.get("REPLICATED_JOB_NAME", "workers")
         spec = ProcessSpec(f"{jobset}-{rjob}-0-0.{jobset}:{port}", _int(env, "LITESPARK_NUM_PROCESSES"),
                            _int(env, "JOB_COMPLETION_INDEX"), "jobset")
+    elif env_number(env, "LITESPARK_NUM_PROCESSES", 1, integer=True) > 1:
+        raise DistributedError(
+            f"LITESPARK_NUM_PROCESSES={env['LITESPARK_NUM_PROCESSES']} but nothing says where process 0 is: set "
+            f"LITESPARK_COORDINATOR and LITESPARK_PROCESS_ID, start the processes with srun, or (JobSet) pass "
+            f"JOBSET_NAME and JOB_COMPLETION_INDEX (see launch/jobset.yaml)")
     else:
         return None
     if spec.num_processes < 1 or not 0 <= spec.process_id < spec.num_processes:
@@ -110,22 +131,22 @@ def detect(env=None) -> ProcessSpec | None:
     return None if spec.num_processes == 1 else spec
 
 
-def initialize_from_env(env=None, timeout_s: int | None = None) -> ProcessSpec | None:
+def initialize_from_env(env=None, timeout_s: float | None = None) -> ProcessSpec | None:
     """Join the multi-process run described by the environment (no-op for one process)."""
     env = os.environ if env is None else env
     spec = detect(env)
     if spec is None:
         return None
     if timeout_s is None:
-        timeout_s = int(env.get("LITESPARK_INIT_TIMEOUT_S", 300))
+        timeout_s = env_number(env, "LITESPARK_INIT_TIMEOUT_S", 300, strict_low=True)
     platforms = env.get("JAX_PLATFORMS", "")
     if platforms.startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    log.info("process %d/%d joining %s (from %s variables, timeout %ds)", spec.process_id, spec.num_processes,
+    log.info("process %d/%d joining %s (from %s variables, timeout %gs)", spec.process_id, spec.num_processes,
              spec.coordinator, spec.source, timeout_s)
     message = (
         f"process {spec.process_id} of {spec.num_processes} could not rendezvous with the coordinator "
-        f"{spec.coordinator} within {timeout_s}s ({spec.source} variables): check that all {spec.num_processes} "
+        f"{spec.coordinator} within {timeout_s:g}s ({spec.source} variables): check that all {spec.num_processes} "
         f"processes were started, that process 0 runs on that host and the port is open between nodes "
         f"(LITESPARK_COORDINATOR_PORT); raise LITESPARK_INIT_TIMEOUT_S for slow starts."
     )
@@ -136,7 +157,7 @@ def initialize_from_env(env=None, timeout_s: int | None = None) -> ProcessSpec |
     timer.start()
     try:
         jax.distributed.initialize(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
-                                   process_id=spec.process_id, initialization_timeout=timeout_s + 30)
+                                   process_id=spec.process_id, initialization_timeout=math.ceil(timeout_s) + 30)
     except Exception as e:  # noqa: BLE001 - XLA raises plain RuntimeError/XlaRuntimeError variants
         first = " ".join(str(e).split())[:300]
         raise DistributedError(f"{message} [{type(e).__name__}: {first}]") from None

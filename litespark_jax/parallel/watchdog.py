@@ -21,6 +21,13 @@ EXIT_CODE = 75  # EX_TEMPFAIL: "try again", distinct from crashes (1) and bad in
 DEFAULT_TIMEOUT_S = 1800.0
 
 
+def timeout_from_env(env=None) -> float:
+    """``LITESPARK_STEP_TIMEOUT_S`` (seconds >= 0; 0 disables); a bad value is a one-line error naming it."""
+    from litespark_jax.parallel.distributed import env_number
+
+    return env_number(os.environ if env is None else env, "LITESPARK_STEP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+
+
 class StepWatchdog:
     def __init__(self, timeout_s: float, *, exit_fn=None, poll_s: float | None = None):
         self.timeout_s = float(timeout_s)
@@ -33,8 +40,7 @@ class StepWatchdog:
 
     @classmethod
     def from_env(cls, env=None) -> "StepWatchdog":
-        env = os.environ if env is None else env
-        return cls(float(env.get("LITESPARK_STEP_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+        return cls(timeout_from_env(env))
 
     @property
     def enabled(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -58,3 +59,36 @@ def test_watchdog_stops_and_can_be_disabled():
     time.sleep(0.5)
     assert codes == []
     assert not StepWatchdog.from_env({"LITESPARK_STEP_TIMEOUT_S": "0"}).enabled
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LITESPARK_COORDINATOR_PORT": "abc"}, "LITESPARK_COORDINATOR_PORT='abc' must be an integer >= 1 and <= 65535"),
+    ({"LITESPARK_COORDINATOR_PORT": "70000"}, "LITESPARK_COORDINATOR_PORT='70000' must be an integer"),
+    ({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": ""}, "SLURM_NTASKS='' must be an integer >= 0"),
+    ({"JOB_COMPLETION_INDEX": "2", "LITESPARK_NUM_PROCESSES": "4"},
+     "LITESPARK_NUM_PROCESSES=4 but nothing says where process 0 is"),
+])
+def test_bad_or_incomplete_variables_are_one_line_errors(env, message):
+    with pytest.raises(DistributedError, match=re.escape(message)):
+        detect(env)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("LITESPARK_STEP_TIMEOUT_S", "30m", "LITESPARK_STEP_TIMEOUT_S='30m' must be a number >= 0"),
+    ("LITESPARK_STEP_TIMEOUT_S", "nan", "LITESPARK_STEP_TIMEOUT_S='nan' must be a number >= 0"),
+    ("LITESPARK_STEP_TIMEOUT_S", "-5", "LITESPARK_STEP_TIMEOUT_S='-5' must be a number >= 0"),
+    ("LITESPARK_INIT_TIMEOUT_S", "0", "LITESPARK_INIT_TIMEOUT_S='0' must be a number > 0"),
+    ("LITESPARK_INIT_TIMEOUT_S", "10m", "LITESPARK_INIT_TIMEOUT_S='10m' must be a number > 0"),
+])
+def test_timeouts_from_the_environment_are_checked(name, value, message):
+    import subprocess
+    import sys
+
+    from tests.checkpoint.conftest import REPO, subprocess_env
+
+    env = {**subprocess_env(), name: value, "LITESPARK_COORDINATOR": "127.0.0.1:1", "LITESPARK_NUM_PROCESSES": "2",
+           "LITESPARK_PROCESS_ID": "0"}
+    proc = subprocess.run([sys.executable, "-m", "litespark_jax.train", "train.steps=1"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: environment variable {message}", proc.stderr
+    assert StepWatchdog.from_env({"LITESPARK_STEP_TIMEOUT_S": "90.5"}).timeout_s == 90.5

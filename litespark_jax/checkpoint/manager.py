@@ -284,6 +284,12 @@ class CheckpointManager:
         flat ``{name without prefix: array}``; same fallback and checksum checks as ``restore``."""
         return self._newest_good(lambda candidate: self._restore_subset(prefix, candidate), step)
 
+    def restore_params(self, abstract_params, step: int | None = None) -> Restored:
+        """Only the parameters (``params.*``), onto the shardings of ``abstract_params`` (a tree of
+        ``jax.ShapeDtypeStruct``): starting weights for another run, whatever optimizer the checkpoint was saved
+        with. Same fallback, shape, checksum and dtype handling as ``restore``."""
+        return self._newest_good(lambda candidate: self._restore_params(abstract_params, candidate), step)
+
     def _newest_good(self, restore_step, step: int | None) -> Restored:
         steps = self.all_steps()
         if not steps:
@@ -323,6 +329,17 @@ class CheckpointManager:
             raise _Corrupted(f"{path}/state has no readable metadata")
         return meta, saved
 
+    def _read_some(self, step: int, target: dict) -> tuple[dict, dict]:
+        """(the arrays named in ``target``, read as its ShapeDtypeStructs say; the run config) of one step."""
+        path = os.path.join(self.directory, str(step))
+        try:
+            flat = ocp.PyTreeCheckpointer().restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+            config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception as e:  # noqa: BLE001
+            raise _Corrupted(_one_line(e)) from e
+        return flat, config or {}
+
     def _restore_subset(self, prefix: str, step: int) -> Restored:
         path = os.path.join(self.directory, str(step))
         meta, saved = self._read_meta(step)
@@ -331,15 +348,23 @@ class CheckpointManager:
                   for name, m in saved.items() if name.startswith(prefix)}
         if not target:
             raise CheckpointError(f"checkpoint {path} holds no arrays named {prefix}*")
-        try:
-            flat = ocp.PyTreeCheckpointer().restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-            config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        except Exception as e:  # noqa: BLE001
-            raise _Corrupted(_one_line(e)) from e
+        flat, config = self._read_some(step, target)
         _verify_checksums(flat, meta)
         return Restored(step=step, state={k[len(prefix):]: v for k, v in flat.items()}, data_state=None,
-                        config=config or {}, meta=meta, path=path)
+                        config=config, meta=meta, path=path)
+
+    def _restore_params(self, abstract_params, step: int) -> Restored:
+        path = os.path.join(self.directory, str(step))
+        meta, saved = self._read_meta(step)
+        target = {"params." + name: want for name, want in flatten(abstract_params)[0].items()}
+        _check_compatible({name: m for name, m in saved.items() if name.startswith("params.")}, target, path)
+        as_saved = {name: jax.ShapeDtypeStruct(want.shape, saved[name].dtype, sharding=want.sharding)
+                    for name, want in target.items()}
+        flat, config = self._read_some(step, as_saved)
+        _verify_checksums(flat, meta)
+        flat = _cast_to(flat, target, path)
+        params = unflatten({name[len("params."):]: value for name, value in flat.items()}, abstract_params)
+        return Restored(step=step, state=params, data_state=None, config=config, meta=meta, path=path)
 
     def _restore_step(self, abstract_state, step: int) -> Restored:
         path = os.path.join(self.directory, str(step))

@@ -110,15 +110,20 @@ class _PosttrainMixin:
         return params
 
     def _load_checkpoint_params(self, source: str):
-        from litespark_jax.checkpoint.manager import CheckpointManager, split_checkpoint_path
+        """The parameters alone: the optimizer state is not read, so the checkpoint's optimizer settings (and
+        the memory its moments would take) do not matter."""
+        from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_shardings, split_checkpoint_path
 
         root, step = split_checkpoint_path(source)
         manager = CheckpointManager(root, self.config.checkpoint, read_only=True)
         try:
-            restored = self.restore_state(manager, step)
+            with self._sharding_context():
+                target = abstract_with_shardings(jax.eval_shape(lambda: Trainer.init_state(self)),
+                                                 self.state_sharding).params
+                restored = manager.restore_params(target, step)
         finally:
             manager.close()
-        return restored.state.params
+        return restored.state
 
     def init_state(self) -> TrainState:
         """Step 0 at the starting weights with a fresh optimizer (copied, so donating it keeps ``initial_params``)."""

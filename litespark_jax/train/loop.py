@@ -24,7 +24,7 @@ from litespark_jax.checkpoint.preemption import PreemptionHandler
 from litespark_jax.checkpoint.session import RunCheckpoints
 from litespark_jax.config import Config
 from litespark_jax.energy import EnergyWindow
-from litespark_jax.errors import ConfigError
+from litespark_jax.errors import CheckpointError, ConfigError, UserError
 from litespark_jax.metrics import MetricsWriter, mfu, model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_shapes
@@ -162,7 +162,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
             trainer.check_eval_data()
         iterator = trainer.train_iterator()
         if data_state is not None and t.resume_data:
-            iterator.set_state(data_state)
+            _restore_data_position(iterator, data_state, checkpoints.restored_from)
         elif data_state is not None and jax.process_index() == 0:
             print("train.resume_data=false: the data stream starts afresh", flush=True)
     except BaseException:
@@ -248,6 +248,20 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
         writer.close()
         checkpoints.close()
     return TrainResult(state=state, history=history, eval_history=eval_history)
+
+
+def _restore_data_position(iterator, data_state: dict, source: str | None) -> None:
+    """``iterator.set_state``; a position another kind of pipeline saved (e.g. pretraining's, resumed by SFT) is a
+    one-line error instead of grain's KeyError."""
+    try:
+        iterator.set_state(data_state)
+    except UserError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(
+            f"the data position in {source} does not fit this run's data pipeline ({type(e).__name__}: "
+            f"{str(e)[:100]}): it was saved by another kind of run or data setup. Start from its weights with "
+            f"posttrain.init_from, or keep the state and start the data afresh with train.resume_data=false") from None
 
 
 class StepProfiler:

@@ -36,3 +36,22 @@ def test_resume_equals_uninterrupted(tmp_path, kind):
     assert [h["step"] for h in resumed] == [3, 4]
     for a, b in zip(straight[2:], resumed):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+
+
+def test_a_data_position_from_another_pipeline_is_a_clear_error(tmp_path):
+    from litespark_jax.errors import CheckpointError
+    from litespark_jax.posttrain.trainer import SFTTrainer
+    from litespark_jax.train.loop import train
+
+    def run(steps, pack, **train_fields):
+        cfg = tiny_config(128, train={"steps": steps, "global_batch_size": 4, "run_dir": str(tmp_path / "run"),
+                                      **train_fields},
+                          checkpoint={"every": 2, "async_save": False}, posttrain={"pack": pack})
+        return train(cfg, trainer=SFTTrainer(cfg)).history
+
+    run(2, pack=True)
+    # Unpacked batches keep another iterator state than packed ones: grain raised KeyError('next_index').
+    with pytest.raises(CheckpointError, match=r"the data position in .*/checkpoints/2 does not fit this run's data "
+                                              r"pipeline .*posttrain.init_from.*train.resume_data=false"):
+        run(3, pack=False)
+    assert [h["step"] for h in run(3, pack=False, resume_data=False)] == [3]

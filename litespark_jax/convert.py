@@ -5,7 +5,8 @@
         [--config configs/llama-3.2-1b.yaml] [section.key=value ...]
 
 ``to-hf`` writes ``config.json``, ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards plus
-``model.safetensors.index.json`` above ``--max-shard-size``) and the run's tokenizer; the directory loads with
+``model.safetensors.index.json`` above ``--max-shard-size``), ``generation_config.json`` with the tokenizer's BOS/EOS
+(/PAD) ids (also in ``config.json``) and the run's tokenizer; the directory loads with
 ``transformers.LlamaForCausalLM.from_pretrained`` and no code of ours. ``from-hf`` reads a local Llama 2 / Llama 3
 directory (safetensors, single or sharded, tied or untied embeddings, Llama-3 RoPE scaling) and writes a step-0
 checkpoint (parameters plus a fresh optimizer state) that ``train.resume=<out>`` continues from.
@@ -27,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -35,14 +37,21 @@ import sys
 import numpy as np
 
 from litespark_jax.config import Config, ModelConfig, from_dict, load_config, validate
+from litespark_jax.data.tokenizers import BYTE_FILE, HF_FILE, SENTENCEPIECE_FILE
 from litespark_jax.errors import CheckpointError, ConfigError
-from litespark_jax.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from litespark_jax.hf import from_hf_state_dict, hf_config, to_hf_state_dict, unexpected_hf_tensors
 
 log = logging.getLogger("litespark_jax")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+GENERATION_CONFIG = "generation_config.json"
+# What an earlier export may have left describing the old tokenizer: the files our tokenizers' ``save`` writes
+# (a leftover tokenizer.json is loaded before a new byte_tokenizer.json), the generation config, and transformers'
+# tokenizer side files, which would pair stale special tokens with a new tokenizer.json.
+_TOKENIZER_FILES = (HF_FILE, SENTENCEPIECE_FILE, BYTE_FILE, GENERATION_CONFIG, "tokenizer_config.json",
+                    "special_tokens_map.json")
 _DTYPES = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
 
 
@@ -76,12 +85,24 @@ def export_hf(checkpoint: str, out_dir: str, *, dtype: str | None = None, max_sh
     tensors = {k: _cast(v, out_dtype) for k, v in tensors.items()}
     os.makedirs(out_dir, exist_ok=True)
     _write_safetensors(tensors, out_dir, max_shard_size)
-    hf = hf_config(config.model)
+    for name in _TOKENIZER_FILES:  # a previous export's tokenizer would load in place of (or beside) the new one
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    tok = _build_tokenizer(config)
+    # Without the ids transformers assumes BOS=1, EOS=2 (wrong for e.g. the byte tokenizer's EOS=257).
+    special = {} if tok is None else _special_token_ids(tok, config.model.vocab_size)
+    hf = {**hf_config(config.model), **special}
     hf["torch_dtype"] = out_dtype
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    if tokenizer:
-        _save_tokenizer(config, out_dir)
+    if special:
+        with open(os.path.join(out_dir, GENERATION_CONFIG), "w") as f:
+            json.dump(special, f, indent=2)
+    if tokenizer and tok is not None:
+        try:
+            tok.save(out_dir)
+        except Exception as e:  # noqa: BLE001 - the weights are the product; a missing tokenizer file is a warning
+            log.warning("warning: the tokenizer (%s) was not written: %s", config.data.tokenizer, e)
     log.info("exported %s (step %d) to %s", restored.path, restored.step, out_dir)
     return out_dir
 
@@ -133,13 +154,29 @@ def _save_bf16_aware(save_file, shard: dict, path: str, metadata: dict) -> None:
         save_file(shard, path, metadata=metadata)
 
 
-def _save_tokenizer(config: Config, out_dir: str) -> None:
+def _build_tokenizer(config: Config):
+    """The run's tokenizer (``data.tokenizer``), or None with a warning: the weights are the product."""
     try:
         from litespark_jax import data as data_lib
 
-        data_lib.build_tokenizer(config.data).save(out_dir)
-    except Exception as e:  # noqa: BLE001 - the weights are the product; a missing tokenizer file is a warning
-        log.warning("warning: the tokenizer (%s) was not written: %s", config.data.tokenizer, e)
+        return data_lib.build_tokenizer(config.data)
+    except Exception as e:  # noqa: BLE001 - e.g. the tokenizer file moved since training
+        log.warning("warning: the tokenizer (%s) could not be loaded, so neither it nor its BOS/EOS ids were "
+                    "written: %s", config.data.tokenizer, e)
+        return None
+
+
+def _special_token_ids(tok, vocab_size: int) -> dict:
+    """BOS/EOS (and PAD when the tokenizer has its own; ours fall back to EOS) as config.json names them, less ids
+    outside the model's vocabulary (transformers rejects those; a pad_token_id there even breaks loading)."""
+    ids = {"bos_token_id": int(tok.bos_id), "eos_token_id": int(tok.eos_id)}
+    if tok.pad_id != tok.eos_id:
+        ids["pad_token_id"] = int(tok.pad_id)
+    outside = [f"{k}={v}" for k, v in ids.items() if not 0 <= v < vocab_size]
+    if outside:
+        log.warning("warning: the tokenizer's %s lie outside the model's vocabulary (%d) and were not written",
+                    ", ".join(outside), vocab_size)
+    return {k: v for k, v in ids.items() if 0 <= v < vocab_size}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,6 +185,8 @@ def _save_tokenizer(config: Config, out_dir: str) -> None:
 
 def model_config_from_hf(hf: dict, base: ModelConfig = ModelConfig(), source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for an HF Llama ``config.json`` (numerics and kernel choices are kept from ``base``)."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got a JSON {_json_type(hf)}")
     architectures = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
         raise CheckpointError(f"{source}: unsupported architecture {architectures or hf.get('model_type')!r} "
@@ -159,40 +198,81 @@ def model_config_from_hf(hf: dict, base: ModelConfig = ModelConfig(), source: st
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only silu)")
     # transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling.
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope = _json_object(hf, "rope_parameters", source) or {}
+    scaling = _json_object(hf, "rope_scaling", source) or (
+        rope if rope.get("rope_type", "default") != "default" else None)
+    rope_theta = _number(rope, "rope_theta", source, _number(hf, "rope_theta", source, 10000.0))
     rope_scaling = None
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind == "default":
             rope_scaling = None
         elif kind == "llama3":
-            rope_scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                    "original_max_position_embeddings")}
+            rope_scaling = {k: _number(scaling, k, source, None, f"rope_scaling.{k}") for k in _LLAMA3_ROPE_KEYS}
+            missing = [k for k, v in rope_scaling.items() if v is None]
+            if missing:
+                raise CheckpointError(f"{source}: llama3 rope_scaling is missing {', '.join(missing)}")
         else:
             raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (only llama3 or none)")
-    try:
-        d, heads = hf["hidden_size"], hf["num_attention_heads"]
-        head_dim = hf.get("head_dim")
-        cfg = dataclasses.replace(
-            base,
-            vocab_size=hf["vocab_size"],
-            d_model=d,
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=None if head_dim in (None, d // heads) else head_dim,
-            d_ff=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", base.max_seq_len),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from None
-    return cfg
+    d, heads = _positive_int(hf, "hidden_size", source), _positive_int(hf, "num_attention_heads", source)
+    head_dim = _positive_int(hf, "head_dim", source, None)
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise CheckpointError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
+    return dataclasses.replace(
+        base,
+        vocab_size=_positive_int(hf, "vocab_size", source),
+        d_model=d,
+        num_layers=_positive_int(hf, "num_hidden_layers", source),
+        num_heads=heads,
+        num_kv_heads=_positive_int(hf, "num_key_value_heads", source, heads),
+        head_dim=None if head_dim in (None, d // heads) else head_dim,
+        d_ff=_positive_int(hf, "intermediate_size", source),
+        max_seq_len=_positive_int(hf, "max_position_embeddings", source, base.max_seq_len),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        norm_eps=float(_number(hf, "rms_norm_eps", source, 1e-6)),
+        tie_embeddings=tie,
+    )
+
+
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_REQUIRED = object()
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _json_object(hf: dict, key: str, source: str) -> dict | None:
+    """``hf[key]`` when it is an object; None when absent or null (HF writes null for "not set")."""
+    value = hf.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise CheckpointError(f"{source}: {key} must be an object or null, got a JSON {_json_type(value)}")
+    return value
+
+
+def _positive_int(hf: dict, key: str, source: str, default=_REQUIRED):
+    """``hf[key]`` as a positive integer (JSON true is not 1 here); ``default`` when optional and absent or null."""
+    if key not in hf and default is _REQUIRED:
+        raise CheckpointError(f"{source}: missing key {key!r}")
+    value = hf.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(hf: dict, key: str, source: str, default, name: str | None = None):
+    """``hf[key]`` as a finite positive number (int or float, not bool); ``default`` when absent or null."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise CheckpointError(f"{source}: {name or key} must be a positive number, got {value!r}")
+    return value
 
 
 def read_hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
@@ -252,6 +332,11 @@ def load_hf_params(hf_dir: str, base: ModelConfig = ModelConfig()) -> tuple[Mode
         raise CheckpointError(f"{hf_dir}: tensor {e.args[0]!r} is missing") from None
     except ValueError as e:  # reshape of a tensor whose size disagrees with config.json
         raise CheckpointError(f"{hf_dir}: a tensor's shape disagrees with config.json ({e})") from None
+    unexpected = unexpected_hf_tensors(tensors, cfg)
+    if unexpected:  # e.g. a layer beyond num_hidden_layers: importing without it would silently change the model
+        raise CheckpointError(f"{hf_dir}: {len(unexpected)} tensor(s) are not part of the {cfg.num_layers}-layer Llama "
+                              f"config.json describes: {', '.join(unexpected[:3])}"
+                              + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
     _, abstract = abstract_model(cfg)
     expected = _flatten_dotted(nnx.to_pure_dict(abstract))
     got = _flatten_dotted(params)

@@ -78,6 +78,29 @@ def from_hf_state_dict(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict
     return params
 
 
+def hf_tensor_names(cfg: ModelConfig) -> list[str]:
+    """The tensor names ``to_hf_state_dict`` writes and ``from_hf_state_dict`` reads, in that order."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+    suffixes = [hf_name for hf_name, *_ in _layer_table(cfg)] + ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
+    return names + [f"model.layers.{i}.{suffix}" for i in range(cfg.num_layers) for suffix in suffixes]
+
+
+def unexpected_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> list[str]:
+    """Sorted names in ``tensors`` that an import for ``cfg`` would silently drop (e.g. a layer beyond
+    ``num_hidden_layers``). Skips what HF checkpoints carry harmlessly: RoPE ``inv_freq`` buffers (recomputed from
+    the config) and, with tied embeddings, an ``lm_head.weight`` equal to the embedding."""
+    used = set(hf_tensor_names(cfg))
+    unexpected = []
+    for name in sorted(tensors):
+        if name in used or name == "rotary_emb.inv_freq" or name.endswith(".rotary_emb.inv_freq"):
+            continue
+        if (name == "lm_head.weight" and cfg.tie_embeddings
+                and np.array_equal(tensors[name], tensors.get("model.embed_tokens.weight"))):
+            continue
+        unexpected.append(name)
+    return unexpected
+
+
 def hf_config(cfg: ModelConfig) -> dict:
     """The ``config.json`` of the equivalent ``LlamaForCausalLM``."""
     rope_scaling = None

@@ -184,3 +184,101 @@ def test_bad_hf_directories_give_one_line_errors(tmp_path):
         load_hf_params(str(tmp_path / "empty"))
     assert run_main(main, ["from-hf", "--hf-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert run_main(main, ["to-hf", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "y")]) == 2
+
+
+def add_tensors(directory, tensors):
+    """Add ``tensors`` to a sharded HF directory as one more shard listed in its index."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(directory / "extra.safetensors"), metadata={"format": "pt"})
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({name: "extra.safetensors" for name in tensors})
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_tensors_config_json_does_not_use_are_an_error(tmp_path):
+    import dataclasses
+
+    cfg = MODELS["llama2-untied"]
+    save_random_hf_model(tmp_path / "hf", dataclasses.replace(cfg, num_layers=3))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(CheckpointError, match=r"9 tensor\(s\) are not part of the 2-layer Llama config.json describes: "
+                                              r"model\.layers\.2\.input_layernorm\.weight, .* and 6 more"):
+        load_hf_params(str(tmp_path / "hf"))
+
+
+def test_harmless_extra_tensors_are_ignored_and_a_differing_tied_lm_head_is_not(tmp_path):
+    cfg = MODELS["llama3-tied-gqa"]
+    save_random_hf_model(tmp_path / "hf", cfg)
+    embed = load_hf_params(str(tmp_path / "hf"))[1]["embed"]
+    inv_freq = np.ones(cfg.resolved_head_dim // 2, np.float32)
+    add_tensors(tmp_path / "hf", {"model.rotary_emb.inv_freq": inv_freq,
+                                  "model.layers.0.self_attn.rotary_emb.inv_freq": inv_freq,
+                                  "lm_head.weight": np.array(embed)})
+    assert load_hf_params(str(tmp_path / "hf"))[0] == cfg
+
+    add_tensors(tmp_path / "hf", {"lm_head.weight": np.array(embed) + 1})
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) are not part of .*: lm_head\.weight$"):
+        load_hf_params(str(tmp_path / "hf"))
+
+
+def test_export_writes_special_token_ids_and_replaces_old_tokenizer_files(tmp_path):
+    import dataclasses
+
+    from litespark_jax.cli import run_main
+    from litespark_jax.data.tokenizers import ByteTokenizer, load_tokenizer
+
+    write_checkpoint(tmp_path / "ckpt", dataclasses.replace(MODELS["llama2-untied"], vocab_size=260))
+    out = tmp_path / "hf"
+    out.mkdir()
+    stale = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+             "generation_config.json"]
+    for name in stale:
+        (out / name).write_text("{}")
+    export_hf(str(tmp_path / "ckpt"), str(out))
+    assert sorted(os.listdir(out)) == ["byte_tokenizer.json", "config.json", "generation_config.json",
+                                       "model.safetensors"]
+    assert isinstance(load_tokenizer(str(out)), ByteTokenizer)
+    ids = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+    assert {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k in ids} == ids
+    assert json.loads((out / "generation_config.json").read_text()) == ids
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(out))
+    generation = transformers.GenerationConfig.from_pretrained(str(out))
+    assert (hf_model.config.eos_token_id, generation.bos_token_id, generation.eos_token_id) == (257, 256, 257)
+
+    (out / "tokenizer.json").write_text("{}")
+    assert run_main(main, ["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--no-tokenizer"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+HF_CONFIG_ERRORS = [
+    ([4], "expected a JSON object, got a JSON array"),
+    ({"vocab_size": None}, "vocab_size must be a positive integer, got None"),
+    ({"num_hidden_layers": "4"}, "num_hidden_layers must be a positive integer, got '4'"),
+    ({"num_attention_heads": True}, "num_attention_heads must be a positive integer, got True"),
+    ({"intermediate_size": 0}, "intermediate_size must be a positive integer, got 0"),
+    ({"num_key_value_heads": 2.0}, "num_key_value_heads must be a positive integer, got 2.0"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a positive number, got '1e-5'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"rope_scaling": "llama3"}, "rope_scaling must be an object or null, got a JSON string"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8}},
+     "llama3 rope_scaling is missing low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 16}}, "rope_scaling.factor must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("change, message", HF_CONFIG_ERRORS, ids=[m.split(" ")[0] for _, m in HF_CONFIG_ERRORS])
+def test_malformed_hf_config_json_gives_one_line_errors(tmp_path, capsys, change, message):
+    from litespark_jax.cli import run_main
+    from litespark_jax.hf import hf_config
+
+    config = change if isinstance(change, list) else {**hf_config(MODELS["llama2-untied"]), **change}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load_hf_params(str(tmp_path / "hf"))
+    assert str(error.value).startswith(f"{tmp_path / 'hf' / 'config.json'}: {message}")
+    assert run_main(main, ["from-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0

@@ -36,9 +36,9 @@ from litespark_jax.generation import SamplingConfig
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 __all__ = [
-    "SamplingConfig", "build_model", "evaluate", "export_hf", "generate", "generate_text", "import_hf",
-    "latest_checkpoint", "load_checkpoint", "load_config", "model_from_state", "override", "plot_history",
-    "plot_runs", "save_checkpoint", "tokenizer", "train",
+    "SamplingConfig", "build_model", "chat_template", "evaluate", "export_hf", "generate", "generate_text",
+    "import_hf", "latest_checkpoint", "load_checkpoint", "load_config", "model_from_state", "override",
+    "plot_history", "plot_runs", "save_checkpoint", "tokenizer", "train",
 ]
 
 
@@ -239,18 +239,41 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
     return generation.generate(model, prompts, sampling)
 
 
+def chat_template(config: Config, tok=None):
+    """The run's chat template (``posttrain.template``, ``posttrain.system_prompt``) bound to its tokenizer: how
+    SFT/DPO rendered conversations, so generation can render prompts and stop at the end of a turn the same way."""
+    from litespark_jax.posttrain.template import TemplateTokens, get_template
+
+    p = config.posttrain
+    return TemplateTokens(get_template(p.template), tok or tokenizer(config), p.system_prompt)
+
+
 def generate_text(model, tok, prompt: str | Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-                  add_bos: bool = True) -> str | list[str]:
+                  add_bos: bool = True, template=None, chat: bool = False) -> str | list[str]:
     """The continuation of ``prompt`` (a string, or a list of them for a batch) as text. Greedy when
     ``temperature`` is 0; otherwise sampled with optional top-k / top-p. Training frames every document as
-    BOS ... EOS, so the prompt starts with BOS and generation stops at EOS."""
+    BOS ... EOS, so the prompt starts with BOS and generation stops at EOS.
+
+    ``template`` (``chat_template(config)``): a fine-tuned model ends its answer with the template's end-of-turn
+    token, never EOS, so generation stops at either. ``chat=True`` (needs ``template``) sends each prompt as a user
+    turn followed by the assistant header, as SFT trained on."""
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
-    ids = [([tok.bos_id] if add_bos else []) + list(tok.encode(t)) for t in texts]
+    if chat:
+        if template is None:
+            raise ConfigError("chat generation needs the chat template the model was fine-tuned with")
+        template.check_vocab(model.cfg.vocab_size)
+        ids = [template.render([{"role": "user", "content": t}], require_assistant=False)[0]
+               + template.generation_prompt() for t in texts]
+    else:
+        ids = [([tok.bos_id] if add_bos else []) + list(tok.encode(t)) for t in texts]
+    stops = {tok.eos_id}
+    if template is not None:
+        stops.add(template.special_ids[template.template.end_of_turn])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, eos_id=tok.eos_id if stop_at_eos else None)
+                              seed=seed, eos_id=stops if stop_at_eos else None)
     outs = generation.generate(model, ids, sampling)
-    decoded = [tok.decode([i for i in out if i != tok.eos_id]) for out in outs]
+    decoded = [tok.decode([i for i in out if i not in stops]) for out in outs]
     return decoded[0] if isinstance(prompt, str) else decoded
 
 

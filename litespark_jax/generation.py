@@ -9,7 +9,7 @@ so greedy decoding with the cache gives the same tokens as recomputing the whole
 (``generate_recompute``, kept as the reference the tests compare against).
 
 Generation is one jitted program: a prefill over the (left-padded) prompts, then a ``lax.while_loop`` of
-single-token decode steps that stops early once every row has produced ``eos_id``.
+single-token decode steps that stops early once every row has produced one of the stop ids (``eos_id``).
 
     tokens = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=20, temperature=0.8, top_p=0.9))
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -42,18 +43,32 @@ class SamplingConfig:
     """Keep the smallest set of tokens whose probability reaches top_p (1.0 = no limit)."""
     seed: int = 0
     """PRNG seed of the sampler (same seed, same samples)."""
-    eos_id: int | None = None
-    """Stop a row once it produces this token (it is kept in the output); None never stops early."""
+    eos_id: int | Sequence[int] | None = None
+    """Stop a row once it produces this token, or any of these (a chat model ends its turn with the template's
+    end-of-turn token, not EOS); the stop token is kept in the output. None never stops early."""
+
+    def __post_init__(self):
+        if self.eos_id is not None and not isinstance(self.eos_id, (int, np.integer)):  # a hashable jit key
+            object.__setattr__(self, "eos_id", tuple(sorted({int(i) for i in self.eos_id})))
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The stop ids as a tuple (empty: never stop early)."""
+        if self.eos_id is None:
+            return ()
+        return self.eos_id if isinstance(self.eos_id, tuple) else (int(self.eos_id),)
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must not be negative, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must not be negative, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1.0):  # greedy would silently ignore them
+            raise ValueError(f"top_k={self.top_k} / top_p={self.top_p} only apply when sampling: set temperature > 0")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,8 +180,8 @@ def _generate_program(graphdef, state, prompt, pad, seed, *, sampling: SamplingC
     n = sampling.max_new_tokens
     cache = init_cache(model.cfg, b, prompt_len + n)
     logits, cache = forward_with_cache(model, prompt, cache, 0, pad)
-    eos = -1 if sampling.eos_id is None else sampling.eos_id
-    fill = max(eos, 0)  # what a finished row emits (dropped by ``generate``)
+    stops = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
+    fill = sampling.stop_ids[0] if sampling.stop_ids else 0  # what a finished row emits (dropped by ``generate``)
     out = jnp.full((b, n), fill, jnp.int32)
     sample = functools.partial(sample_logits, temperature=sampling.temperature, top_k=sampling.top_k,
                                top_p=sampling.top_p)
@@ -181,7 +196,7 @@ def _generate_program(graphdef, state, prompt, pad, seed, *, sampling: SamplingC
         token = sample(last_logits, sub)
         token = jnp.where(done, fill, token)
         out = out.at[:, i].set(token)
-        done = done | (token == eos)
+        done = done | jnp.isin(token, stops)
         logits, cache = forward_with_cache(model, token[:, None], cache, prompt_len + i, pad)
         return i + 1, cache, logits[:, 0], key, done, out
 
@@ -206,7 +221,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
     """The new tokens of each prompt (token ids, without the prompt), decoded with the KV cache.
 
     Prompts may have different lengths (they are left-padded; padding is never attended to). A row that produced
-    ``eos_id`` keeps it as its last token and stops; all rows stop after ``max_new_tokens``.
+    a stop id (``eos_id``) keeps it as its last token and stops; all rows stop after ``max_new_tokens``.
     """
     sampling.validate()
     cfg = model.cfg
@@ -227,11 +242,11 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
     # The seed is an argument, not a constant: a new seed does not recompile.
     program = _jitted("generate", graphdef, _generate_program, sampling=dataclasses.replace(sampling, seed=0))
     out, steps = jax.device_get(program(state, jnp.asarray(tokens), jnp.asarray(pad), jnp.uint32(sampling.seed)))
+    stops = set(sampling.stop_ids)
     results = []
     for row in out[:, : int(steps)].tolist():
-        if sampling.eos_id is not None and sampling.eos_id in row:
-            row = row[: row.index(sampling.eos_id) + 1]
-        results.append(row)
+        end = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
+        results.append(row[: end + 1])
     return results
 
 

@@ -89,6 +89,15 @@ def test_eos_stops_a_row(model):
     assert stopped == greedy[: greedy.index(eos) + 1]
 
 
+def test_any_of_several_stop_ids_stops_a_row(model):
+    prompt = [1, 2, 3, 4, 5]
+    greedy = g.generate(model, [prompt], g.SamplingConfig(max_new_tokens=24))[0]
+    first, later = greedy[3], next(t for t in greedy[6:] if t not in greedy[:4])
+    for stops in ({later, first}, [first, later], (later, first)):
+        stopped = g.generate(model, [prompt], g.SamplingConfig(max_new_tokens=24, eos_id=stops))[0]
+        assert stopped == greedy[: greedy.index(first) + 1]
+
+
 def test_bad_requests_are_refused(model):
     with pytest.raises(ValueError, match="max_seq_len"):
         g.generate(model, [[1]], g.SamplingConfig(max_new_tokens=200))
@@ -96,6 +105,12 @@ def test_bad_requests_are_refused(model):
         g.generate(model, [[1]], g.SamplingConfig(top_p=0.0))
     with pytest.raises(ValueError, match="at least one token"):
         g.generate(model, [[]], g.SamplingConfig())
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            g.generate(model, [[1]], g.SamplingConfig(temperature=bad))
+    for greedy_with_sampling in (g.SamplingConfig(top_k=50), g.SamplingConfig(top_p=0.9)):
+        with pytest.raises(ValueError, match="set temperature > 0"):
+            g.generate(model, [[1]], greedy_with_sampling)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,3 +146,76 @@ def test_export_in_memory_model_to_hf_and_back(tmp_path):
     assert imported_config.model.num_layers == config.model.num_layers
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(imported))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replaces the decoder: records the token prompts and SamplingConfig the CLI asks for, generates nothing."""
+    calls = []
+
+    def fake(model, prompts, sampling):
+        calls.append((prompts, sampling))
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(g, "generate", fake)
+    return calls
+
+
+def test_cli_stops_at_the_chat_end_of_turn_and_renders_chat_prompts(tmp_path, captured):
+    from litespark_jax import api, generate
+
+    # byte tokenizer: BOS 256, EOS 257; llama3 template: <|begin_of_text|> = BOS, header 259 / 260, <|eot_id|> 261
+    config = api.load_config(None, SMALL + ["model.vocab_size=264", f"train.run_dir={tmp_path}"])
+    api.save_checkpoint(config, api._fresh_state(config, nnx.state(api.build_model(config))), str(tmp_path / "ckpt"))
+    assert generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "hi"]) == 0
+    prompts, sampling = captured[-1]
+    assert prompts == [[256, *b"hi"]] and set(sampling.stop_ids) == {257, 261}
+    assert generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "hi", "--chat"]) == 0
+    prompts, sampling = captured[-1]
+    assert prompts == [[256, 259, *b"user", 260, *b"\n\nhi", 261, 259, *b"assistant", 260, *b"\n\n"]]
+    assert set(sampling.stop_ids) == {257, 261}
+    assert generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "hi", "--no-stop"]) == 0
+    assert captured[-1][1].stop_ids == ()
+
+
+def test_cli_chat_without_a_template_is_one_line_error(tmp_path, capsys):
+    from litespark_jax import generate
+    from litespark_jax.cli import run_main
+
+    assert run_main(generate.main, ["--hf-dir", str(tmp_path), "--prompt", "hi", "--chat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --chat needs a chat template") and err.count("\n") == 1
+
+
+def test_cli_hf_dir_uses_the_directory_tokenizer(tmp_path, captured, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from litespark_jax import api, generate
+
+    config = api.load_config(None, SMALL)
+    hf = tmp_path / "hf"
+    api.export_hf(api.build_model(config), str(hf), config, tokenizer=False)
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "[UNK]": 2, "hello": 3, "world": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(hf / "tokenizer.json"))
+    assert generate.main(["--hf-dir", str(hf), "--prompt", "hello world"]) == 0
+    prompts, sampling = captured[-1]
+    assert prompts == [[0, 3, 4]] and sampling.stop_ids == (1,)  # <s> hello world, stop at </s>
+    assert "tokenizer: hf:tokenizer.json" in capsys.readouterr().err
+    assert generate.main(["--hf-dir", str(hf), "--prompt", "hello world", "data.tokenizer=byte"]) == 0
+    assert captured[-1][0] == [[256, *b"hello world"]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-k", "50"], "--top-k: only used when sampling; set --temperature > 0"),
+    (["--top-p", "0.9"], "--top-p: only used when sampling"),
+    (["--num-samples", "2"], "--num-samples 2: only used when sampling"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0, got -0.5"),
+])
+def test_cli_refuses_sampling_flags_it_would_ignore(tmp_path, capsys, flags, message):
+    from litespark_jax import generate
+
+    with pytest.raises(SystemExit) as e:  # before loading anything: the checkpoint does not even exist
+        generate.main(["--checkpoint", str(tmp_path / "none"), "--prompt", "x", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -81,8 +81,8 @@ def test_cli_bad_input_is_one_line_exit_2(module, jsonl, capsys, tmp_path):
     main = importlib.import_module(f"litespark_jax.{module}").main
     bad = (jsonl([GOOD, {"messages": [{"role": "user", "content": "no answer"}]}]) if module == "sft"
            else jsonl([{"prompt": "q", "chosen": "a", "rejected": ""}]))
-    small = ["model.d_model=32", "model.num_layers=1", "model.d_ff=64", "train.seq_len=32",
-             f"train.run_dir={tmp_path}"]
+    small = ["model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.num_layers=1", "model.d_ff=64",
+             "train.seq_len=32", f"train.run_dir={tmp_path}"]
     assert run_main(main, ["--config", f"configs/{module}-tiny.yaml", f"posttrain.train_file={bad}", *small]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and bad in err[0]

@@ -97,13 +97,17 @@ class _BatchBuilder(PicklableLock):
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         PicklableLock.__init__(self)
 
+    rows_share_a_stream = False
+    """True when rows read windows of one ``DocStream``, which is not thread-safe: then rows are built in turn."""
+
     def _row_windows(self, step: int) -> list[tuple[DocStream, int] | None]:
         raise NotImplementedError
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         with self._lock:
             row_windows = self._row_windows(int(step))
-            if getattr(self.store, "tokenizes_slowly", False) and len(row_windows) > 1:
+            parallel = getattr(self.store, "tokenizes_slowly", False) and not self.rows_share_a_stream
+            if parallel and len(row_windows) > 1:
                 # Each row stream is independent and the tokenizer releases the GIL: tokenize rows on all cores.
                 requests = list(_row_pool().map(_requests_of, row_windows))
             else:
@@ -145,6 +149,8 @@ class TrainBatchBuilder(_BatchBuilder):
 
 class EvalBatchBuilder(_BatchBuilder):
     """One stream of all holdout documents in file order; global row r of batch b = window b*B + r (padded at the end)."""
+
+    rows_share_a_stream = True  # threads moving one stream's window out of order gave other batches each run
 
     def __init__(self, store, tokenizer: Tokenizer, seq_len: int, global_batch_size: int, rows: range,
                  max_batches: int | None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 
 import numpy as np
@@ -62,6 +63,22 @@ def _prepare_shard(task) -> dict:
             "num_tokens": int(offsets[-1]), "skipped": docs.skipped}
 
 
+def _remove_previous_corpus(out_dir: str) -> None:
+    """``--overwrite``: the old metadata goes first, so a run that fails partway leaves no corpus that claims the
+    old tokenizer over new shards; then the old shards and tokenizer files (a stale tokenizer.json would load in
+    place of a new byte tokenizer's file)."""
+    if os.path.exists(os.path.join(out_dir, METADATA)):
+        os.remove(os.path.join(out_dir, METADATA))
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name != "tokenizer" and not (name.startswith("shard_") and name.endswith((".zarr", ".index.npz"))):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
 def prepare_corpus(files: str, tokenizer_spec: str, out_dir: str, *, workers: int = 1, on_bad_record: str = "error",
                    overwrite: bool = False, progress: bool = True) -> dict:
     """Tokenize every shard matched by `files` into `out_dir`, `workers` shards at a time; returns the metadata."""
@@ -72,6 +89,7 @@ def prepare_corpus(files: str, tokenizer_spec: str, out_dir: str, *, workers: in
     if is_prepared(out_dir) and not overwrite:
         raise DataError(f"{out_dir}: already holds a prepared corpus (pass --overwrite to replace it)")
     os.makedirs(out_dir, exist_ok=True)
+    _remove_previous_corpus(out_dir)
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
     tokenizer.save(tokenizer_dir)
     spec = tokenizer_spec if tokenizer_spec == "byte" else os.path.abspath(tokenizer_spec)
@@ -91,6 +109,10 @@ def prepare_corpus(files: str, tokenizer_spec: str, out_dir: str, *, workers: in
             total_tokens += result["num_tokens"]
             bar.update(1)
             bar.set_postfix(tokens=total_tokens, tok_per_s=f"{total_tokens / (time.perf_counter() - start):.3g}")
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # a bad shard stops the queued ones, instead of reporting after all of them
+        raise
     finally:
         bar.close()
         if pool is not None:

@@ -89,6 +89,10 @@ def _parse_line(line: bytes) -> tuple[str, str]:
     text = obj["text"]
     if not isinstance(text, str):
         raise ValueError(f"'text' is {type(text).__name__}, expected a string")
+    try:  # JSON's \ud83d escapes can spell half an emoji: valid JSON, but not text any tokenizer takes
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"'text' holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start})") from None
     meta = obj.get("meta")
     set_name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
     return text, set_name if isinstance(set_name, str) else UNKNOWN_SET
@@ -97,6 +101,8 @@ def _parse_line(line: bytes) -> tuple[str, str]:
 def read_jsonl_shard(path: str, on_bad_record: str = "error") -> ShardDocuments:
     """Parse every line of a shard; blank lines are ignored; an empty shard is an error (or a skip warning)."""
     data = read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as Windows tools write
+        data = data[3:]
     shard = ShardDocuments(path, [], [], [])
     first_problem = ""
     for lineno, line in enumerate(data.split(b"\n"), start=1):

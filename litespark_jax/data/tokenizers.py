@@ -87,6 +87,9 @@ class HuggingFaceTokenizer:
             self._tok = _HFTokenizer.from_file(path)
         except Exception as e:  # the Rust side raises plain Exception subclasses
             raise DataError(f"data.tokenizer: cannot load {path} as a Hugging Face tokenizer.json ({e})") from e
+        # A document that mentions "</s>" or "<|eot_id|>" means the text, not the token: without this, `tokenizers`
+        # matches special tokens inside raw text (add_special_tokens=False only turns off the post-processor).
+        self._tok.encode_special_tokens = True
         self.path = path
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special(_BOS_NAMES, "BOS")

@@ -26,6 +26,7 @@ def first_batch(cfg, tok):
     ('{"meta": {}}', "missing 'text'"),
     ('{"text": 42}', "'text' is int"),
     ('["text"]', "expected a JSON object"),
+    ('{"text": "emoji cut \\ud83d here"}', r"'text' holds a lone UTF-16 surrogate \('\\ud83d' at character 10\)"),
 ])
 def test_bad_json_line_names_file_and_line(tmp_path, byte_tokenizer, bad_line, reason):
     path = write_jsonl(tmp_path / "shard.jsonl", [GOOD, GOOD, bad_line, GOOD])
@@ -40,6 +41,12 @@ def test_invalid_utf8_names_file_and_line(tmp_path, byte_tokenizer):
     path.write_bytes(GOOD.encode() + b'\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"shard\.jsonl:2: invalid UTF-8"):
         first_batch(DataConfig(train_files=str(path)), byte_tokenizer)
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    path = tmp_path / "shard.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")
+    assert load_text_corpus(str(path)).texts == ["fine", "fine"]
 
 
 def test_skip_mode_counts_and_warns(tmp_path, byte_tokenizer, caplog):

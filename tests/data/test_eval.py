@@ -76,3 +76,25 @@ def test_to_global_arrays_single_process():
     out = to_global_arrays(local, sharding)
     assert out["inputs"].shape == (2, 6) and out["inputs"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(out["inputs"]), local["inputs"])
+
+
+def test_eval_batches_are_the_same_when_rows_are_tokenized_by_a_slow_tokenizer(tmp_path):
+    """A real tokenizer builds rows on a thread pool; the eval rows all read one document stream, whose window
+    bookkeeping is not thread-safe (the batches came out different on every run). A byte tokenizer under another
+    name takes the threaded path and must give the byte tokenizer's batches."""
+    import json
+
+    from litespark_jax.data import ByteTokenizer, DataConfig
+
+    class SlowNamedByteTokenizer(ByteTokenizer):
+        name = "byte-under-another-name"
+
+    path = tmp_path / "holdout.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " + "x" * (i % 13)}) + "\n" for i in range(3000)))
+    cfg = DataConfig(validation_files=str(path))
+    reference = eval_batches(cfg, ByteTokenizer(), batch=128, seq_len=8)
+    threaded = eval_batches(cfg, SlowNamedByteTokenizer(), batch=128, seq_len=8)
+    assert len(threaded) == len(reference)
+    for got, want in zip(threaded, reference):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -68,6 +69,26 @@ def test_prepare_refuses_to_overwrite_and_reports_bad_data(corpus, tmp_path, cap
     bad.write_text('{"text": "ok"}\n{"text": \n')
     assert prepare_cli(["--files", str(bad), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_an_overwrite_that_fails_leaves_no_corpus_claiming_the_old_tokenizer(corpus, tmp_path, capsys):
+    from litespark_jax.data.prepared import is_prepared
+
+    out = tmp_path / "prepared"
+    tok_path = train_bpe(corpus["cfg"].train_files, str(tmp_path / "tok"), vocab_size=320, progress=False)
+    assert prepare_cli(["--files", corpus["cfg"].train_files, "--out", str(out), "--no-progress",
+                        "--tokenizer", tok_path]) == 0
+    bad = tmp_path / "bad" / "b.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    (tmp_path / "bad" / "a.jsonl").write_text('{"text": "first shard, written before the bad one"}\n')
+    assert prepare_cli(["--files", str(tmp_path / "bad" / "*.jsonl"), "--out", str(out), "--no-progress",
+                        "--overwrite"]) == 2
+    assert "b.jsonl:2: malformed JSON" in capsys.readouterr().err
+    # The old metadata (HF tokenizer) no longer describes the byte-tokenized first shard, and the old tokenizer.json
+    # is not left beside the new byte tokenizer's file.
+    assert not is_prepared(str(out))
+    assert os.listdir(out / "tokenizer") == ["byte_tokenizer.json"]
 
 
 def test_prepared_corpus_with_an_all_empty_shard_is_readable(tmp_path, byte_tokenizer):

@@ -35,6 +35,10 @@ def test_trained_bpe_tokenizer(corpus, tmp_path):
         ids = tok.encode(text)
         assert all(0 <= i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == text
+    # Special tokens written in a document are its text: never BOS/EOS/PAD in the middle of a document.
+    literal = "see </s> and <s> or <pad> here"
+    assert not {tok.bos_id, tok.eos_id, tok.pad_id} & set(tok.encode(literal))
+    assert tok.decode(tok.encode(literal)) == literal
     text = corpus["train"][3]
     assert len(tok.encode(text)) < len(text.encode())  # merges were learned
     tok.save(str(tmp_path / "saved"))

@@ -49,8 +49,9 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
+# What the HF config.json fixes about the function the weights compute: shapes, and the RoPE and norm constants.
 SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "resolved_head_dim", "d_ff",
-                "tie_embeddings", "rope_theta", "rope_scaling")
+                "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
 
 
 def load_hf_params(path: str, model_cfg) -> dict:

@@ -44,6 +44,10 @@ def test_init_from_hugging_face_directory(tmp_path, jsonl):
     wrong = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_ff=96))
     with pytest.raises(ConfigError, match="d_ff"):
         SFTTrainer(wrong).initial_params()
+    # The norm's epsilon is part of the function too: a model section that differs would silently use its own.
+    other_eps = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, norm_eps=1e-6))
+    with pytest.raises(ConfigError, match=r"gives norm_eps=1e-05 but model\.norm_eps is 1e-06"):
+        SFTTrainer(other_eps).initial_params()
 
 
 @pytest.mark.slow

@@ -60,7 +60,10 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            # A resumed run tells TensorBoard to hide the earlier attempt's points after its checkpoint (as
+            # metrics.jsonl moves them aside): purge_step writes a restart marker at the first step it logs again.
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step
+                                     else None)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self._enabled:

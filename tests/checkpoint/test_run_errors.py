@@ -130,3 +130,26 @@ def test_a_leading_tilde_in_run_and_checkpoint_dirs_is_the_home_directory(tmp_pa
     assert (tmp_path / "home" / "run" / "metrics.jsonl").is_file()
     assert finalized_steps(str(tmp_path / "home" / "ckpt")) == [1]
     assert not (tmp_path / "~").exists()
+
+
+def test_a_resumed_metrics_writer_tells_tensorboard_to_hide_the_earlier_attempts_later_points(tmp_path):
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    from litespark_jax.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), start_step=5)
+    writer.write(6, {"loss": 1.0})
+    writer.close()
+    restarts = []
+    for path in glob.glob(str(tmp_path / "tensorboard" / "*")):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):  # TFRecord framing: length, its CRC, the event, its CRC
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                restarts.append(event.step)
+    assert restarts == [6]  # TensorBoard drops the points at steps >= 6 written before this marker

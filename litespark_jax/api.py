@@ -137,8 +137,14 @@ def save_checkpoint(config: Config, state, directory: str | None = None, step: i
     from litespark_jax.checkpoint.manager import CheckpointManager
     from litespark_jax.checkpoint.session import checkpoint_dir
 
-    directory = os.path.abspath(directory or checkpoint_dir(config))
+    from litespark_jax.checkpoint.manager import finalized_steps
+    from litespark_jax.errors import CheckpointError
+
+    directory = os.path.abspath(os.path.expanduser(directory or checkpoint_dir(config)))
     step = int(jax.device_get(state.step)) if step is None else step
+    if step in finalized_steps(directory):  # e.g. right after api.train, which saved its last step there
+        raise CheckpointError(f"{directory}/{step} already exists (a training run saves its last step there); pass "
+                              f"another directory or step to save this state")
     manager = CheckpointManager(directory, config.checkpoint)
     try:
         manager.save(step, state, config=config.to_dict(), seed=config.train.seed, force=True)

@@ -166,6 +166,7 @@ def step_check(config, table: dict, *, steps: int, warmup: int, margin: float) -
 
 
 def main(argv=None) -> int:
+    from litespark_jax.cli import require_writable_file
     from litespark_jax.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m litespark_jax.autotune", description=__doc__,
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.step_steps < 1 or args.iters < 1 or args.margin < 0 or args.tolerance < 0:
         parser.error("--iters and --step-steps must be >= 1, --margin and --tolerance >= 0")
+    require_writable_file(parser, "--out", args.out)
     config = load_config(args.config, args.overrides)
     pallas_kernels.use_table(None)  # time against the built-in rule, not an older table
     entries = []
@@ -197,8 +199,9 @@ def main(argv=None) -> int:
              "config": args.config, "overrides": args.overrides, "entries": entries}
     if args.step_check:
         step_check(config, table, steps=args.step_steps, warmup=2, margin=args.margin)
-    with open(args.out, "w") as f:
+    with open(args.out + ".tmp", "w") as f:  # then renamed: a failed write never leaves half a table
         json.dump(table, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
     changed = sum(e["best"] != e["default"] for e in entries)
     print(f"wrote {args.out}: {len(entries)} calls, {changed} where the table differs from auto's rule")
     return 0

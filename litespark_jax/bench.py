@@ -25,7 +25,7 @@ import numpy as np
 import pallas_kernels
 from pallas_kernels.attention import cudnn as cudnn_attention
 from litespark_jax import trace_summary
-from litespark_jax.cli import require_at_least, run_main
+from litespark_jax.cli import require_at_least, require_writable_file, run_main
 from litespark_jax.config import Config, load_config
 from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
@@ -307,13 +307,19 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for both variants")
     args = parser.parse_intermixed_args(argv)
     require_at_least(parser, args, steps=1, warmup=0, curve_steps=0, docs=1)
+    require_writable_file(parser, "--jsonl", args.jsonl)
+    if args.compile_only and (args.jsonl or args.profile):
+        parser.error("--jsonl and --profile need timed steps; --compile-only times none")
     # (name, overrides) per variant; the config is built from them (again for --curve-steps, with its settings).
     specs = [("litespark", [*args.overrides, *args.litespark])]
     for spec in args.variant:
-        name, _, overrides = spec.partition(":")
-        if not name or name in {n for n, _ in specs} | {"baseline", RERUN}:
-            parser.error(f"--variant {spec}: {'a name is missing' if not name else f'the name {name!r} is taken'}"
-                         " (NAME:key=value,key=value)")
+        name, colon, overrides = spec.partition(":")
+        problem = ("a name is missing" if not name else
+                   "no overrides after NAME: (it would time the preset again)" if not colon or not overrides.strip()
+                   else f"the name {name!r} holds '='; write NAME:key=value" if "=" in name else
+                   f"the name {name!r} is taken" if name in {n for n, _ in specs} | {"baseline", RERUN} else None)
+        if problem:
+            parser.error(f"--variant {spec}: {problem} (NAME:key=value,key=value)")
         specs.append((name, [*args.overrides, *filter(None, split_top_level(overrides))]))
     if args.docs and args.curve_steps:
         parser.error("--docs packs the timed steps' synthetic batch; --curve-steps trains on the configured data")

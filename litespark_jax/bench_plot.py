@@ -14,11 +14,39 @@ import sys
 
 
 def load_rows(paths: list[str]) -> list[dict]:
+    """The timed rows (with a config, a variant and tokens/s); loss-curve rows and a last line cut off while being
+    appended are skipped; a file with none is a ``UserError``."""
+    from litespark_jax.errors import UserError
+
     rows = []
     for path in paths:
         with open(path) as f:
-            rows.extend(json.loads(line) for line in f if line.strip())
+            lines = [line for line in f if line.strip()]
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if number == len(lines):  # an append cut off by a kill
+                    continue
+                raise UserError(f"{path}:{number}: not a JSON row") from None
+            if isinstance(row, dict) and {"config", "variant"} <= row.keys() and row.get("tokens_per_s") is not None:
+                rows.append(row)
+    if not rows:
+        raise UserError(f"{', '.join(paths)}: no timed rows (with config, variant and tokens_per_s) to plot")
     return rows
+
+
+def preset_name(row: dict) -> str:
+    return os.path.basename(row["config"]).removesuffix(".yaml")
+
+
+def bar_values(rows: list[dict], key: str) -> dict[tuple[str, str], float]:
+    """``{(preset, variant): value}`` of ``key`` from the last row of each pair that has it."""
+    values = {}
+    for row in rows:
+        if row.get(key) is not None:
+            values[preset_name(row), row["variant"]] = row[key]
+    return values
 
 
 def plot(rows: list[dict], out: str) -> str:
@@ -27,19 +55,19 @@ def plot(rows: list[dict], out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(os.path.basename(r["config"]).removesuffix(".yaml") for r in rows))
+    models = list(dict.fromkeys(preset_name(r) for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     width = 0.8 / len(variants)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label, scale in ((axes[0], "tokens_per_s", "tokens/s (one GPU)", 1.0),
                                   (axes[1], "mfu_causal", "MFU, causal convention (% of 989 TFLOP/s)", 100.0)):
+        values = bar_values(rows, key)
         for i, variant in enumerate(variants):
             xs, ys = [], []
             for j, model in enumerate(models):
-                match = [r for r in rows if r["variant"] == variant and r["config"].endswith(model + ".yaml")]
-                if match and match[-1].get(key) is not None:
+                if (model, variant) in values:
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
-                    ys.append(match[-1][key] * scale)
+                    ys.append(values[model, variant] * scale)
             bars = ax.bar(xs, ys, width, label=variant)
             ax.bar_label(bars, fmt="{:,.0f}" if scale == 1.0 else "{:.1f}", fontsize=8)
         ax.set_xticks(range(len(models)), models)
@@ -70,4 +98,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from litespark_jax.cli import run_main
+
+    sys.exit(run_main(main))

@@ -22,6 +22,20 @@ def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, 
             parser.error(f"--{name.replace('_', '-')} {value}: must be at least {bound}")
 
 
+def require_writable_file(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    """``parser.error`` before any work when an output file (``--jsonl``, ``--out``...) could not be written, rather
+    than a traceback after the work is done."""
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"{flag} {path}: is a directory, not a file")
+    if not os.path.isdir(parent):
+        parser.error(f"{flag} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        parser.error(f"{flag} {path}: the directory {parent} is not writable")
+
+
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,

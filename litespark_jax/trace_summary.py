@@ -64,8 +64,10 @@ def load_events(path: str) -> list[dict]:
     try:
         with gzip.open(path, "rt") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, EOFError, ValueError) as e:  # EOFError: cut off (a trace still being written, or killed)
         raise UserError(f"{path}: not a readable perfetto JSON trace ({e})") from None
+    if isinstance(data, dict) and "traceEvents" not in data:
+        raise UserError(f"{path}: not a perfetto JSON trace (no traceEvents)")
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
@@ -77,7 +79,7 @@ def device_kernels(events: list[dict]) -> tuple[list[dict], str]:
     if gpu_pids:
         return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e], "gpu"
     # CPU: the thunks XLA ran carry an ``hlo_op`` argument.
-    return [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})], "cpu"
+    return [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {}) and "dur" in e], "cpu"
 
 
 def summarize(events: list[dict], steps: int = 1, top: int = 25) -> dict:
@@ -252,6 +254,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    from litespark_jax.cli import require_writable_file
+
+    require_writable_file(parser, "--json", args.json)
     events = load_events(find_trace(args.trace_dir))
     every_op = summarize(events, args.steps, top=len(events))
     summary = {**every_op, "top_ops": every_op["top_ops"][:args.top]}

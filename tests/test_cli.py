@@ -77,6 +77,17 @@ def test_posttrain_clis_share_the_one_line_errors(module, args, message):
     ("pallas_kernels.bench.attention_timeline", ["llama-9b"], "unknown shape 'llama-9b'; choose from llama-8b-s4k"),
     ("pallas_kernels.bench.attention_timeline", ["--calls", "0"], "--calls 0: must be at least 1"),
     ("pallas_kernels.bench.attention_timeline", [], "traces GPU kernels; no GPU here"),
+    # Output files and variants that the run would have written or timed wrongly only at its end:
+    ("litespark_jax.bench", ["--config", "configs/tiny.yaml", "--variant", "accum2=train.grad_accum_steps=2"],
+     "no overrides after NAME: (it would time the preset again)"),
+    ("litespark_jax.bench", ["--config", "configs/tiny.yaml", "--variant", "a=b:train.steps=2"],
+     "the name 'a=b' holds '='"),
+    ("litespark_jax.bench", ["--config", "configs/tiny.yaml", "--jsonl", "/nonexistent/dir/x.jsonl"],
+     "--jsonl /nonexistent/dir/x.jsonl: the directory /nonexistent/dir does not exist"),
+    ("litespark_jax.bench", ["--config", "configs/tiny.yaml", "--compile-only", "--jsonl", "x.jsonl"],
+     "--jsonl and --profile need timed steps; --compile-only times none"),
+    ("litespark_jax.autotune", ["--config", "configs/tiny.yaml", "--out", "/nonexistent/k.json"],
+     "--out /nonexistent/k.json: the directory /nonexistent does not exist"),
 ])
 def test_benchmark_clis_refuse_counts_that_time_nothing(module, args, message):
     """Counts below 1 once ended in a ZeroDivisionError, an IndexError or an empty median, an unknown shape name in a

@@ -146,3 +146,19 @@ def test_collectives_exposed_and_compute_idle_per_device():
     assert d["exposed_collective_ms"] == pytest.approx(1.0)
     assert d["compute_idle_ms"] == pytest.approx(2.0)
     assert "1.0 ms of them exposed" in trace_summary.format_summary(s)
+
+
+def test_a_cut_off_or_foreign_trace_is_one_line_error(tmp_path, capsys):
+    import gzip
+
+    from litespark_jax.cli import run_main
+
+    whole = gzip.compress(json.dumps({"traceEvents": []}).encode())
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "perfetto_trace.json.gz").write_bytes(whole[: len(whole) // 2])  # still being written
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "perfetto_trace.json.gz").write_bytes(gzip.compress(b'{"events": []}'))
+    for name, message in (("cut", "not a readable perfetto JSON trace"), ("foreign", "no traceEvents")):
+        assert run_main(trace_summary.main, [str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err

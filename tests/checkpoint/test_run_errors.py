@@ -153,3 +153,14 @@ def test_a_resumed_metrics_writer_tells_tensorboard_to_hide_the_earlier_attempts
             if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
                 restarts.append(event.step)
     assert restarts == [6]  # TensorBoard drops the points at steps >= 6 written before this marker
+
+
+def test_api_save_checkpoint_over_a_step_training_saved_names_it(tmp_path):
+    from litespark_jax import api
+
+    config = load_config(None, TINY + [f"train.run_dir={tmp_path / 'run'}", "train.steps=1"])
+    result = train(config)
+    with pytest.raises(CheckpointError, match=r"checkpoints/1 already exists \(a training run saves its last step "
+                                              r"there\); pass another directory or step"):
+        api.save_checkpoint(config, result.state)
+    assert api.save_checkpoint(config, result.state, str(tmp_path / "copy")) == str(tmp_path / "copy" / "1")

@@ -202,6 +202,9 @@ def export_hf(source, out_dir: str, config: Config | None = None, **kwargs) -> s
     from litespark_jax import convert
 
     if isinstance(source, (str, os.PathLike)):
+        if config is not None:  # the checkpoint's saved config describes it; a second one would be ignored
+            raise ConfigError("export_hf: a checkpoint path carries its own config; pass config only with an "
+                              "in-memory model or TrainState")
         return convert.export_hf(os.fspath(source), out_dir, **kwargs)
     if config is None:
         raise ConfigError("export_hf of an in-memory model needs its config: export_hf(model, out_dir, config)")

@@ -176,6 +176,8 @@ def plot_runs(paths: list[str], out_dir: str | None = None, labels: list[str] | 
     runs = load_runs(paths, labels)
     out_dir = out_dir or os.path.join(paths[0] if os.path.isdir(paths[0]) else os.path.dirname(paths[0]) or ".",
                                       "plots")
+    if (os.path.exists(out_dir) and not os.path.isdir(out_dir)) or out_dir.endswith(".png"):
+        raise UserError(f"--out {out_dir}: plots are written into a directory (one PNG per panel), not a file")
     os.makedirs(out_dir, exist_ok=True)
     written = []
     panels = available_panels(runs)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from litespark_jax import generation as g
 from litespark_jax.config import ModelConfig
+from litespark_jax.errors import ConfigError
 from litespark_jax.model import Llama
 
 # Large init so the untrained model's greedy choices are far from ties and vary from step to step.
@@ -146,6 +147,9 @@ def test_export_in_memory_model_to_hf_and_back(tmp_path):
     assert imported_config.model.num_layers == config.model.num_layers
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(imported))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A checkpoint path carries its own config: a second one would be ignored, so it is refused.
+    with pytest.raises(ConfigError, match="a checkpoint path carries its own config"):
+        api.export_hf(str(tmp_path / "some-checkpoint"), str(tmp_path / "hf2"), config)
 
 
 @pytest.fixture

@@ -85,3 +85,12 @@ def test_history_from_memory_and_bad_input(tmp_path):
     (bad / "metrics.jsonl").write_text('not json\n{"step": 1, "loss": 1.0}\n')
     with pytest.raises(UserError, match=":1: not a JSON line"):
         plot.load_metrics(str(bad))
+
+
+def test_out_that_names_a_file_is_refused(tmp_path):
+    run = write_run(tmp_path / "run", speed=1.0)
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "plot.png"):  # bench_plot's --out is a PNG; this one a directory
+        with pytest.raises(UserError, match=r"plots are written into a directory \(one PNG per panel\), not a file"):
+            plot.plot_runs([str(run)], out_dir=str(out))
+    assert not (tmp_path / "plot.png").exists()

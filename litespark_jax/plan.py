@@ -443,9 +443,14 @@ def exposed_comm(comm_s: float, compute_s: float) -> float:
     return max(EFFICIENCY["exposed_comm"] * comm_s, comm_s - EFFICIENCY["overlap"] * compute_s, 0.0)
 
 
-def candidate_meshes(cfg, train, nodes: int, gpus_per_node: int):
+def candidate_meshes(cfg, train, nodes: int, gpus_per_node: int, mesh_cfg=None):
+    """(axis sizes, inter-node factors) of every mesh worth planning; ``mesh_cfg``'s ``inter_node_*`` settings
+    constrain how the nodes are placed, as they would in the run."""
     from litespark_jax.config import MeshConfig
+    from litespark_jax.errors import ConfigError
     from litespark_jax.parallel.mesh import inter_node_shape
+
+    mesh_cfg = mesh_cfg or MeshConfig()
 
     n = nodes * gpus_per_node
     for t in (1, 2, 4, 8):
@@ -463,8 +468,8 @@ def candidate_meshes(cfg, train, nodes: int, gpus_per_node: int):
                     continue
                 sizes = {"data": d, "fsdp": fs, "tensor": t, "context": c}
                 try:
-                    inter = inter_node_shape(MeshConfig(**{k: v for k, v in sizes.items()}), sizes, nodes)
-                except Exception:  # noqa: BLE001 - this mesh cannot be laid out over the nodes
+                    inter = inter_node_shape(dataclasses.replace(mesh_cfg, **sizes), sizes, nodes)
+                except ConfigError:  # this mesh cannot be laid out over the nodes (as the config places them)
                     continue
                 if inter["tensor"] > 1 or inter["context"] > 1:
                     continue
@@ -474,12 +479,13 @@ def candidate_meshes(cfg, train, nodes: int, gpus_per_node: int):
 REMAT_CHOICES = ("none", "save_matmuls", "save_attention", "full")
 
 
-def plan_all(cfg, train, gpu: GPU, nodes: int, gpus_per_node: int, remat_policies=None, **kw) -> list[Plan]:
+def plan_all(cfg, train, gpu: GPU, nodes: int, gpus_per_node: int, remat_policies=None, mesh_cfg=None,
+             **kw) -> list[Plan]:
     """The best plan per (mesh, remat policy): the fewest gradient-accumulation steps whose memory fits."""
     plans = []
     for policy in remat_policies or (cfg.remat_policy,):
         pcfg = dataclasses.replace(cfg, remat_policy=policy)
-        for sizes, inter in candidate_meshes(pcfg, train, nodes, gpus_per_node):
+        for sizes, inter in candidate_meshes(pcfg, train, nodes, gpus_per_node, mesh_cfg):
             split = sizes["data"] * sizes["fsdp"]
             best = tighter = None
             for accum in (a for a in range(1, train.global_batch_size + 1)
@@ -652,7 +658,7 @@ def main(argv=None) -> int:
         plans = [plan_mesh(cfg, train, gpu, sizes, inter, train.grad_accum_steps, **kw)]
     else:
         plans = plan_all(cfg, train, gpu, args.nodes, args.gpus_per_node,
-                         remat_policies=REMAT_CHOICES if args.remat == "all" else None, **kw)
+                         remat_policies=REMAT_CHOICES if args.remat == "all" else None, mesh_cfg=config.mesh, **kw)
     if not plans:
         print("no mesh divides this model and batch over these devices")
         return 1

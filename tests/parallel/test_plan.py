@@ -246,3 +246,15 @@ def test_mesh_flag_keeps_the_configs_inter_node_sizes(capsys):
     assert "(inter-node: data=2)" in capsys.readouterr().out  # auto: the nodes go to data first
     assert plan.main([*argv, "mesh.inter_node_data=1", "mesh.inter_node_fsdp=2"]) == 0
     assert "(inter-node: fsdp=2)" in capsys.readouterr().out
+
+
+def test_every_planned_mesh_places_the_nodes_as_the_config_says():
+    from litespark_jax.config import MeshConfig, load_config
+
+    config = load_config("configs/tiny.yaml", ["train.global_batch_size=16"])
+    gpu = plan.GPUS["h100"]
+    auto = plan.plan_all(config.model, config.train, gpu, 2, 8)
+    assert any(p.inter["data"] == 2 for p in auto)  # left to itself, the planner puts the nodes on data when it can
+    pinned = plan.plan_all(config.model, config.train, gpu, 2, 8,
+                           mesh_cfg=MeshConfig(inter_node_data=1, inter_node_fsdp=2))
+    assert pinned and all(p.inter["fsdp"] == 2 and p.inter["data"] == 1 for p in pinned)

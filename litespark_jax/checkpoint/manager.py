@@ -358,8 +358,7 @@ class CheckpointManager:
         meta, saved = self._read_meta(step)
         target = {"params." + name: want for name, want in flatten(abstract_params)[0].items()}
         _check_compatible({name: m for name, m in saved.items() if name.startswith("params.")}, target, path)
-        as_saved = {name: jax.ShapeDtypeStruct(want.shape, saved[name].dtype, sharding=want.sharding)
-                    for name, want in target.items()}
+        as_saved = _in_saved_dtypes(target, saved)
         flat, config = self._read_some(step, as_saved)
         _verify_checksums(flat, meta)
         flat = _cast_to(flat, target, path)
@@ -371,10 +370,7 @@ class CheckpointManager:
         target, _ = flatten(abstract_state)
         meta, saved = self._read_meta(step)
         _check_compatible(saved, target, path)
-        # Read each array in the dtype it was saved in (the checksums are of those bits), then cast what the config
-        # now stores differently (e.g. optim.state_dtype changed between runs).
-        as_saved = {name: jax.ShapeDtypeStruct(want.shape, saved[name].dtype, sharding=want.sharding)
-                    for name, want in target.items()}
+        as_saved = _in_saved_dtypes(target, saved)  # e.g. optim.state_dtype changed between runs: cast after
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(as_saved),
@@ -405,6 +401,13 @@ def _verify_checksums(flat: dict, meta: dict) -> None:
     bad = [name for name in flat if expected.get(name) != actual[name]]
     if bad:
         raise _Corrupted(f"checksum mismatch in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+
+
+def _in_saved_dtypes(target: dict, saved: dict) -> dict:
+    """``target``'s shapes and shardings with the dtypes the checkpoint holds: read as written (the checksums are of
+    those bits), then ``_cast_to`` the target's dtypes."""
+    return {name: jax.ShapeDtypeStruct(want.shape, saved[name].dtype, sharding=want.sharding)
+            for name, want in target.items()}
 
 
 def _cast_to(flat: dict, target: dict, path: str) -> dict:

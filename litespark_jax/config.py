@@ -423,7 +423,7 @@ def _one_line(error: Exception) -> str:
 # Validation: every cross-field rule in one place
 
 
-def _validate_kernel_impls(m: "ModelConfig") -> None:
+def _validate_kernel_impls(m: "ModelConfig", seq_len: int) -> None:
     """Each ``model.*_impl`` names ``auto`` or an implementation its kernel registers (whether this platform can
     run it is checked when the kernel is called)."""
     import pallas_kernels
@@ -444,9 +444,18 @@ def _validate_kernel_impls(m: "ModelConfig") -> None:
         # Against the largest head dim any card takes: this card's (128 below Hopper) is checked at the call, as
         # validation runs before the backend starts.
         reason = cudnn.supports((m.resolved_head_dim,), m.dtype, max_head_dim=256)
+        if reason is None and seq_len % 2:
+            reason = f"train.seq_len must be even (cuDNN's backward refuses odd lengths), not {seq_len}"
         if reason is not None:
             raise ConfigError(f"model.attention_impl=cudnn: the model's {reason}; attention_impl=auto picks an "
                               "attention that takes it")
+    if m.attention_impl == "pallas":
+        import jax.numpy as jnp
+
+        if m.resolved_head_dim not in (64, 128) or jnp.dtype(m.dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ConfigError(f"model.attention_impl=pallas needs head_dim 64 or 128 and dtype bfloat16 or float16, "
+                              f"the model has head_dim {m.resolved_head_dim} and dtype {m.dtype}; "
+                              "attention_impl=auto picks an attention that takes it")
 
 
 def _validate_xla_options(options) -> None:
@@ -525,7 +534,7 @@ def validate(config: Config) -> None:
         if value not in DTYPES:
             raise ConfigError(f"{key} must be one of {', '.join(DTYPES)}, got {value!r}")
     _validate_xla_options(t.xla_options)
-    _validate_kernel_impls(m)
+    _validate_kernel_impls(m, t.seq_len)
     if m.kernel_table is not None:
         from pallas_kernels.tuned import TableError, read
 

@@ -52,10 +52,15 @@ class Registry:
         self.kernel = kernel
         self._auto = auto
         self._impls: dict[str, tuple[Callable, Callable[[], bool]]] = {}
+        self._needs: dict[str, str] = {}
 
-    def register(self, name: str, available: Callable[[], bool] = lambda: True):
+    def register(self, name: str, available: Callable[[], bool] = lambda: True, needs: str = ""):
+        """Register ``fn`` as ``name``; ``available`` says whether it runs here, ``needs`` what it runs on (for the
+        error when a user forces it where it does not)."""
         def decorator(fn):
             self._impls[name] = (fn, available)
+            if needs:
+                self._needs[name] = needs
             return fn
 
         return decorator
@@ -90,5 +95,7 @@ class Registry:
             )
         fn, available = self._impls[name]
         if not available():
-            raise ValueError(f"{self.kernel}: impl {name!r} is not available on platform {platform()!r}")
+            needs = f" (it needs {self._needs[name]})" if name in self._needs else ""
+            raise ValueError(f"{self.kernel}: impl {name!r} is not available on platform {platform()!r}{needs}; "
+                             f"impl='auto' picks one that is")
         return name, fn

@@ -65,6 +65,9 @@ def read(path: str) -> dict:
     for i, e in enumerate(data["entries"]):
         if not (isinstance(e, dict) and {"kernel", "call", "best"} <= set(e)):
             raise TableError(f"{path}: entry {i} needs kernel, call and best")
+        if not (isinstance(e["kernel"], str) and isinstance(e["best"], str) and isinstance(e["call"], dict)):
+            raise TableError(f"{path}: entry {i}: kernel and best must be strings and call an object, got "
+                             f"kernel {e['kernel']!r}, best {e['best']!r}, call {e['call']!r}")
         reg = registries().get(e["kernel"])
         if reg is None:
             raise TableError(f"{path}: entry {i}: unknown kernel {e['kernel']!r}; known: {sorted(registries())}")

@@ -53,6 +53,12 @@ def test_overrides_are_parsed_as_yaml_values():
     (["model.attention_impl=cudnn"], "model.attention_impl=cudnn: the model's dtype must be bfloat16 or float16, not float32"),
     (["model.attention_impl=cudnn", "model.dtype=bfloat16", "model.head_dim=36"],
      "model.attention_impl=cudnn: the model's head_dim must be a multiple of 8 up to 256, not 36"),
+    (["model.attention_impl=cudnn", "model.dtype=bfloat16", "train.seq_len=255"],
+     "model.attention_impl=cudnn: the model's train.seq_len must be even (cuDNN's backward refuses odd lengths), "
+     "not 255"),
+    (["model.attention_impl=pallas", "model.dtype=bfloat16", "model.head_dim=96"],
+     "model.attention_impl=pallas needs head_dim 64 or 128 and dtype bfloat16 or float16, the model has head_dim 96"),
+    (["model.attention_impl=pallas"], "and dtype float32; attention_impl=auto picks an attention that takes it"),
     (["train.xla_options={xla_gpu_enable_latency_hiding_scheduler:true}"],
      "'xla_gpu_enable_latency_hiding_scheduler:true' has no value (write 'name: value', with a space after"),
     (["train.xla_options={xla_gpu_autotune_level: [4]}"], "'xla_gpu_autotune_level' must be a string, bool or number"),

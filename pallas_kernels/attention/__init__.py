@@ -10,7 +10,8 @@ Implementations:
 ``auto`` picks the reference on CPU; on GPUs, the implementation measured fastest for the shape (``_pallas_wins``
 below, from ``docs/perf/attention.md``), falling back to cuDNN when the Pallas kernel does not support the shape
 (seq not a multiple of 128, head_dim not 64/128, seq_q != seq_k, non-16-bit dtypes) or is not measured faster,
-and to the reference where cuDNN does not take the inputs either (float32, head dims cuDNN does not support).
+and to the reference where cuDNN does not take the inputs either (float32, head dims cuDNN does not support, odd
+sequence lengths, causal attention with seq_q != seq_k: ``cudnn.supports``).
 """
 
 from __future__ import annotations
@@ -42,17 +43,17 @@ def _auto(*, q_shape=None, kv_shape=None, dtype=None, has_segments=False, causal
 
         if mosaic_gpu.supports(q_shape, kv_shape, dtype) is None and _pallas_wins(q_shape, causal, has_segments):
             return "pallas"
-    if q_shape is not None and _cudnn_mod.supports(q_shape, dtype) is not None:
-        return REFERENCE  # e.g. a float32 model on a GPU: XLA's attention
+    if q_shape is not None and _cudnn_mod.supports(q_shape, dtype, kv_shape=kv_shape, causal=causal) is not None:
+        return REFERENCE  # e.g. a float32 model or an odd sequence length on a GPU: XLA's attention
     return "cudnn"
 
 
 registry = Registry("attention", _auto)
 registry.register(REFERENCE)(reference.attention)
-registry.register("cudnn", available=lambda: platform() == "gpu")(_cudnn_mod.attention)
+registry.register("cudnn", available=lambda: platform() == "gpu", needs="an NVIDIA GPU")(_cudnn_mod.attention)
 
 
-@registry.register("pallas", available=is_hopper)
+@registry.register("pallas", available=is_hopper, needs="an NVIDIA Hopper GPU (compute capability 9.x)")
 def _pallas(q, k, v, *, segment_ids=None, causal=True, softmax_scale=None):
     from pallas_kernels.attention import mosaic_gpu
 

@@ -73,11 +73,14 @@ def segment_offsets(segment_ids, max_segments: int):
     return offsets, lengths
 
 
-def supports(q_shape, dtype, *, max_head_dim: int | None = None) -> str | None:
+def supports(q_shape, dtype, *, kv_shape=None, causal: bool = True, max_head_dim: int | None = None) -> str | None:
     """None if cuDNN's flash attention takes these inputs, else the reason it does not. jax 0.11's cuDNN route takes
-    16-bit floats only (float32 raises deep inside jax) and head dims that are multiples of 8 up to 128 (256 on
-    Hopper). ``max_head_dim`` given: that limit instead of this card's, without starting the backend (config
-    validation)."""
+    16-bit floats only (float32 raises deep inside jax), head dims that are multiples of 8 up to 128 (256 on
+    Hopper), and, for a training step, even sequence lengths only (its call always carries a bias, and cuDNN refuses
+    odd lengths with a bias in the backward; dispatch cannot tell a forward-only call, so odd lengths are refused).
+    Causal attention with ``seq_q != seq_k`` is refused too: cuDNN aligns the causal diagonal top-left, the reference
+    (and every other implementation here) bottom-right. ``max_head_dim`` given: that limit instead of this card's,
+    without starting the backend (config validation)."""
     from pallas_kernels._dispatch import is_hopper
 
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -87,14 +90,23 @@ def supports(q_shape, dtype, *, max_head_dim: int | None = None) -> str | None:
         max_head_dim = 256 if is_hopper() else 128
     if head_dim % 8 or head_dim > max_head_dim:
         return f"head_dim must be a multiple of 8 up to {max_head_dim}, not {head_dim}"
+    if len(q_shape) == 4:
+        seq_q = q_shape[1]
+        seq_k = seq_q if kv_shape is None else kv_shape[1]
+        if seq_q % 2 or seq_k % 2:
+            return f"sequence lengths must be even (cuDNN's backward), not q {seq_q} / kv {seq_k}"
+        if causal and seq_q != seq_k:
+            return (f"causal attention needs seq_q == seq_k (cuDNN aligns the causal diagonal top-left, the "
+                    f"reference bottom-right), not q {seq_q} / kv {seq_k}")
     return None
 
 
 def attention(q, k, v, *, segment_ids=None, causal=True, softmax_scale=None, mode: str = "mask",
               max_segments: int | None = None):
-    reason = supports(q.shape, q.dtype)
+    reason = supports(q.shape, q.dtype, kv_shape=k.shape, causal=causal)
     if reason is not None:
-        raise ValueError(f"attention impl 'cudnn': {reason} (impl='auto' or 'reference' takes these inputs)")
+        raise ValueError(f"attention impl 'cudnn': {reason}; q {tuple(q.shape)} {jnp.dtype(q.dtype).name} "
+                         "(impl='auto' or 'reference' takes these inputs)")
     if segment_ids is None:
         return with_named_residuals(functools.partial(
             jax.nn.dot_product_attention, is_causal=causal, scale=softmax_scale, implementation="cudnn"))(q, k, v)

@@ -21,7 +21,7 @@ inside a warpgroup's single document without the segment mask (``segment_clean_r
 
 Masked scores use a large finite negative value instead of -inf, so a block where a whole row is masked (a packed
 document that starts later) contributes nothing once a real key is seen. Requires seq_q == seq_k (self-attention:
-every query row sees at least itself, so no row is empty), seq a multiple of 128, head_dim a multiple of 64.
+every query row sees at least itself, so no row is empty), seq a multiple of 128, head_dim 64 or 128.
 """
 
 from __future__ import annotations
@@ -78,15 +78,15 @@ def supports(q_shape, kv_shape, dtype, config: Config | None = None) -> str | No
     b, s, h, d = q_shape
     bk, sk, kvh, dk = kv_shape
     if (b, d) != (bk, dk):
-        return "batch/head_dim mismatch"
+        return f"batch/head_dim mismatch: q {tuple(q_shape)}, k/v {tuple(kv_shape)}"
     if s != sk:
-        return "seq_q != seq_k"
+        return f"seq_q {s} != seq_k {sk}"
     if h % kvh:
-        return "heads % kv_heads != 0"
+        return f"heads {h} not a multiple of kv_heads {kvh}"
     if d % 64 or d > 128:
-        return "head_dim must be 64 or 128"
+        return f"head_dim must be 64 or 128, not {d}"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return "dtype must be bf16 or f16"
+        return f"dtype must be bfloat16 or float16, not {jnp.dtype(dtype).name}"
     cfg = config or default_config(d)
     if cfg.backward not in ("two_kernels", "fused"):
         return f"backward {cfg.backward!r} must be 'two_kernels' or 'fused'"
@@ -139,11 +139,10 @@ def _mma(acc, a, b, interpret, extra=None):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def segment_block_ranges(seg, tile: int, block: int):
-    """For each row tile of ``tile`` positions: the [lo, hi) range, in units of ``block``, of positions that share a
-    segment id with some position of the tile. Works for any ids (not only contiguous runs). Returns two int32
-    arrays [B, S // tile]. Attention is symmetric in this respect, so the same ranges serve queries (kv blocks to
-    visit) and keys (q blocks to visit)."""
+def segment_spans(seg):
+    """For each position: the first and the last position in its row holding the same segment id ([B, S] int32
+    each). Works for any ids (not only contiguous runs); the first position also serves as a small id for the same
+    document (below 2**24, so exact as the float32 the kernels compare)."""
     b, s = seg.shape
     order = jnp.argsort(seg, axis=1, stable=True)
     ids = jnp.take_along_axis(seg, order, axis=1)
@@ -158,6 +157,16 @@ def segment_block_ranges(seg, tile: int, block: int):
     rows = jnp.arange(b)[:, None]
     first = jnp.zeros((b, s), jnp.int32).at[rows, order].set(first_sorted.astype(jnp.int32))
     last = jnp.zeros((b, s), jnp.int32).at[rows, order].set(last_sorted.astype(jnp.int32))
+    return first, last
+
+
+def segment_block_ranges(seg, tile: int, block: int, spans=None):
+    """For each row tile of ``tile`` positions: the [lo, hi) range, in units of ``block``, of positions that share a
+    segment id with some position of the tile. Works for any ids (not only contiguous runs). Returns two int32
+    arrays [B, S // tile]. Attention is symmetric in this respect, so the same ranges serve queries (kv blocks to
+    visit) and keys (q blocks to visit). ``spans``: ``segment_spans(seg)``, if already computed."""
+    b, s = seg.shape
+    first, last = segment_spans(seg) if spans is None else spans
     lo = first.reshape(b, s // tile, tile).min(-1) // block
     hi = (last.reshape(b, s // tile, tile).max(-1) + block) // block
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
@@ -199,14 +208,17 @@ def _segment_loops(body, carry, lo, hi, clean_lo, clean_hi, causal: bool):
 
 def _seg_inputs(seg, batch_size, seq_len, tile, block, wg_tile):
     """The segment ids as float32 (TMA-loaded beside the tiles), each ``tile``'s [lo, hi) range of ``block``s to
-    visit, and each ``wg_tile``'s (one compute warpgroup's rows) [lo, hi) range of blocks without a segment mask."""
+    visit, and each ``wg_tile``'s (one compute warpgroup's rows) [lo, hi) range of blocks without a segment mask.
+    The kernels compare ids as float32, so each id is replaced by its first position in the row: ids of 2**24 and
+    above (global document ids, hashes) would otherwise round to equal values and let documents see each other."""
     if seg is None:
         dummy = jnp.zeros((batch_size, seq_len // tile), jnp.int32)
         wg_dummy = jnp.zeros((batch_size, seq_len // wg_tile), jnp.int32)
         return jnp.zeros((batch_size, seq_len), jnp.float32), dummy, dummy, wg_dummy, wg_dummy
-    lo, hi = segment_block_ranges(seg, tile, block)
+    spans = segment_spans(seg)
+    lo, hi = segment_block_ranges(seg, tile, block, spans)
     clean_lo, clean_hi = segment_clean_ranges(seg, wg_tile, block)
-    return seg.astype(jnp.float32), lo, hi, clean_lo, clean_hi
+    return spans[0].astype(jnp.float32), lo, hi, clean_lo, clean_hi
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -993,7 +1005,8 @@ def attention(q, k, v, *, segment_ids=None, causal: bool = True, softmax_scale: 
     cfg = config or default_config(q.shape[-1])
     why = supports(q.shape, k.shape, q.dtype, cfg)
     if why is not None:
-        raise NotImplementedError(f"pallas attention: {why}")
+        raise NotImplementedError(f"pallas attention: {why}; q {tuple(q.shape)}, k/v {tuple(k.shape)} "
+                                  "(impl='auto' picks an implementation that takes these inputs)")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)

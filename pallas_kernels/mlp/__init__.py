@@ -52,10 +52,11 @@ registry.register(REFERENCE)(reference.mlp)
 registry.register(FUSED)(fused.mlp)
 registry.register(FUSED_BF16)(functools.partial(fused.mlp, gate_up_f32=False))
 registry.register(FUSED_TP)(fused.mlp_tp)
-registry.register(MOSAIC_GPU, available=is_hopper)(mosaic_gpu.mlp)
-registry.register(MOSAIC_GPU_FUSED_BWD, available=is_hopper)(mosaic_gpu.mlp_fused_backward)
-registry.register(MOSAIC_GPU_TRITON_BWD, available=lambda: is_hopper() and _triton.available())(
-    mosaic_gpu.mlp_triton_backward)
+_HOPPER = "an NVIDIA Hopper GPU (compute capability 9.x)"
+registry.register(MOSAIC_GPU, available=is_hopper, needs=_HOPPER)(mosaic_gpu.mlp)
+registry.register(MOSAIC_GPU_FUSED_BWD, available=is_hopper, needs=_HOPPER)(mosaic_gpu.mlp_fused_backward)
+registry.register(MOSAIC_GPU_TRITON_BWD, available=lambda: is_hopper() and _triton.available(),
+                  needs=f"{_HOPPER} and jax-triton (0.3.1 with triton 3.6)")(mosaic_gpu.mlp_triton_backward)
 
 
 def mlp(x, w_gate_up, w_down, *, impl: str = "auto"):

@@ -133,8 +133,12 @@ def default_config() -> SwiGLUConfig:
     return replace_from_env(SwiGLUConfig(), "MLP_PALLAS_CONFIG")
 
 
-def supported(m: int, k: int, f: int, config: SwiGLUConfig | None = None) -> bool:
+def supported(m: int, k: int, f: int, config: SwiGLUConfig | None = None, dtype=None) -> bool:
+    """Whether [m, k] x [k, 2, f] tiles with ``config``; with ``dtype``, also that it is a 16-bit float (a float32
+    operand would need twice the shared memory the pipeline is sized for)."""
     config = config or default_config()
+    if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
     cta_tile_m, cta_tile_n = _mgpu_matmul.cta_tile(config.tile_m, config.tile_n, config.wg_dimension)
     return (
         m % (cta_tile_m * (2 if config.cluster_m else 1)) == 0
@@ -201,14 +205,15 @@ _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 def mlp(x, w_gate_up, w_down, *, config: SwiGLUConfig | None = None,
         bwd_config: mosaic_gpu_bwd.BackwardConfig | None = None, triton_backward: bool = False, interpret=None):
-    """Same contract as ``reference.mlp``; shapes that don't tile with ``config`` fall back to ``fused``. The
+    """Same contract as ``reference.mlp``; shapes that don't tile with ``config`` (or a float32 ``x``) fall back to
+    ``fused``. The
     backward's SwiGLU gradient: with ``bwd_config``, inside the ``mosaic_gpu_bwd`` kernel (where it tiles); with
     ``triton_backward``, the one-pass Triton kernel (``triton_kernel.py``); else ``fused``'s two XLA passes."""
     config = config or default_config()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     n, d, f = x2.shape[0], x2.shape[1], w_gate_up.shape[2]
-    if not supported(n, d, f, config):
+    if not supported(n, d, f, config, x.dtype):
         return fused.mlp(x, w_gate_up, w_down)
     backward = TRITON_BACKWARD if triton_backward else None
     if bwd_config is not None and mosaic_gpu_bwd.supported(n, d, f, bwd_config):

@@ -48,7 +48,8 @@ def _triton_norm_and_skip(x, scale, *, eps: float = 1e-5):
 registry = Registry("rms_norm", _auto)
 registry.register(REFERENCE)(reference.rms_norm)
 registry.register(FUSED)(fused.rms_norm)
-registry.register(TRITON, available=_triton.available)(_triton_norm)
+registry.register(TRITON, available=_triton.available,
+                  needs="a GPU where jax-triton imports (jax-triton 0.3.1 with triton 3.6)")(_triton_norm)
 
 # Implementations with their own (norm, skip) pair; the others get autodiff's sum of the two gradients.
 _NORM_AND_SKIP = {TRITON: _triton_norm_and_skip}

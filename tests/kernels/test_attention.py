@@ -232,6 +232,28 @@ def test_pallas_interpret_fused_backward_equals_two_kernels(b, s, h, kvh, d, cau
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
+def test_pallas_interpret_large_segment_ids():
+    """Ids of 2**24 and above (global document ids) stay distinct: the kernels compare ids as float32, where
+    2**24 and 2**24 + 1 are the same number, so documents used to see each other (relative error ~0.6)."""
+    b, s, h, kvh, d = 1, 128, 2, 1, 64
+    q, k, v, do = _inputs(11, b, s, h, kvh, d, jnp.bfloat16)
+    seg = jnp.asarray(_ragged_segments(np.random.default_rng(5), b, s, with_padding=False)) + 2**24
+    assert len(np.unique(np.asarray(seg, np.float32))) < len(np.unique(np.asarray(seg)))  # some ids collide
+
+    def fn(q, k, v, **kw):
+        return mosaic_gpu.attention(q, k, v, config=_SMALL, interpret=True, **kw)
+
+    _check_against_reference(fn, q, k, v, do, tol=1e-2, segment_ids=seg, causal=True)
+
+
+def test_segment_spans_give_each_document_its_first_position():
+    seg = jnp.asarray([[7, 7, 2**30, 2**30, 7, 0], [5, 5, 5, 5, 5, 5]], jnp.int32)
+    first, last = mosaic_gpu.segment_spans(seg)
+    np.testing.assert_array_equal(first, [[0, 0, 2, 2, 0, 5], [0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(last, [[4, 4, 3, 3, 4, 5], [5, 5, 5, 5, 5, 5]])
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode tests are for CPU")
 def test_pallas_interpret_lse():
     b, s, h, kvh, d = 1, 128, 2, 1, 64
     q, k, v, _ = _inputs(7, b, s, h, kvh, d, jnp.bfloat16)
@@ -324,6 +346,19 @@ def test_auto_is_reference_on_cpu():
     assert name == "reference"
 
 
+def test_forcing_an_implementation_this_machine_lacks_says_what_it_needs():
+    if ON_GPU:
+        pytest.skip("CPU dispatch")
+    from pallas_kernels.attention import registry
+    from pallas_kernels.mlp import registry as mlp_registry
+
+    with pytest.raises(ValueError, match=r"attention: impl 'pallas' is not available on platform 'cpu' \(it needs an "
+                                         r"NVIDIA Hopper GPU \(compute capability 9.x\)\); impl='auto' picks"):
+        registry.resolve("pallas", q_shape=(1, 256, 4, 64), kv_shape=(1, 256, 2, 64), dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"mlp: impl 'mosaic_gpu_triton_bwd' .*Hopper GPU .* and jax-triton"):
+        mlp_registry.resolve("mosaic_gpu_triton_bwd", x_shape=(8, 16), w_shape=(16, 2, 32), dtype=jnp.bfloat16)
+
+
 @pytest.mark.parametrize("hopper", [False, True])
 def test_auto_on_a_gpu_sends_what_cudnn_cannot_take_to_the_reference(monkeypatch, hopper):
     """The rule as a GPU would run it (platform and card faked): float32 inputs or a head dim cuDNN rejects go to
@@ -346,10 +381,20 @@ def test_auto_on_a_gpu_sends_what_cudnn_cannot_take_to_the_reference(monkeypatch
     assert pick(96, jnp.bfloat16) == "cudnn"
     assert pick(100, jnp.bfloat16) == "reference"
     assert pick(256, jnp.bfloat16) == ("cudnn" if hopper else "reference")
+    # cuDNN's backward refuses odd lengths (jax always passes it a bias): a training step there raised
+    assert pick(128, jnp.bfloat16, seq=1023) == "reference"
+    assert pick(128, jnp.bfloat16, seq=1000) == "cudnn"
+    # cuDNN's causal diagonal is top-left, the reference's bottom-right: seq_q != seq_k gave other numbers
+    cross = lambda causal: attention_mod._auto(  # noqa: E731
+        q_shape=(2, 64, 8, 128), kv_shape=(2, 256, 2, 128), dtype=jnp.bfloat16, causal=causal)
+    assert cross(True) == "reference" and cross(False) == "cudnn"
     from pallas_kernels.attention import cudnn
 
     q = jnp.zeros((1, 128, 2, 64), jnp.float32)
     with pytest.raises(ValueError, match="impl 'cudnn': dtype must be bfloat16 or float16, not float32"):
+        cudnn.attention(q, q, q)
+    q = jnp.zeros((1, 127, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"impl 'cudnn': sequence lengths must be even .* q 127 / kv 127"):
         cudnn.attention(q, q, q)
 
 

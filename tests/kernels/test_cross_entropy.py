@@ -202,6 +202,21 @@ def test_chunked_never_materializes_logits():
     assert max(sizes(jaxpr.jaxpr)) < n * v // 4
 
 
+@pytest.mark.parametrize("impl", ["reference", "chunked", "single_pass"])
+def test_out_of_range_targets_under_a_zero_mask_weight_count_for_nothing(impl):
+    """An ignore index (-100, or the vocabulary size) under a zero weight: every implementation gives the sum of the
+    other tokens' losses. The reference gave NaN (or wrapped -1 to the last word), so the answer changed with the
+    problem size ``auto`` saw."""
+    x, w, _, _ = _inputs((6,), 16, 40, jnp.float32)
+    t = jnp.asarray([3, -100, 7, 40, -1, 39], jnp.int32)
+    mask = jnp.asarray([1, 0, 1, 0, 0, 1], jnp.float32)
+    valid = np.asarray(mask, bool)
+    want = _np_ce(x[valid], w, np.asarray(t)[valid], np.ones(3), 0.0)[0].sum()
+    got, dx = jax.value_and_grad(lambda x: cross_entropy_sum(x, w, t, mask, impl=impl))(x)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert np.isfinite(np.asarray(dx)).all() and not np.asarray(dx)[~valid].any()
+
+
 def test_auto_choice():
     assert registry.resolve("auto", x_shape=(4, 4096, 3072), w_shape=(3072, 128256))[0] == "chunked"
     assert registry.resolve("auto", x_shape=(8, 16), w_shape=(16, 100))[0] == "reference"

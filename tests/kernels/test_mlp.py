@@ -196,6 +196,14 @@ def test_mosaic_gpu_falls_back_on_untiled_shapes():
     _check(lambda *a: mosaic_gpu.mlp(*a), (5, 7), 24, 40, jnp.float32, 1e-5)
 
 
+def test_mosaic_gpu_falls_back_on_float32_operands():
+    """A float32 model forced onto the kernel ran ``fused`` only where the shape did not tile; where it did, the
+    kernel failed to lower (its pipeline needs twice the shared memory in float32)."""
+    assert mosaic_gpu.supported(256, 256, 256) and mosaic_gpu.supported(256, 256, 256, dtype=jnp.bfloat16)
+    assert not mosaic_gpu.supported(256, 256, 256, dtype=jnp.float32)
+    _check(lambda *a: mosaic_gpu.mlp(*a), (2, 128), 256, 256, jnp.float32, 1e-5)
+
+
 def test_interleave():
     w = jnp.arange(3 * 2 * 8).reshape(3, 2, 8)
     il = np.asarray(mosaic_gpu.interleave(w, 4))

@@ -144,6 +144,10 @@ def test_an_implementation_that_disagrees_with_the_default_is_not_eligible():
     ('{"version": 1, "entries": [{"kernel": "mlp", "call": {}, "best": "fastest"}]}', "no implementation 'fastest'"),
     ('{"version": 1, "entries": [{"kernel": "conv", "call": {}, "best": "x"}]}', "unknown kernel 'conv'"),
     ('{"entries": []}', "not a version-1 kernel table"),
+    ('{"version": 1, "entries": [{"kernel": "mlp", "call": [1, 2], "best": "fused"}]}',
+     "kernel and best must be strings and call an object"),
+    ('{"version": 1, "entries": [{"kernel": ["mlp"], "call": {}, "best": "fused"}]}',
+     "kernel and best must be strings and call an object"),
 ])
 def test_a_bad_kernel_table_is_a_config_error_naming_the_key_and_file(tmp_path, content, message):
     path = tmp_path / "table.json"

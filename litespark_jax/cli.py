@@ -78,6 +78,21 @@ def run_config_command(prog: str, description: str, run: Callable[[Config], obje
 GPU_MEMORY_FRACTION = "0.95"
 
 
+def _show_info_logs() -> None:
+    """Print this package's INFO lines (what a command did, hints such as the tokenizer to train with) on stderr.
+    Its own handler, not ``logging.basicConfig``: importing orbax has absl configure the root logger at WARNING
+    first, which made ``basicConfig`` a no-op and every such line silent; raising the root logger instead would
+    print orbax's own INFO chatter."""
+    logger = logging.getLogger("litespark_jax")
+    if not any(getattr(h, "_litespark", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._litespark = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     """Run ``main``; bad input (``UserError``, or a kernel config variable that does not parse) prints one line and
     exits 2, with no traceback.
@@ -85,7 +100,7 @@ def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     Sets ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (unless set) first; it only counts if no JAX backend exists yet, so
     modules must not touch a device at import time."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _show_info_logs()
     try:
         check_kernel_env()  # ATTN_PALLAS_CONFIG / MLP_PALLAS_CONFIG, read only when a kernel is traced
         return main(argv)

@@ -305,15 +305,17 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    from_command_line = {}
     for override in overrides:
-        _apply_override(raw, override, source)
-    config = from_dict(raw, source)
+        from_command_line[_apply_override(raw, override, source)] = f"command line ({override})"
+    config = from_dict(raw, source, from_command_line)
     validate(config)
     return config
 
 
-def from_dict(raw: dict, source: str = "config") -> Config:
-    """Build a Config from nested dicts, checking every key and value type."""
+def from_dict(raw: dict, source: str = "config", key_sources: dict | None = None) -> Config:
+    """Build a Config from nested dicts, checking every key and value type. ``key_sources`` maps (section, key)
+    to where that value came from when not ``source`` (a command-line override), for the error that names it."""
     sections = {}
     for name, value in raw.items():
         if not isinstance(name, str):
@@ -325,21 +327,23 @@ def from_dict(raw: dict, source: str = "config") -> Config:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
-        sections[name] = _build_section(name, _SECTION_TYPES[name], value, source)
+        sections[name] = _build_section(name, _SECTION_TYPES[name], value, source, key_sources or {})
     return Config(**sections)
 
 
-def _build_section(name: str, cls: type, values: dict, source: str):
+def _build_section(name: str, cls: type, values: dict, source: str, key_sources: dict):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        source_of_key = key_sources.get((name, key), source)
         if not isinstance(key, str):
             raise ConfigError(f"{source}: section {name!r} has key {key!r} ({type(key).__name__}), not a field name "
                               "(YAML reads an unquoted 4 or yes as a number or bool)")
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}'{_did_you_mean(key, fields, prefix=name + '.')}")
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key], source)
+            raise ConfigError(f"{source_of_key}: unknown key '{name}.{key}'"
+                              f"{_did_you_mean(key, fields, prefix=name + '.')}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key], source_of_key)
     return cls(**kwargs)
 
 
@@ -386,9 +390,9 @@ def _type_name(annotation) -> str:
     return getattr(typing.get_origin(annotation) or annotation, "__name__", str(annotation))
 
 
-def _apply_override(raw: dict, override: str, source: str = "command line") -> None:
-    """Apply ``section.key=value``; the value is parsed as YAML (``8``, ``1e-3``, ``true``, ``[a, b]``). ``source``
-    names where ``raw`` came from, for a section there that is not a mapping."""
+def _apply_override(raw: dict, override: str, source: str = "command line") -> tuple[str, str]:
+    """Apply ``section.key=value`` and return (section, key); the value is parsed as YAML (``8``, ``1e-3``,
+    ``true``, ``[a, b]``). ``source`` names where ``raw`` came from, for a section there that is not a mapping."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.steps=200)")
     dotted, text = override.split("=", 1)
@@ -408,6 +412,7 @@ def _apply_override(raw: dict, override: str, source: str = "command line") -> N
     if not isinstance(target, dict):  # the error from_dict gives without the override
         raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(target).__name__}")
     target[key] = value
+    return section, key
 
 
 def _did_you_mean(word: str, choices, prefix: str = "") -> str:
@@ -547,6 +552,9 @@ def validate(config: Config) -> None:
             f"model.remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {m.remat_policy!r}"
             f"{_did_you_mean(m.remat_policy, REMAT_POLICIES)}"
         )
+    if m.rope_theta <= 0 or m.norm_eps <= 0:
+        raise ConfigError(f"model.rope_theta and model.norm_eps must be positive, got {m.rope_theta} and "
+                          f"{m.norm_eps}")
     if m.remat_policy == "names" and not m.remat_save_names:
         raise ConfigError("model.remat_policy=names needs model.remat_save_names (e.g. [attention_out, mlp_out])")
     for name in m.remat_save_names:
@@ -563,6 +571,16 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.learning_rate must be positive and optim.min_lr_ratio within [0, 1]")
     if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must not be negative")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1) or o.eps <= 0:
+        raise ConfigError(f"optim.b1 and optim.b2 must be within [0, 1) and optim.eps positive, got {o.b1}, {o.b2} "
+                          f"and {o.eps}")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every must not be negative (0: only at the end), got {t.eval_every}")
+    if t.z_loss_weight < 0:
+        raise ConfigError(f"train.z_loss_weight must not be negative, got {t.z_loss_weight}")
+    if t.peak_tflops_per_device is not None and t.peak_tflops_per_device <= 0:
+        raise ConfigError(f"train.peak_tflops_per_device must be positive or null (detect), got "
+                          f"{t.peak_tflops_per_device}")
     if o.decay_steps is not None and o.decay_steps < 1:
         raise ConfigError(f"optim.decay_steps must be positive or null (until train.steps), got {o.decay_steps}")
     if not 0 <= t.seed < 2**32:  # the data loader's seed is an unsigned 32-bit integer

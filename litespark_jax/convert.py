@@ -386,7 +386,6 @@ def _write_step0(config: Config, params: dict, out: str) -> None:
         manager.save(0, train_state, data_state=None, config=config.to_dict(), seed=config.train.seed, force=True)
     finally:
         manager.close()
-    log.info("wrote %s/0: continue training with train.resume=%s", out, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,7 +452,6 @@ def main(argv=None) -> int:
     if args.command == "to-hf":
         export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                   tokenizer=not args.no_tokenizer)
-        print(f"wrote {args.out}")
     else:
         config = load_config(args.config, args.overrides)
         full, _ = import_hf(args.hf_dir, args.out, config=config)

@@ -24,6 +24,10 @@ def run_cli(*args, cwd=ROOT, **env_vars):
     (["train.seq_len=100000"], "is longer than model.max_seq_len"),
     (["model.vocab_size=100"], "model.vocab_size (100) is smaller than the tokenizer's vocabulary"),
     (["model.num_heads=7", "--config", "configs/tiny.yaml", "train.steps=2"], "must divide model.d_model"),
+    # a mistake on the command line is blamed on it, not on the YAML file (which said nothing of the key)
+    (["--config", "configs/tiny.yaml", "model.num_head=8"],
+     "command line (model.num_head=8): unknown key 'model.num_head' (did you mean 'model.num_heads'?)"),
+    (["--config", "configs/tiny.yaml", "train.steps=ten"], "command line (train.steps=ten): 'train.steps' must be int"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message):
     result = run_cli(*args)
@@ -121,3 +125,14 @@ def test_entry_points_leave_the_backend_unstarted_so_the_memory_fraction_counts(
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fraction 0.95" in result.stdout
+
+
+def test_the_commands_info_lines_print_even_after_orbax_configured_logging():
+    """Importing orbax has absl set up the root logger at WARNING, which made ``logging.basicConfig`` a no-op: every
+    INFO line (the tokenizer hint of ``convert from-hf``, the distributed join, the kernel table) was silent."""
+    script = ("import logging, sys; import orbax.checkpoint; from litespark_jax.cli import run_main; "
+              "sys.exit(run_main(lambda argv: logging.getLogger('litespark_jax.convert').info('hint line') or 0))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert "hint line" in result.stderr

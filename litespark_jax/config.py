@@ -43,7 +43,7 @@ class ModelConfig:
     d_model: int = 256
     """Width of the residual stream."""
     num_layers: int = 4
-    """Decoder layers (stacked and scanned, so compile time does not grow with depth)."""
+    """Decoder layers (stacked; with scan_layers they run in a scan, so compile time does not grow with depth)."""
     num_heads: int = 8
     """Query heads."""
     num_kv_heads: int = 4

@@ -22,7 +22,7 @@ from litespark_jax.errors import ConfigError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.generate", description=__doc__.splitlines()[2],
+    parser = argparse.ArgumentParser(prog="python -m litespark_jax.generate", description=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory (newest good step) or DIR/<step>")

@@ -53,7 +53,7 @@ def _rate_once(cfg, tokenizer, *, seq_len, batch, tokens, seed=0) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m litespark_jax.data.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8, help="global batch (one process)")
     parser.add_argument("--tokens", type=int, default=20_000_000, help="tokens per measurement (prepared path)")

@@ -30,7 +30,7 @@ from litespark_jax.config import Config, load_config
 from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
-from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, mesh_shape
+from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_shapes, mesh_shape
 from litespark_jax.train.optimizer import build_optimizer
 from litespark_jax.train.state import abstract_model, init_train_state, state_shardings
 from litespark_jax.train.step import compiler_options, make_train_step
@@ -93,6 +93,7 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
         raise ValueError(f"{name}: batch {batch['inputs'].shape} is not the config's "
                          f"{config.train.global_batch_size} x {config.train.seq_len}")
     mesh, rules = build_mesh(config.mesh), DEFAULT_RULES
+    check_shapes(config, mesh, rules)  # the trainer's one-line errors, not a sharding traceback
     pallas_kernels.use_table(config.model.kernel_table)  # per variant: None resets what another variant loaded
     optimizer = build_optimizer(config.optim, config.train.steps)
     graphdef, abstract_params = abstract_model(config.model)

@@ -136,3 +136,15 @@ def test_the_commands_info_lines_print_even_after_orbax_configured_logging():
                             env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr
     assert "hint line" in result.stderr
+
+
+def test_bench_refuses_a_batch_the_mesh_cannot_split_with_the_trainers_message():
+    """It was a sharding traceback from ``device_put`` (the bench did not run the trainer's shape checks)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-m", "litespark_jax.bench", "--config", "configs/tiny.yaml",
+                             "--compile-only", "train.global_batch_size=3"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stdout
+    assert "train.global_batch_size / train.grad_accum_steps (3) is not divisible by mesh.data (1) x mesh.fsdp (2)" \
+        in result.stderr and "Traceback" not in result.stderr

@@ -65,8 +65,8 @@ def _process_layout(global_batch_size: int, process_index: int | None, process_c
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ConfigError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
-                          f"process count {process_count}")
+        raise ConfigError(f"train.global_batch_size {global_batch_size} must be a positive multiple of the "
+                          f"{process_count} blocks of rows the processes build")
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} is outside 0..{process_count - 1}")
     local = global_batch_size // process_count

@@ -49,20 +49,30 @@ class ProcessSpec:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """``node[01-03,07],gpu5`` -> [node01, node02, node03, node07, gpu5] (SLURM's compressed host list)."""
+    """``node[01-03,07],gpu5`` -> [node01, node02, node03, node07, gpu5]: SLURM's compressed host list, where a
+    name may also carry text after its brackets and several bracket groups (``gpu[01-02]-ib``,
+    ``rack[1-2]-n[01-02]``: every combination, the first group outermost, as ``scontrol show hostnames``)."""
     hosts = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
-        prefix, ranges = match.group(1), match.group(2)
-        if not ranges:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            if "-" in part:
-                lo, hi = part.split("-")
-                hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(prefix + part)
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        names = [""]
+        for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            names = [n + text for n in names]
+            if ranges:
+                names = [n + value for n in names for value in _range_values(ranges)]
+        hosts.extend(names)
     return hosts
+
+
+def _range_values(ranges: str) -> list[str]:
+    """``01-03,07`` -> [01, 02, 03, 07], keeping each bound's zero padding."""
+    values = []
+    for part in ranges.split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            values.extend(f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+        else:
+            values.append(part)
+    return values
 
 
 def _give_up(message: str) -> None:

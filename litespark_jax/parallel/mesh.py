@@ -46,7 +46,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     for axis, value in sizes.items():
         if value == -1:
             if num_devices % known:
-                raise ConfigError(f"mesh: {num_devices} devices cannot be split with fixed axes of product {known}")
+                fixed = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if v != -1)
+                raise ConfigError(f"mesh: {num_devices} devices cannot be split with {fixed} (product {known}) and "
+                                  f"mesh.{axis}=-1 filling the rest")
             sizes[axis] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
         shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
@@ -60,7 +62,9 @@ def inter_node_shape(cfg: MeshConfig, sizes: dict[str, int], num_nodes: int) -> 
     inter = {axis: getattr(cfg, f"inter_node_{axis}", 1) for axis in MESH_AXES}
     fixed = math.prod(v for v in inter.values() if v != -1)
     if num_nodes % fixed:
-        raise ConfigError(f"mesh: the fixed inter_node_* sizes (product {fixed}) do not divide the {num_nodes} nodes")
+        named = ", ".join(f"mesh.inter_node_{a}={v}" for a, v in inter.items() if v not in (-1, 1))
+        raise ConfigError(f"mesh: {named} (product {fixed}) does not divide the {num_nodes} node(s) (processes) of "
+                          "this run")
     left = num_nodes // fixed
     for axis in _INTER_NODE_ORDER:
         if inter[axis] != -1:
@@ -156,3 +160,11 @@ def check_shapes(config, mesh: Mesh, rules=DEFAULT_RULES) -> None:
             names = " x ".join(f"mesh.{a} ({sizes[a]})" for a in mesh_axes)
             raise ConfigError(f"{key} ({dim}) is not divisible by {names} = {size}: the '{logical}' axis is split "
                               f"over {'x'.join(mesh_axes)}")
+    # Sharded attention splits the heads over the heads' and the sequence's axes together (each device attends
+    # whole sequences of its heads; parallel/kernels.py): checked here, before the run writes anything.
+    head_axes = tuple(dict.fromkeys(a for name in ("heads", "seq") for a in axis_size(name)[1] if sizes[a] > 1))
+    head_split = math.prod(sizes[a] for a in head_axes)
+    if m.num_heads % head_split:
+        names = " x ".join(f"mesh.{a} ({sizes[a]})" for a in head_axes)
+        raise ConfigError(f"model.num_heads ({m.num_heads}) is not divisible by {names} = {head_split}: sharded "
+                          "attention splits the heads over both")

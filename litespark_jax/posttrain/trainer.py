@@ -82,11 +82,8 @@ class _PosttrainMixin:
         self.template_tokens.check_vocab(config.model.vocab_size)
         self.train_file, self.eval_file = data_files(config, self.kind)
         self._initial = None
-        n = jax.process_count()
-        if config.train.global_batch_size % n:
-            raise ConfigError(f"train.global_batch_size ({config.train.global_batch_size}) must be divisible by the "
-                              f"process count ({n})")
-        self.local_rows = config.train.global_batch_size // n
+        # This process's block of rows (Trainer.row_shard): processes holding the same rows build the same ones.
+        self.local_rows = config.train.global_batch_size // self.row_shards
 
     def initial_params(self):
         """The starting weights (``posttrain.init_from``, else the seeded random init) on the parameter shardings."""
@@ -170,7 +167,7 @@ class SFTTrainer(_PosttrainMixin, Trainer):
         p, t = self.config.posttrain, self.config.train
         return sft_data.sft_dataset(examples, seq_len=t.seq_len, batch_size=self.local_rows, seed=t.seed,
                                     pack=p.pack, packing_bins=p.packing_bins, repeat=repeat,
-                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+                                    shard_index=self.row_shard, shard_count=self.row_shards)
 
     def train_iterator(self):
         return iter(self._dataset(self.examples, repeat=True))
@@ -198,13 +195,13 @@ class DPOTrainer(_PosttrainMixin, Trainer):
 
     def __init__(self, config: Config):
         t = config.train
-        rows_per_process = t.global_batch_size // jax.process_count()
-        if (t.global_batch_size % 2 or (t.global_batch_size // t.grad_accum_steps) % 2
-                or t.global_batch_size % jax.process_count() or rows_per_process % 2):
+        if t.global_batch_size % 2 or (t.global_batch_size // t.grad_accum_steps) % 2:
             raise ConfigError(f"DPO: train.global_batch_size ({t.global_batch_size}) counts sequences, two per pair; "
-                              f"it, its micro-batches (/ train.grad_accum_steps) and each of the "
-                              f"{jax.process_count()} process(es)' share must be even")
+                              f"it and its micro-batches (/ train.grad_accum_steps) must be even")
         super().__init__(config)
+        if (t.global_batch_size // self.row_shards) % 2:
+            raise ConfigError(f"DPO: train.global_batch_size ({t.global_batch_size}) counts sequences, two per pair; "
+                              f"each of the {self.row_shards} blocks of rows the processes build must be even")
         self._setup_posttrain(config)
         p = config.posttrain
         self.pairs, self.stats = dpo_data.prepare_dpo(self.train_file, self.template_tokens, t.seq_len, p.truncation)
@@ -259,7 +256,7 @@ class DPOTrainer(_PosttrainMixin, Trainer):
     def _dataset(self, pairs, repeat: bool):
         t = self.config.train
         return dpo_data.dpo_dataset(pairs, pairs_per_batch=self.local_rows // 2, seed=t.seed, repeat=repeat,
-                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+                                    shard_index=self.row_shard, shard_count=self.row_shards)
 
     def train_iterator(self):
         if self.config.posttrain.reference == "precomputed":

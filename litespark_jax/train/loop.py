@@ -19,7 +19,7 @@ from tqdm import tqdm
 import pallas_kernels
 from litespark_jax import data as data_lib
 from litespark_jax import trace_summary
-from litespark_jax.data.global_batch import to_global_arrays
+from litespark_jax.data.global_batch import process_row_shard, to_global_arrays
 from litespark_jax.checkpoint.preemption import PreemptionHandler
 from litespark_jax.checkpoint.session import RunCheckpoints
 from litespark_jax.config import Config
@@ -72,6 +72,8 @@ class Trainer:
                                               config.optim.offload_state)
         params_sharding = self.state_sharding.params
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        # Which rows of each global batch this process builds (processes that hold the same rows build the same).
+        self.row_shard, self.row_shards = process_row_shard(self.batch_sharding, t.global_batch_size)
         self.compiler_options = compiler_options(config)  # checked once; subclasses' steps reuse it
         n_tuned = pallas_kernels.use_table(config.model.kernel_table)  # None: a table an earlier run loaded goes
         if config.model.kernel_table:
@@ -112,10 +114,11 @@ class Trainer:
     def train_iterator(self):
         t = self.config.train
         return data_lib.make_train_iterator(self.config.data, self.tokenizer, seq_len=t.seq_len,
-                                            global_batch_size=t.global_batch_size, seed=t.seed)
+                                            global_batch_size=t.global_batch_size, seed=t.seed,
+                                            process_index=self.row_shard, process_count=self.row_shards)
 
     def global_batch(self, local_batch: dict) -> dict:
-        return to_global_arrays(local_batch, self.batch_sharding)
+        return to_global_arrays(local_batch, self.batch_sharding, self.config.train.global_batch_size)
 
     def step_batch(self, local_batch: dict) -> dict:
         """What the jitted train step takes: the global batch (DPO adds the reference log-probs)."""
@@ -135,7 +138,8 @@ class Trainer:
         """Mean NLL per token over ``train.eval_batches`` validation batches."""
         t = self.config.train
         iterator = data_lib.make_eval_iterator(self.config.data, self.tokenizer, seq_len=t.seq_len,
-                                               global_batch_size=t.global_batch_size, max_batches=t.eval_batches)
+                                               global_batch_size=t.global_batch_size, max_batches=t.eval_batches,
+                                               process_index=self.row_shard, process_count=self.row_shards)
         total, count = 0.0, 0.0
         with self._sharding_context():
             for local_batch in iterator:

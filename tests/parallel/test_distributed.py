@@ -14,6 +14,9 @@ from litespark_jax.parallel.watchdog import EXIT_CODE, StepWatchdog
 def test_expand_slurm_nodelist():
     assert expand_nodelist("gpu[01-03,07],head") == ["gpu01", "gpu02", "gpu03", "gpu07", "head"]
     assert expand_nodelist("node7") == ["node7"]
+    # text after the brackets and several bracket groups: the coordinator was "gpu01", not "gpu01-ib"
+    assert expand_nodelist("gpu[01-02]-ib") == ["gpu01-ib", "gpu02-ib"]
+    assert expand_nodelist("rack[1-2]-n[01-02],login") == ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02", "login"]
 
 
 def test_detect_slurm():

@@ -634,7 +634,9 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     from litespark_jax.config import load_config
 
-    config = load_config(args.config, args.overrides)  # a UserError here or below is run_main's one-line error
+    # --mesh's sizes go in as overrides, so the config's checks (inter_node_* dividing its axis, ...) see them
+    mesh_overrides = [f"mesh.{axis}={size}" for axis, size in (mesh_sizes or {}).items()]
+    config = load_config(args.config, [*args.overrides, *mesh_overrides])  # a UserError: run_main's one line
     fraction = args.mem_fraction if args.mem_fraction is not None else mem_fraction_for(n)
     cfg, train, gpu = config.model, config.train, gpu_with_fraction(args.gpu, fraction)
     kw = plan_options(config, n, args.attention or ("reference" if args.xla_check else "flash"), args.efficiency)

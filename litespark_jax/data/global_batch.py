@@ -30,3 +30,16 @@ def to_global_arrays(local_batch: dict[str, np.ndarray], sharding: jax.sharding.
     without any host reading others' rows."""
     return {key: jax.make_array_from_process_local_data(sharding, value, (global_rows, *value.shape[1:]))
             for key, value in local_batch.items()}
+
+
+def process_local_rows(array: jax.Array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a global array, read from this process's own shards (in a multi-process run the whole
+    array is not addressable here, so ``np.asarray`` of it raises)."""
+    out = np.empty((stop - start, *array.shape[1:]), array.dtype)
+    for shard in array.addressable_shards:
+        lo, hi, _ = shard.index[0].indices(array.shape[0])
+        lo, hi = max(lo, start), min(hi, stop)
+        if lo < hi:
+            first = shard.index[0].indices(array.shape[0])[0]
+            out[(slice(lo - start, hi - start), *shard.index[1:])] = np.asarray(shard.data)[lo - first:hi - first]
+    return out

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from litespark_jax.config import Config
+from litespark_jax.data.global_batch import process_local_rows
 from litespark_jax.errors import ConfigError
 from litespark_jax.posttrain import dpo_data, sft_data
 from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_step, token_logps
@@ -240,7 +241,9 @@ class DPOTrainer(_PosttrainMixin, Trainer):
                 batch = self._pad_rows(dpo_data.interleave({side: {k: np.stack([p[side][k] for p in chunk])
                                                                    for k in chunk[0][side]}
                                                             for side in ("chosen", "rejected")}))
-                logps = np.asarray(jax.device_get(self.reference_logps(self.global_batch(batch))))
+                start = self.row_shard * self.local_rows  # this process's rows, from its own shards
+                logps = process_local_rows(self.reference_logps(self.global_batch(batch)), start,
+                                           start + self.local_rows)
                 for i, pair in enumerate(chunk):
                     pair["chosen"]["ref_logps"] = logps[2 * i].astype(np.float32)
                     pair["rejected"]["ref_logps"] = logps[2 * i + 1].astype(np.float32)

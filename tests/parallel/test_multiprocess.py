@@ -118,6 +118,22 @@ def test_tensor_parallel_across_processes_trains_on_the_configured_batch(tmp_pat
     assert evals[0] and abs(evals[0][-1] - evals[1][-1]) <= 1e-6 * abs(evals[1][-1]), evals
 
 
+def test_dpo_with_a_precomputed_reference_on_two_processes(tmp_path):
+    """The reference log-probs are read back from each process's own shards (reading the whole global array raised
+    on 2 processes). At step 1 the policy is the reference, so the loss is ln 2 exactly when every row got its own
+    reference log-probs."""
+    run = tmp_path / "dpo"
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+                "--devices-per-process", "4", "--timeout", "600", "--"]
+    proc = subprocess.run(launcher + [sys.executable, "-m", "litespark_jax.dpo", "--config", "configs/dpo-tiny.yaml",
+                                      "train.steps=2", "log.every=1", "train.eval_every=0", "train.eval_batches=1",
+                                      "log.progress_bar=false", "checkpoint.every=0", f"train.run_dir={run}"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2] and abs(losses[1] - np.log(2)) < 1e-5, losses
+
+
 def _eval_losses(run_dir) -> list[float]:
     import json
 

@@ -248,6 +248,14 @@ def test_mesh_flag_keeps_the_configs_inter_node_sizes(capsys):
     assert "(inter-node: fsdp=2)" in capsys.readouterr().out
 
 
+def test_mesh_flag_sizes_are_what_the_inter_node_settings_are_checked_against(capsys):
+    """``--mesh 1x4x2x1 mesh.inter_node_tensor=2``: the check used the config's mesh.tensor (1) and refused."""
+    argv = ["--config", "configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "4", "--mesh", "1x4x2x1",
+            "mesh.inter_node_tensor=2", "mesh.inter_node_fsdp=1"]
+    assert plan.main(argv) == 0
+    assert "(inter-node: tensor=2)" in capsys.readouterr().out
+
+
 def test_every_planned_mesh_places_the_nodes_as_the_config_says():
     from litespark_jax.config import MeshConfig, load_config
 

@@ -37,9 +37,8 @@ def process_local_rows(array: jax.Array, start: int, stop: int) -> np.ndarray:
     array is not addressable here, so ``np.asarray`` of it raises)."""
     out = np.empty((stop - start, *array.shape[1:]), array.dtype)
     for shard in array.addressable_shards:
-        lo, hi, _ = shard.index[0].indices(array.shape[0])
-        lo, hi = max(lo, start), min(hi, stop)
+        first, end, _ = shard.index[0].indices(array.shape[0])
+        lo, hi = max(first, start), min(end, stop)
         if lo < hi:
-            first = shard.index[0].indices(array.shape[0])[0]
             out[(slice(lo - start, hi - start), *shard.index[1:])] = np.asarray(shard.data)[lo - first:hi - first]
     return out

@@ -73,9 +73,24 @@ def test_to_global_arrays_single_process():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     local = {"inputs": np.arange(12, dtype=np.int32).reshape(2, 6), "loss_mask": np.ones((2, 6), np.float32)}
-    out = to_global_arrays(local, sharding)
+    out = to_global_arrays(local, sharding, 2)
     assert out["inputs"].shape == (2, 6) and out["inputs"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(out["inputs"]), local["inputs"])
+
+
+def test_each_process_builds_the_rows_its_devices_hold():
+    """The block of rows a process builds comes from the batch sharding, not from its process index: a process whose
+    devices hold every row (tensor parallelism across processes) builds them all; reading them back from its own
+    shards gives them."""
+    from litespark_jax.data.global_batch import process_local_rows, process_row_shard
+
+    devices = np.array(jax.devices()[:1]).reshape(1, 1)
+    mesh = jax.sharding.Mesh(devices, ("data", "tensor"))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    assert process_row_shard(sharding, 8) == (0, 1)
+    local = {"inputs": np.arange(16, dtype=np.int32).reshape(8, 2)}
+    out = to_global_arrays(local, sharding, 8)
+    np.testing.assert_array_equal(process_local_rows(out["inputs"], 2, 6), local["inputs"][2:6])
 
 
 def test_eval_batches_are_the_same_when_rows_are_tokenized_by_a_slow_tokenizer(tmp_path):

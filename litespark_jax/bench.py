@@ -36,15 +36,16 @@ from litespark_jax.train.state import abstract_model, init_train_state, state_sh
 from litespark_jax.train.step import compiler_options, make_train_step
 
 
-def baseline_overrides(model=None) -> list[str]:
+def baseline_overrides(model=None, seq_len: int | None = None) -> list[str]:
     """The baseline's settings. A function, not a constant: asking for the backend at import time would start it
     before ``run_main`` sets the GPU memory fraction (it did, and capped every bench step at 75% of the card).
 
-    Attention is cuDNN's where there is a GPU and cuDNN takes the ``model``'s inputs (16-bit, a head dim it
-    supports). Otherwise, on CPU (smoke tests) or for a float32 model, XLA's attention (the reference) stands in,
-    as it would for a user of ``jax.nn.dot_product_attention``."""
-    cudnn = jax.default_backend() == "gpu" and (model is None or cudnn_attention.supports(
-        (1, 1, model.num_heads, model.resolved_head_dim), model.dtype) is None)
+    Attention is cuDNN's where there is a GPU and cuDNN takes the ``model``'s inputs at ``seq_len`` (16-bit, a head
+    dim it supports, an even length). Otherwise, on CPU (smoke tests) or for a float32 model, XLA's attention (the
+    reference) stands in, as it would for a user of ``jax.nn.dot_product_attention``."""
+    shape = (1, seq_len, model.num_heads, model.resolved_head_dim) if model and seq_len else (
+        model and (model.resolved_head_dim,))
+    cudnn = jax.default_backend() == "gpu" and (model is None or cudnn_attention.supports(shape, model.dtype) is None)
     return [f"model.attention_impl={'cudnn' if cudnn else 'reference'}", *_BASELINE_REST]
 
 
@@ -328,8 +329,8 @@ def main(argv=None) -> int:
         parser.error("--curve-noise needs --curve-steps N and --baseline")
     if args.baseline:
         # Last, so the variants that need the most memory get an unfragmented allocator; same tokens either way.
-        model = load_config(args.config, args.overrides).model
-        specs.append(("baseline", [*args.overrides, *baseline_overrides(model)]))
+        base = load_config(args.config, args.overrides)
+        specs.append(("baseline", [*args.overrides, *baseline_overrides(base.model, base.train.seq_len)]))
         if args.curve_noise:
             specs.append((RERUN, specs[-1][1]))
     variants = [(name, load_config(args.config, overrides)) for name, overrides in specs]

@@ -198,3 +198,5 @@ def test_baseline_attention_is_cudnn_only_where_cudnn_takes_the_model(monkeypatc
     monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
     assert "model.attention_impl=cudnn" in bench.baseline_overrides(bf16)
     assert "model.attention_impl=reference" in bench.baseline_overrides(tiny)
+    assert "model.attention_impl=cudnn" in bench.baseline_overrides(bf16, 256)
+    assert "model.attention_impl=reference" in bench.baseline_overrides(bf16, 255)  # cuDNN's backward: even only

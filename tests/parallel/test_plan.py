@@ -231,8 +231,8 @@ def test_mem_fraction_outside_zero_one_is_refused(value, capsys):
 def test_a_mesh_the_nodes_cannot_be_placed_on_is_one_error_line():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "litespark_jax.plan", "--config", "configs/tiny.yaml", "--nodes", "2",
-                           "--gpus-per-node", "8", "--mesh", "1x1x16x1"], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                           "--gpus-per-node", "8", "--mesh", "1x1x16x1", "model.num_heads=16", "model.num_kv_heads=16",
+                           "model.d_model=256"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: mesh: cannot place 2 nodes on the axes {'data': 1, 'fsdp': 1, 'tensor': 16, 'context': 1}; set "

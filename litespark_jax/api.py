@@ -134,10 +134,8 @@ def evaluate(config: Config, model_or_params) -> float:
 def save_checkpoint(config: Config, state, directory: str | None = None, step: int | None = None) -> str:
     """Save a ``TrainState`` as an orbax checkpoint (the format training resumes from) and wait until it is
     finalized; returns the step directory. ``directory`` defaults to ``checkpoint.dir`` (RUN_DIR/checkpoints)."""
-    from litespark_jax.checkpoint.manager import CheckpointManager
+    from litespark_jax.checkpoint.manager import CheckpointManager, finalized_steps
     from litespark_jax.checkpoint.session import checkpoint_dir
-
-    from litespark_jax.checkpoint.manager import finalized_steps
     from litespark_jax.errors import CheckpointError
 
     directory = os.path.abspath(os.path.expanduser(directory or checkpoint_dir(config)))

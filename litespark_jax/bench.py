@@ -43,9 +43,10 @@ def baseline_overrides(model=None, seq_len: int | None = None) -> list[str]:
     Attention is cuDNN's where there is a GPU and cuDNN takes the ``model``'s inputs at ``seq_len`` (16-bit, a head
     dim it supports, an even length). Otherwise, on CPU (smoke tests) or for a float32 model, XLA's attention (the
     reference) stands in, as it would for a user of ``jax.nn.dot_product_attention``."""
-    shape = (1, seq_len, model.num_heads, model.resolved_head_dim) if model and seq_len else (
-        model and (model.resolved_head_dim,))
-    cudnn = jax.default_backend() == "gpu" and (model is None or cudnn_attention.supports(shape, model.dtype) is None)
+    cudnn = jax.default_backend() == "gpu"
+    if cudnn and model is not None:
+        shape = (1, seq_len, model.num_heads, model.resolved_head_dim) if seq_len else (model.resolved_head_dim,)
+        cudnn = cudnn_attention.supports(shape, model.dtype) is None
     return [f"model.attention_impl={'cudnn' if cudnn else 'reference'}", *_BASELINE_REST]
 
 

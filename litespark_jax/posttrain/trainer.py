@@ -143,6 +143,22 @@ class _PosttrainMixin:
         return {k: np.concatenate([v, np.zeros((self.local_rows - rows, *v.shape[1:]), v.dtype)]) for k, v in
                 batch.items()}
 
+    def _empty_batch(self) -> dict:
+        """A batch of empty rows (no loss), for a process whose shard has run out."""
+        raise NotImplementedError
+
+    def _agreed_batches(self, batches, limit: int | None) -> list[dict]:
+        """This process's eval batches (at most ``limit``), padded with empty batches to the count of the process
+        with the most. Each batch is one collective step and the processes' shards can differ in size (``pairs[i::n]``,
+        or packed rows), so a process that stopped early left the others waiting for it forever."""
+        local = [self._pad_rows(b) for b in itertools.islice(batches, limit)]
+        count = len(local)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+        return local + [self._empty_batch() for _ in range(count - len(local))]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # SFT
@@ -173,14 +189,19 @@ class SFTTrainer(_PosttrainMixin, Trainer):
     def train_iterator(self):
         return iter(self._dataset(self.examples, repeat=True))
 
+    def _empty_batch(self) -> dict:
+        seq = self.config.train.seq_len
+        return {k: np.zeros((self.local_rows, seq), np.int32) for k in (*sft_data.FEATURES, "positions",
+                                                                        "segment_ids")}
+
     def evaluate(self, params) -> float:
         """Mean NLL per assistant token over the first ``train.eval_batches`` batches of the eval file (the train
         file when there is none), in file order."""
         total, count = 0.0, 0.0
         batches = self._dataset(self.eval_examples or self.examples, repeat=False)
         with self._sharding_context():
-            for local_batch in itertools.islice(batches, self.config.train.eval_batches):
-                loss_sum, n = self._eval_step(params, self.global_batch(self._pad_rows(local_batch)))
+            for local_batch in self._agreed_batches(batches, self.config.train.eval_batches):
+                loss_sum, n = self._eval_step(params, self.global_batch(local_batch))
                 total, count = total + float(loss_sum), count + float(n)
         return total / max(count, 1.0)
 
@@ -232,22 +253,35 @@ class DPOTrainer(_PosttrainMixin, Trainer):
             return self._token_logps(self.initial_params(), global_batch)
 
     def precompute_reference(self) -> None:
-        """One pass of the reference (the starting weights) over every train and eval pair; stored in the pairs."""
+        """One pass of the reference (the starting weights) over the train and eval pairs this process's shard
+        holds (``dpo_dataset``'s ``pairs[row_shard::row_shards]``); stored in the pairs. Every process makes as many
+        calls as the largest shard needs, the others padding with empty rows."""
         if self._precomputed:
             return
+        per_call, start = self.local_rows // 2, self.row_shard * self.local_rows
         for pairs in (self.pairs, self.eval_pairs or []):
-            for start in range(0, len(pairs), self.local_rows // 2):
-                chunk = pairs[start:start + self.local_rows // 2]
-                batch = self._pad_rows(dpo_data.interleave({side: {k: np.stack([p[side][k] for p in chunk])
-                                                                   for k in chunk[0][side]}
-                                                            for side in ("chosen", "rejected")}))
-                start = self.row_shard * self.local_rows  # this process's rows, from its own shards
+            mine = pairs[self.row_shard::self.row_shards]
+            calls = -(-len(pairs[::self.row_shards]) // per_call)  # shard 0 is the largest
+            for first in range(0, calls * per_call, per_call):
+                chunk = mine[first:first + per_call]
+                batch = self._pairs_batch(chunk) if chunk else self._empty_batch()
                 logps = process_local_rows(self.reference_logps(self.global_batch(batch)), start,
                                            start + self.local_rows)
                 for i, pair in enumerate(chunk):
                     pair["chosen"]["ref_logps"] = logps[2 * i].astype(np.float32)
                     pair["rejected"]["ref_logps"] = logps[2 * i + 1].astype(np.float32)
         self._precomputed = True
+
+    def _pairs_batch(self, chunk: list[dict]) -> dict:
+        """Rows of ``chunk`` (chosen even, rejected odd), padded to this process's rows."""
+        return self._pad_rows(dpo_data.interleave({side: {k: np.stack([p[side][k] for p in chunk])
+                                                          for k in chunk[0][side]}
+                                                   for side in ("chosen", "rejected")}))
+
+    def _empty_batch(self) -> dict:
+        seq = self.config.train.seq_len
+        return {**{k: np.zeros((self.local_rows, seq), np.int32) for k in dpo_data.ROW_FEATURES},
+                "ref_logps": np.zeros((self.local_rows, seq), np.float32)}
 
     def step_batch(self, local_batch: dict) -> dict:
         batch = self.global_batch(local_batch)
@@ -275,8 +309,8 @@ class DPOTrainer(_PosttrainMixin, Trainer):
         pairs = pairs if pairs is not None else (self.eval_pairs or self.pairs)
         loss_sum, sums = 0.0, {}
         with self._sharding_context():
-            for local_batch in itertools.islice(self._dataset(pairs, repeat=False), max_batches):
-                batch = self.step_batch(self._pad_rows(local_batch))
+            for local_batch in self._agreed_batches(self._dataset(pairs, repeat=False), max_batches):
+                batch = self.step_batch(local_batch)
                 loss, stats = jax.device_get(self._dpo_eval(params, batch))
                 loss_sum += float(loss)
                 for k, v in stats.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,8 +66,6 @@ TINY = ["model.vocab_size=512", "model.d_model=32", "model.num_layers=2", "model
 
 
 def _losses(run_dir) -> dict[int, float]:
-    import json
-
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
@@ -121,22 +120,56 @@ def test_tensor_parallel_across_processes_trains_on_the_configured_batch(tmp_pat
 def test_dpo_with_a_precomputed_reference_on_two_processes(tmp_path):
     """The reference log-probs are read back from each process's own shards (reading the whole global array raised
     on 2 processes). At step 1 the policy is the reference, so the loss is ln 2 exactly when every row got its own
-    reference log-probs."""
+    reference log-probs. 9 eval pairs split 5 / 4 between the processes: 3 batches of 2 pairs on one, 2 on the other
+    (the one with fewer stopped calling the collective eval step and the other waited forever)."""
     run = tmp_path / "dpo"
+    bundled = os.path.join(ROOT, "litespark_jax", "posttrain", "examples")
+    for name, count in (("train", 10), ("eval", 9)):
+        with open(os.path.join(bundled, f"dpo_{name}.jsonl")) as src, open(tmp_path / f"{name}.jsonl", "w") as dst:
+            dst.writelines(src.readlines()[:count])
     launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
-                "--devices-per-process", "4", "--timeout", "600", "--"]
+                "--devices-per-process", "4", "--timeout", "300", "--"]
     proc = subprocess.run(launcher + [sys.executable, "-m", "litespark_jax.dpo", "--config", "configs/dpo-tiny.yaml",
+                                      f"posttrain.train_file={tmp_path / 'train.jsonl'}",
+                                      f"posttrain.eval_file={tmp_path / 'eval.jsonl'}", "train.global_batch_size=8",
                                       "train.steps=2", "log.every=1", "train.eval_every=0", "train.eval_batches=1",
                                       "log.progress_bar=false", "checkpoint.every=0", f"train.run_dir={run}"],
-                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=700)
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:]
     losses = _losses(run)
     assert sorted(losses) == [1, 2] and abs(losses[1] - np.log(2)) < 1e-5, losses
+    with open(run / "dpo_summary.json") as f:
+        summary = json.load(f)
+    assert summary["before"]["pairs"] == 9 and summary["after"]["pairs"] == 9, summary
+    assert summary["train_before"]["pairs"] == 4, summary  # eval_batches=1: one batch of 2 pairs per process
+    assert abs(summary["before"]["loss"] - np.log(2)) < 1e-5, summary
+
+
+def test_sft_eval_on_two_processes_with_uneven_shards(tmp_path):
+    """9 eval conversations, one row each (unpacked), split 5 / 4: 2 batches of 4 rows on one process, 1 on the
+    other (the evaluation waited forever for the process that had stopped). At step 1 the weights are still the
+    initial ones (the warmup's first learning rate is 0), so the eval loss, a mean over every assistant token, is the
+    one process's."""
+    bundled = os.path.join(ROOT, "litespark_jax", "posttrain", "examples")
+    with open(os.path.join(bundled, "sft_eval.jsonl")) as src, open(tmp_path / "eval.jsonl", "w") as dst:
+        dst.writelines(src.readlines()[:9])
+    args = ["-m", "litespark_jax.sft", "--config", "configs/sft-tiny.yaml",
+            f"posttrain.eval_file={tmp_path}/eval.jsonl", "posttrain.pack=false", "train.global_batch_size=8", "train.steps=1", "train.eval_every=1",
+            "train.eval_batches=10", "log.every=1", "log.progress_bar=false", "checkpoint.every=0"]
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+                "--devices-per-process", "4", "--timeout", "300", "--"]
+    proc = subprocess.run(launcher + [sys.executable, *args, f"train.run_dir={tmp_path / 'two'}"], env=_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    proc = subprocess.run([sys.executable, *args, f"train.run_dir={tmp_path / 'one'}"],
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two, one = _eval_losses(tmp_path / "two"), _eval_losses(tmp_path / "one")
+    assert len(two) == len(one) == 1 and abs(two[0] - one[0]) <= 1e-5 * one[0], (two, one)
 
 
 def _eval_losses(run_dir) -> list[float]:
-    import json
-
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [r["eval_loss"] for r in map(json.loads, f) if "eval_loss" in r]
 

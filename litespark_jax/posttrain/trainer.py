@@ -124,16 +124,24 @@ class _PosttrainMixin:
             manager.close()
         return restored.state
 
+    # Whether the starting weights are needed after the state is built (DPO's reference); when not, the state takes
+    # their buffers instead of a copy (SFT kept a second float32 copy of the model on the device for the whole run).
+    keeps_initial_params = False
+
     def init_state(self) -> TrainState:
-        """Step 0 at the starting weights with a fresh optimizer (copied, so donating it keeps ``initial_params``)."""
-        params = self.initial_params()
+        """Step 0 at the starting weights with a fresh optimizer."""
+        params, keep = self.initial_params(), self.keeps_initial_params
 
         def init(p):
-            p = jax.tree.map(jnp.copy, p)
+            if keep:  # a copy, so donating the state later leaves ``initial_params`` intact
+                p = jax.tree.map(jnp.copy, p)
             return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.optimizer.init(p))
 
         with self._sharding_context():
-            return jax.jit(init, out_shardings=self.state_sharding)(params)
+            state = jax.jit(init, out_shardings=self.state_sharding, donate_argnums=() if keep else 0)(params)
+        if not keep:
+            self._initial = None
+        return state
 
     def _pad_rows(self, batch: dict) -> dict:
         """A short final eval batch padded with empty rows (no loss) to the batch size."""
@@ -214,6 +222,7 @@ class DPOTrainer(_PosttrainMixin, Trainer):
     """The DPO step on (chosen, rejected) rows; ``train.global_batch_size`` counts sequences (2 per pair)."""
 
     kind = "dpo"
+    keeps_initial_params = True  # the reference: every step (reference=model) or until the precomputing pass
 
     def __init__(self, config: Config):
         t = config.train

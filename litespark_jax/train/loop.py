@@ -20,7 +20,7 @@ import pallas_kernels
 from litespark_jax import data as data_lib
 from litespark_jax import trace_summary
 from litespark_jax.data.global_batch import process_row_shard, to_global_arrays
-from litespark_jax.checkpoint.preemption import PreemptionHandler
+from litespark_jax.checkpoint.preemption import PreemptionHandler, jax_preemption_service
 from litespark_jax.checkpoint.session import RunCheckpoints
 from litespark_jax.config import Config
 from litespark_jax.energy import EnergyWindow
@@ -180,7 +180,11 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     interval_start, interval_steps, step = None, 0, start_step
     energy = EnergyWindow(clock_interval_s=0.5)
     guards = Guards(t, checkpoints)
-    preemption = PreemptionHandler().__enter__()
+    agreed_preemption = jax_preemption_service()
+    if jax.process_count() > 1 and not agreed_preemption:
+        log.warning("JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM that reaches only "
+                    "some of the processes stops those alone and the others wait for them")
+    preemption = PreemptionHandler(agreed=agreed_preemption).__enter__()
     profiler = StepProfiler(lc, t.run_dir)
     try:
         while step < t.steps:  # not a for loop: a spike rollback moves `step` back to its checkpoint
@@ -232,10 +236,12 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
             bar.update(1)
             # Save before evaluating: the (asynchronous) write overlaps the evaluation, and an evaluation that
             # fails cannot cost the step's checkpoint.
-            if checkpoints.should_save(step) or preemption.requested or checkpoints.preemption_reached(step):
+            # Asked every step, as JAX's preemption service requires; one process's own flag would stop it alone.
+            preempted = checkpoints.preemption_reached(step) if agreed_preemption else preemption.requested
+            if checkpoints.should_save(step) or preempted:
                 guards.check_nonfinite(step)  # on_nonfinite=stop: stop before saving past a bad step
                 checkpoints.save(step, state, iterator)
-            if preemption.requested:
+            if preempted:
                 bar.write(f"preempted: saved step {step} to {checkpoints.directory}; exiting")
                 break
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:

@@ -169,6 +169,57 @@ def test_sft_eval_on_two_processes_with_uneven_shards(tmp_path):
     assert len(two) == len(one) == 1 and abs(two[0] - one[0]) <= 1e-5 * one[0], (two, one)
 
 
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """{LITESPARK_PROCESS_ID: pid} of the launcher's worker processes (Linux /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent != launcher_pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            found[int(env[b"LITESPARK_PROCESS_ID"])] = int(entry)
+        except (OSError, ValueError, IndexError, KeyError):
+            continue
+    return found
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_all_and_exits(tmp_path):
+    """A SIGTERM that reaches one process only (a node evicted alone): that process saved and left, the other waited
+    in the next step's collectives forever. JAX's preemption service now takes the notice to every process, and
+    they save the same step and exit 0."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+                "--devices-per-process", "4", "--timeout", "300", "--"]
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(launcher + [sys.executable, "-m", "litespark_jax.train", *TINY, "train.steps=100000",
+                                            "checkpoint.every=0", f"train.run_dir={run}"],
+                                env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(_losses(run) if (run / "metrics.jsonl").exists()
+                                                                     else {}) < 3:
+            time.sleep(0.5)
+        workers = _workers(proc.pid)
+        assert sorted(workers) == [0, 1], (workers, log_path.read_text()[-3000:])
+        os.kill(workers[1], signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log_path.read_text()
+    saved = sorted(int(name) for name in os.listdir(run / "checkpoints") if name.isdigit())
+    assert len(saved) == 1, (saved, text[-3000:])
+    for i in (0, 1):  # both processes stopped at the saved step
+        assert f"[{i}] preempted: saved step {saved[0]}" in text, text[-3000:]
+
+
 def _eval_losses(run_dir) -> list[float]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [r["eval_loss"] for r in map(json.loads, f) if "eval_loss" in r]

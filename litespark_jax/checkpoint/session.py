@@ -19,6 +19,7 @@ import socket
 
 import jax
 
+from litespark_jax.checkpoint import data_position
 from litespark_jax.checkpoint.manager import CheckpointManager, split_checkpoint_path
 from litespark_jax.errors import CheckpointError
 
@@ -139,6 +140,7 @@ class RunCheckpoints:
 
     def save(self, step: int, state, iterator=None) -> None:
         data_state = iterator.get_state() if iterator is not None and hasattr(iterator, "get_state") else None
+        data_state = data_position.gather(data_state, self.trainer.row_shard)
         self.manager.save(step, state, data_state=data_state, config=self.config.to_dict(),
                           seed=self.config.train.seed, force=True)
 

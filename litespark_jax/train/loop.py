@@ -19,6 +19,7 @@ from tqdm import tqdm
 import pallas_kernels
 from litespark_jax import data as data_lib
 from litespark_jax import trace_summary
+from litespark_jax.checkpoint import data_position
 from litespark_jax.data.global_batch import process_row_shard, to_global_arrays
 from litespark_jax.checkpoint.preemption import PreemptionHandler, jax_preemption_service
 from litespark_jax.checkpoint.session import RunCheckpoints
@@ -166,7 +167,8 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
             trainer.check_eval_data()
         iterator = trainer.train_iterator()
         if data_state is not None and t.resume_data:
-            _restore_data_position(iterator, data_state, checkpoints.restored_from)
+            own = data_position.own(data_state, trainer.row_shard, trainer.row_shards, checkpoints.restored_from)
+            _restore_data_position(iterator, own, checkpoints.restored_from)
         elif data_state is not None and jax.process_index() == 0:
             print("train.resume_data=false: the data stream starts afresh", flush=True)
     except BaseException:

@@ -169,6 +169,35 @@ def test_sft_eval_on_two_processes_with_uneven_shards(tmp_path):
     assert len(two) == len(one) == 1 and abs(two[0] - one[0]) <= 1e-5 * one[0], (two, one)
 
 
+def test_packed_sft_resumes_each_process_at_its_own_data_position(tmp_path):
+    """Packing consumes examples at a different pace on each process (here even lines are long, one per row, and odd
+    lines short, many per row), and only process 0 writes the checkpoint's data position: process 1 resumed from
+    process 0's and trained on other rows than the uninterrupted run. Both positions are saved now."""
+    lines = [{"prompt": f"question {i}", "completion": ("long answer " * 30 if i % 2 == 0 else f"short {i}")}
+             for i in range(80)]
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+                "--devices-per-process", "4", "--timeout", "300", "--"]
+    sft = [sys.executable, "-m", "litespark_jax.sft", "--config", "configs/sft-tiny.yaml", *TINY[:6],
+           "train.seq_len=512", "log.every=1", "log.progress_bar=false", "log.tensorboard=false", "mesh.data=2",
+           "mesh.fsdp=-1", "train.eval_every=0", f"posttrain.train_file={tmp_path / 'train.jsonl'}",
+           "train.steps=6", "checkpoint.every=4"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    proc = subprocess.run(launcher + sft + [f"train.run_dir={full}"], env=_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    with open(full / "checkpoints" / "4" / "data" / "metadata") as f:
+        assert "per_row_block" in json.load(f)["iterator"]  # the packer's positions part at step 4 (16 rows)
+    proc = subprocess.run(launcher + sft + [f"train.run_dir={resumed}", f"train.resume={full / 'checkpoints' / '4'}"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    a, b = _losses(full), _losses(resumed)
+    assert sorted(b) == [5, 6], b
+    for step in (5, 6):
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
 def _workers(launcher_pid: int) -> dict[int, int]:
     """{LITESPARK_PROCESS_ID: pid} of the launcher's worker processes (Linux /proc)."""
     found = {}

@@ -27,7 +27,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from litespark_jax.config import CheckpointConfig
 from litespark_jax.errors import CheckpointError
@@ -317,11 +319,13 @@ class CheckpointManager:
 
     def _read_meta(self, step: int) -> tuple[dict, dict]:
         path = os.path.join(self.directory, str(step))
+        meta = metadata = error = None
         try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = _read_json(path, "meta")
             metadata = self._manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001
-            raise _Corrupted(_one_line(e)) from e
+            error = _Corrupted(_one_line(e))
+        _raise_unless_every_process_read(error)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
             raise _Corrupted(f"{path}/meta is not a LiteSpark checkpoint of format {FORMAT_VERSION}")
         saved = getattr(metadata, "tree", metadata)
@@ -332,12 +336,17 @@ class CheckpointManager:
     def _read_some(self, step: int, target: dict) -> tuple[dict, dict]:
         """(the arrays named in ``target``, read as its ShapeDtypeStructs say; the run config) of one step."""
         path = os.path.join(self.directory, str(step))
+        flat = config = error = None
+        handler = ocp.PyTreeCheckpointHandler()
         try:
-            flat = ocp.PyTreeCheckpointer().restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+            flat = handler.restore(epath.Path(path) / "state", args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-            config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            config = _read_json(path, "config")
         except Exception as e:  # noqa: BLE001
-            raise _Corrupted(_one_line(e)) from e
+            error = _Corrupted(_one_line(e))
+        finally:
+            handler.close()
+        _raise_unless_every_process_read(error)
         return flat, config or {}
 
     def _restore_subset(self, prefix: str, step: int) -> Restored:
@@ -371,14 +380,16 @@ class CheckpointManager:
         meta, saved = self._read_meta(step)
         _check_compatible(saved, target, path)
         as_saved = _in_saved_dtypes(target, saved)  # e.g. optim.state_dtype changed between runs: cast after
+        restored = error = None
+        handler = ocp.StandardCheckpointHandler()
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(as_saved),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ))
+            restored = {"state": handler.restore(epath.Path(path) / "state", args=ocp.args.StandardRestore(as_saved)),
+                        "data": _read_json(path, "data"), "config": _read_json(path, "config")}
         except Exception as e:  # noqa: BLE001
-            raise _Corrupted(_one_line(e)) from e
+            error = _Corrupted(_one_line(e))
+        finally:
+            handler.close()
+        _raise_unless_every_process_read(error)
         flat = restored["state"]
         _verify_checksums(flat, meta)
         flat = _cast_to(flat, target, path)
@@ -393,6 +404,27 @@ class CheckpointManager:
 
 class _Corrupted(Exception):
     """A checkpoint step whose files cannot be read back as written."""
+
+
+def _read_json(step_path: str, item: str):
+    """One JSON item of a step, through orbax's handler rather than its checkpointer: the checkpointer ends every
+    read in a barrier of all processes, where the others waited forever for a process whose read had failed."""
+    return ocp.JsonCheckpointHandler().restore(epath.Path(step_path) / item, args=ocp.args.JsonRestore())
+
+
+def _raise_unless_every_process_read(error: _Corrupted | None) -> None:
+    """Raise on every process when any could not read its part of a step. Each process reads only its own shards, so
+    one alone fell back to an older step while the others went on into this step's collectives (checksums, the
+    set-aside barrier). The reads go through orbax's handlers, whose restores hold no barrier (its checkpointers end
+    each read in one, which a failed process never reached), so this allgather is the only one."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        if error is None and failed.any():
+            error = _Corrupted(f"process {int(np.flatnonzero(failed)[0])} could not read its part of it")
+    if error is not None:
+        raise error
 
 
 def _verify_checksums(flat: dict, meta: dict) -> None:

@@ -92,6 +92,31 @@ def test_train_cli_two_processes_then_resume_on_one(tmp_path):
         assert abs(resumed[step] - full[step]) <= 1e-6 * abs(full[step]), (step, resumed[step], full[step])
 
 
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_all(tmp_path):
+    """Each process reads only its own shards: when process 1's part of step 6 was damaged, process 1 alone fell
+    back to step 3 while process 0 waited in orbax's closing barrier of the read, forever. Now both skip step 6."""
+    run = tmp_path / "run"
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+                "--devices-per-process", "4", "--timeout", "300", "--"]
+    train = [sys.executable, "-m", "litespark_jax.train", *TINY, "mesh.data=1", "mesh.fsdp=8", "checkpoint.every=3",
+             f"train.run_dir={run}"]  # parameters split over both processes: each writes shards of its own
+    proc = subprocess.run(launcher + train + ["train.steps=6"], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    damaged = run / "checkpoints" / "6" / "state" / "ocdbt.process_1" / "d"
+    files = sorted(damaged.iterdir())
+    assert files, sorted(os.listdir(run / "checkpoints" / "6" / "state"))
+    for path in files:
+        os.truncate(path, 100)
+    proc = subprocess.run(launcher + train + ["train.steps=7", "train.resume=auto"], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "resumed from" in proc.stdout and "(step 3)" in proc.stdout, proc.stdout[-4000:]
+    assert "process 1 could not read its part" in proc.stdout, proc.stdout[-4000:]
+    # step 6 set aside for inspection, trained again and saved under its number
+    assert sorted(os.listdir(run / "checkpoints")) == ["3", "6", "6.unreadable", "7"], os.listdir(run / "checkpoints")
+
+
 def test_tensor_parallel_across_processes_trains_on_the_configured_batch(tmp_path):
     """Tensor parallelism spanning the 2 processes: both hold every row of the batch, so both must build the same
     rows. Each built the block numbered by its process index, and JAX assembled a batch of half the size, each tensor

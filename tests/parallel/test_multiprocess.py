@@ -179,8 +179,9 @@ def test_sft_eval_on_two_processes_with_uneven_shards(tmp_path):
     with open(os.path.join(bundled, "sft_eval.jsonl")) as src, open(tmp_path / "eval.jsonl", "w") as dst:
         dst.writelines(src.readlines()[:9])
     args = ["-m", "litespark_jax.sft", "--config", "configs/sft-tiny.yaml",
-            f"posttrain.eval_file={tmp_path}/eval.jsonl", "posttrain.pack=false", "train.global_batch_size=8", "train.steps=1", "train.eval_every=1",
-            "train.eval_batches=10", "log.every=1", "log.progress_bar=false", "checkpoint.every=0"]
+            f"posttrain.eval_file={tmp_path}/eval.jsonl", "posttrain.pack=false", "train.global_batch_size=8",
+            "train.steps=1", "train.eval_every=1", "train.eval_batches=10", "log.every=1", "log.progress_bar=false",
+            "checkpoint.every=0"]
     launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
                 "--devices-per-process", "4", "--timeout", "300", "--"]
     proc = subprocess.run(launcher + [sys.executable, *args, f"train.run_dir={tmp_path / 'two'}"], env=_env(),

@@ -37,6 +37,7 @@ def run(kind: str, config: Config) -> dict:
         initial = trainer.initial_params()
         summary["before"] = trainer.evaluate_pairs(initial)
         summary["train_before"] = trainer.evaluate_pairs(initial, trainer.pairs, max_batches=t.eval_batches)
+        del initial  # a reference held here kept the starting weights on the device for the whole run
     energy = EnergyWindow(clock_interval_s=1.0)  # the SM clock too: at the power limit it says why a run is slower
     energy.start()
     result = train(config, trainer=trainer)

@@ -77,6 +77,25 @@ def test_the_state_does_not_keep_a_second_copy_of_the_weights_unless_dpo_needs_i
     _leaves_equal(trainer.initial_params(), state.params)  # reloaded (SFT) or kept (DPO): the same weights
 
 
+def test_the_dpo_cli_run_frees_the_reference_weights_once_precomputed(tmp_path, jsonl, monkeypatch):
+    """``python -m litespark_jax.dpo`` evaluated the starting weights before training and kept a reference to them
+    for the whole run: a second float32 model on the device. During training only the state is live (float32
+    weights and two float32 Adam moments)."""
+    import litespark_jax.train.loop as loop
+    from litespark_jax.posttrain.run import run
+
+    pair = {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    cfg = tiny_config(32, model={"d_model": 128, "d_ff": 256}, train={"steps": 1, "run_dir": str(tmp_path / "dpo")},
+                      checkpoint={"every": 0}, posttrain={"train_file": jsonl([pair] * 8)})
+    live = []
+    train = loop.train
+    monkeypatch.setattr(loop, "train", lambda config, trainer=None, callback=None: train(
+        config, trainer=trainer, callback=lambda step, metrics: live.append(_live_bytes())))
+    run("dpo", cfg)
+    params_bytes = 4 * cfg.model.num_params()
+    assert len(live) == 1 and 3 * params_bytes <= live[0] < 3.5 * params_bytes, (live, params_bytes)
+
+
 @pytest.mark.slow
 def test_sft_run_then_init_from_its_checkpoint(tmp_path):
     from litespark_jax.train.loop import train

@@ -87,9 +87,13 @@ class _PosttrainMixin:
         self.local_rows = config.train.global_batch_size // self.row_shards
 
     def initial_params(self):
-        """The starting weights (``posttrain.init_from``, else the seeded random init) on the parameter shardings."""
-        if self._initial is not None:
-            return self._initial
+        """The starting weights (``posttrain.init_from``, else the seeded random init) on the parameter shardings;
+        loaded once and kept."""
+        if self._initial is None:
+            self._initial = self._load_initial_params()
+        return self._initial
+
+    def _load_initial_params(self):
         source = self.config.posttrain.init_from
         params_sharding = self.state_sharding.params
         if source is None:
@@ -105,7 +109,6 @@ class _PosttrainMixin:
         else:
             params = self._load_checkpoint_params(source)
         log.info("starting weights: %s", source or f"random init (seed {self.config.train.seed})")
-        self._initial = params
         return params
 
     def _load_checkpoint_params(self, source: str):
@@ -124,13 +127,15 @@ class _PosttrainMixin:
             manager.close()
         return restored.state
 
-    # Whether the starting weights are needed after the state is built (DPO's reference); when not, the state takes
-    # their buffers instead of a copy (SFT kept a second float32 copy of the model on the device for the whole run).
+    # Whether the starting weights are needed after the state is built (DPO's reference); when not, and nobody was
+    # handed them by ``initial_params``, the state takes their buffers instead of a copy (SFT kept a second float32
+    # copy of the model on the device for the whole run).
     keeps_initial_params = False
 
     def init_state(self) -> TrainState:
         """Step 0 at the starting weights with a fresh optimizer."""
-        params, keep = self.initial_params(), self.keeps_initial_params
+        keep = self.keeps_initial_params or self._initial is not None
+        params = self.initial_params() if keep else self._load_initial_params()
 
         def init(p):
             if keep:  # a copy, so donating the state later leaves ``initial_params`` intact
@@ -138,10 +143,7 @@ class _PosttrainMixin:
             return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.optimizer.init(p))
 
         with self._sharding_context():
-            state = jax.jit(init, out_shardings=self.state_sharding, donate_argnums=() if keep else 0)(params)
-        if not keep:
-            self._initial = None
-        return state
+            return jax.jit(init, out_shardings=self.state_sharding, donate_argnums=() if keep else 0)(params)
 
     def _pad_rows(self, batch: dict) -> dict:
         """A short final eval batch padded with empty rows (no loss) to the batch size."""

@@ -76,6 +76,11 @@ def test_the_state_does_not_keep_a_second_copy_of_the_weights_unless_dpo_needs_i
     assert _live_bytes() - before == state_bytes + extra
     _leaves_equal(trainer.initial_params(), state.params)  # reloaded (SFT) or kept (DPO): the same weights
 
+    # Weights someone was handed by initial_params() stay usable: the state copies them instead.
+    handed_out = trainer.initial_params()
+    trainer.init_state()
+    assert np.isfinite(trainer.evaluate(handed_out)) if kind == "sft" else handed_out is trainer.initial_params()
+
 
 def test_the_dpo_cli_run_frees_the_reference_weights_once_precomputed(tmp_path, jsonl, monkeypatch):
     """``python -m litespark_jax.dpo`` evaluated the starting weights before training and kept a reference to them

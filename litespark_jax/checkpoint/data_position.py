@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from litespark_jax.errors import CheckpointError
+from litespark_jax.parallel.distributed import per_process
 
 PER_ROW_BLOCK = "per_row_block"
 
@@ -27,12 +28,11 @@ def gather(position: dict | None, row_block: int) -> dict | None:
     from jax.experimental import multihost_utils
 
     encoded = np.frombuffer(json.dumps([row_block, position], sort_keys=True).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.int32(encoded.size)))
+    lengths = per_process(encoded.size)
     padded = np.zeros(int(lengths.max()), np.uint8)
     padded[:encoded.size] = encoded
     rows = np.asarray(multihost_utils.process_allgather(padded))
     by_block = dict(json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths))
-    by_block = {int(block): saved for block, saved in by_block.items()}
     if all(saved == by_block[row_block] for saved in by_block.values()):
         return position
     return {PER_ROW_BLOCK: [by_block[block] for block in range(len(by_block))]}

@@ -33,6 +33,7 @@ from etils import epath
 
 from litespark_jax.config import CheckpointConfig
 from litespark_jax.errors import CheckpointError
+from litespark_jax.parallel.distributed import per_process
 
 log = logging.getLogger("litespark_jax")
 
@@ -417,12 +418,9 @@ def _raise_unless_every_process_read(error: _Corrupted | None) -> None:
     one alone fell back to an older step while the others went on into this step's collectives (checksums, the
     set-aside barrier). The reads go through orbax's handlers, whose restores hold no barrier (its checkpointers end
     each read in one, which a failed process never reached), so this allgather is the only one."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
-        if error is None and failed.any():
-            error = _Corrupted(f"process {int(np.flatnonzero(failed)[0])} could not read its part of it")
+    failed = per_process(error is not None)
+    if error is None and failed.any():
+        error = _Corrupted(f"process {int(np.flatnonzero(failed)[0])} could not read its part of it")
     if error is not None:
         raise error
 

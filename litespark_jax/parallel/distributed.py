@@ -26,6 +26,7 @@ import sys
 import threading
 
 import jax
+import numpy as np
 
 from litespark_jax.errors import UserError
 
@@ -176,3 +177,13 @@ def initialize_from_env(env=None, timeout_s: float | None = None) -> ProcessSpec
     log.info("process %d: %d local / %d global devices", jax.process_index(), jax.local_device_count(),
              jax.device_count())
     return spec
+
+
+def per_process(value: int) -> np.ndarray:
+    """``value`` from every process, in process order (``[value]`` on one process): how processes that each know
+    only their own count or outcome agree on one. A collective: every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return np.asarray([value], np.int32)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)

@@ -21,6 +21,7 @@ from flax import nnx
 from litespark_jax.config import Config
 from litespark_jax.data.global_batch import process_local_rows
 from litespark_jax.errors import ConfigError
+from litespark_jax.parallel.distributed import per_process
 from litespark_jax.posttrain import dpo_data, sft_data
 from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_step, token_logps
 from litespark_jax.posttrain.template import TemplateTokens, get_template
@@ -162,11 +163,7 @@ class _PosttrainMixin:
         with the most. Each batch is one collective step and the processes' shards can differ in size (``pairs[i::n]``,
         or packed rows), so a process that stopped early left the others waiting for it forever."""
         local = [self._pad_rows(b) for b in itertools.islice(batches, limit)]
-        count = len(local)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+        count = int(per_process(len(local)).max())
         return local + [self._empty_batch() for _ in range(count - len(local))]
 
 

@@ -63,12 +63,14 @@ def run_config_command(prog: str, description: str, run: Callable[[Config], obje
     touches a device.
     """
     _, config = parse_config(config_parser(prog, description), argv)
+    from litespark_jax.compilation_cache import use_compilation_cache
     from litespark_jax.parallel.distributed import initialize_from_env
     from litespark_jax.parallel.watchdog import timeout_from_env
 
     timeout_from_env()  # a bad LITESPARK_STEP_TIMEOUT_S fails here, not after the rendezvous
 
     initialize_from_env()  # SLURM / JobSet / LITESPARK_COORDINATOR; no-op for one process
+    use_compilation_cache(config.train.compilation_cache_dir)
     run(config)
     return 0
 

@@ -37,6 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from pallas_kernels._lowering import lowered_once
 from pallas_kernels.env_config import replace_from_env
 
 LOG2E = math.log2(math.e)
@@ -224,6 +225,7 @@ def _seg_inputs(seg, batch_size, seq_len, tile, block, wg_tile):
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
+@lowered_once("causal", "scale", "cfg", "interpret")
 def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret=None):
     batch_size, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -476,6 +478,7 @@ def _forward(q, k, v, seg, *, causal: bool, scale: float, cfg: Config, interpret
 # ----------------------------------------------------------------------------------------------------------------
 # Backward: dQ
 # ----------------------------------------------------------------------------------------------------------------
+@lowered_once("causal", "scale", "cfg", "interpret")
 def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, interpret=None):
     """dQ, and ``delta = rowsum(out * do)`` [B, H, S] for the dK/dV kernel: each CTA forms its rows' delta from
     the dO tile it loads anyway and the output tile, instead of a separate XLA pass over both."""
@@ -660,6 +663,7 @@ def _backward_dq(q, k, v, do, lse, out, seg, *, causal, scale, cfg: Config, inte
 # ----------------------------------------------------------------------------------------------------------------
 # Backward: dK, dV (GQA-native: loops over the query heads of the group)
 # ----------------------------------------------------------------------------------------------------------------
+@lowered_once("causal", "scale", "cfg", "interpret", "with_dq")
 def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, interpret=None,
                   with_dq: bool = False):
     """dK and dV; with ``with_dq`` also dQ, so the backward is this one kernel (``Config.backward == "fused"``).

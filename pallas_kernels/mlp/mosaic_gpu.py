@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from pallas_kernels._lowering import lowered_once
 from pallas_kernels.env_config import replace_from_env
 from pallas_kernels.mlp import _mgpu_matmul, fused, mosaic_gpu_bwd
 
@@ -157,7 +158,11 @@ def interleave(w_gate_up, half: int):
 
 def swiglu_gate_up(x2, w_gate_up, *, config: SwiGLUConfig | None = None, interpret=None):
     """(h [N, f], gate_up [N, 2, f]) for x2 [N, d] and w_gate_up [d, 2, f], both in x2's dtype."""
-    config = config or default_config()
+    return _swiglu_gate_up(x2, w_gate_up, config=config or default_config(), interpret=interpret)
+
+
+@lowered_once("config", "interpret")
+def _swiglu_gate_up(x2, w_gate_up, *, config: SwiGLUConfig, interpret):
     m, k = x2.shape
     _, _, f = w_gate_up.shape
     if not supported(m, k, f, config):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._lowering import lowered_once
 from pallas_kernels.mlp import _mgpu_matmul
 
 
@@ -119,6 +120,7 @@ def _kernel(dy_gmem, wdt_gmem, gu_gmem, dgu_gmem, h_gmem, *, config: BackwardCon
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+@lowered_once("config", "interpret")
 def swiglu_backward_fused(dy, w_down, gu, *, config: BackwardConfig = BackwardConfig(), interpret=None):
     """(dgu [N, 2, f], h [N, f]) in ``dy``'s dtype for ``dy`` [N, d], ``w_down`` [f, d] and the saved
     pre-activation ``gu`` [N, 2, f]: ``dgu`` is the gradient of ``silu(gate) * up`` at ``dh = dy W_down^T``."""

@@ -10,7 +10,6 @@ from typing import Callable
 
 from litespark_jax.config import Config, describe_options, load_config
 from litespark_jax.errors import UserError
-from pallas_kernels.env_config import KernelConfigError, check_all as check_kernel_env
 
 
 def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, **bounds: int) -> None:
@@ -105,8 +104,25 @@ def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
     _show_info_logs()
     try:
-        check_kernel_env()  # ATTN_PALLAS_CONFIG / MLP_PALLAS_CONFIG, read only when a kernel is traced
+        _check_kernel_env()
         return main(argv)
-    except (UserError, KernelConfigError) as e:
+    except Exception as e:
+        if not _is_bad_input(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _check_kernel_env() -> None:
+    """Parse ATTN_PALLAS_CONFIG / MLP_PALLAS_CONFIG (read only when a kernel is traced) before any work. The kernels,
+    and jax with them, are imported only when such a variable is set: a bad flag or config then fails in a fraction
+    of a second, not after ~2 s of imports."""
+    if any(name.endswith("_PALLAS_CONFIG") and value for name, value in os.environ.items()):
+        from pallas_kernels.env_config import check_all
+
+        check_all()
+
+
+def _is_bad_input(error: Exception) -> bool:
+    env_config = sys.modules.get("pallas_kernels.env_config")  # loaded if a kernel config was read
+    return isinstance(error, UserError) or (env_config is not None and isinstance(error, env_config.KernelConfigError))

@@ -44,8 +44,7 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops: float | N
 
 def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch wherever it is installed,
-    only to accept torch tensors (we log floats), which cost every run's start 3.6 s on 2 CPU cores and up to 18 s
-    on the GPU image."""
+    only to accept torch tensors (we log floats), which cost every run's start 3.6 s on 2 CPU cores."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
     else:

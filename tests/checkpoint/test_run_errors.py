@@ -156,8 +156,8 @@ def test_a_resumed_metrics_writer_tells_tensorboard_to_hide_the_earlier_attempts
 
 
 def test_the_tensorboard_writer_does_not_import_torch(tmp_path):
-    """tensorboardX imports torch where it is installed (3.6 s of every run's start here, up to 18 s on the GPU
-    image); a fresh process shows whether the writer pulled it in, and that torch still imports after."""
+    """tensorboardX imports torch where it is installed (3.6 s of every run's start here); a fresh process shows
+    whether the writer pulled it in, and that torch still imports after."""
     pytest.importorskip("torch")  # without torch there is nothing to keep out
     script = ("import sys; from litespark_jax.metrics import MetricsWriter; "
               f"w = MetricsWriter({str(tmp_path)!r}); w.write(1, {{'loss': 1.0}}); w.close(); "

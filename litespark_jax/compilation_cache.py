@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from litespark_jax.config import DEFAULT_COMPILATION_CACHE_DIR
 from litespark_jax.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,9 @@ def use_compilation_cache(directory: str | None, field: str = "train.compilation
     """Point JAX's persistent compilation cache at ``directory`` and return the directory in use.
 
     A cache directory the caller already chose (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) wins and is returned
-    as it is. An empty or null ``directory`` leaves the cache off. Takes effect for compilations after the call; an
-    unusable directory is a ConfigError naming ``field``.
+    as it is. An empty or null ``directory`` leaves the cache off. Takes effect for compilations after the call. A
+    directory that cannot be used is a ConfigError naming ``field``, except the default one: a run on a machine
+    whose home directory is read-only goes on without the cache, with a warning.
     """
     chosen = jax.config.jax_compilation_cache_dir
     if chosen:
@@ -32,12 +34,19 @@ def use_compilation_cache(directory: str | None, field: str = "train.compilation
     if not directory:
         return None
     directory = os.path.expanduser(directory)
+    problem = None
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{field} {directory!r}: cannot create it ({e.strerror or e})") from None
-    if not os.access(directory, os.W_OK):
-        raise ConfigError(f"{field} {directory!r}: not writable (set {field}=null to run without the cache)")
+        problem = f"cannot create it ({e.strerror or e})"
+    if problem is None and not os.access(directory, os.W_OK):
+        problem = "not writable"
+    if problem:
+        if directory == os.path.expanduser(DEFAULT_COMPILATION_CACHE_DIR):
+            logger.warning("no XLA compilation cache: the default %s is %s; set %s to a writable directory to keep "
+                           "compiled steps across restarts", directory, problem, field)
+            return None
+        raise ConfigError(f"{field} {directory!r}: {problem} (set {field}=null to run without the cache)")
     jax.config.update("jax_compilation_cache_dir", directory)
     logger.info("XLA compilation cache: %s", directory)
     return directory

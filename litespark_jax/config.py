@@ -27,6 +27,9 @@ ACTIVATION_NAMES = ("attention_in", "query", "key", "value", "attention_out", "a
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+DEFAULT_COMPILATION_CACHE_DIR = "~/.cache/litespark_jax/xla"
+
+
 def _expand_home(section, name: str) -> None:
     """A leading ~ in a path field means the home directory, as in a shell (a YAML preset has no shell)."""
     value = getattr(section, name)
@@ -186,7 +189,7 @@ class TrainConfig:
     consumed since it, count it in the metric rollbacks)."""
     max_rollbacks: int = 3
     """Stop with an error after this many spike rollbacks in one process (a spike that keeps recurring)."""
-    compilation_cache_dir: str | None = "~/.cache/litespark_jax/xla"
+    compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE_DIR
     """JAX's persistent compilation cache for the command-line runs: a restart with the same program loads the
     compiled steps instead of compiling them again (1B preset on an H100: first step after 14 s instead of 38 s).
     null turns it off; a directory in JAX_COMPILATION_CACHE_DIR wins."""

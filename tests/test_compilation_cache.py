@@ -8,7 +8,9 @@ import sys
 import jax
 import pytest
 
+from litespark_jax import compilation_cache
 from litespark_jax.compilation_cache import use_compilation_cache
+from litespark_jax.config import DEFAULT_COMPILATION_CACHE_DIR
 from litespark_jax.errors import ConfigError
 from tests.checkpoint.conftest import TINY, subprocess_env
 
@@ -81,3 +83,17 @@ def test_a_directory_that_cannot_be_made_names_the_field(tmp_path):
     with _cache_dir_set_to(None):
         with pytest.raises(ConfigError, match=r"train.compilation_cache_dir .*a-file/xla.*cannot create it"):
             use_compilation_cache(str(blocker / "xla"))
+
+
+def test_an_unusable_default_directory_runs_without_the_cache(tmp_path, monkeypatch):
+    """A home directory the run cannot write to (a read-only container image) is no reason to stop a run that
+    did not ask for the cache."""
+    home = tmp_path / "home"
+    home.write_text("")  # a file: nothing can be created under it
+    monkeypatch.setenv("HOME", str(home))
+    warnings = []
+    monkeypatch.setattr(compilation_cache.logger, "warning", lambda message, *args: warnings.append(message % args))
+    with _cache_dir_set_to(None):
+        assert use_compilation_cache(DEFAULT_COMPILATION_CACHE_DIR) is None
+        assert jax.config.jax_compilation_cache_dir is None
+    assert len(warnings) == 1 and "no XLA compilation cache: the default" in warnings[0], warnings

@@ -27,11 +27,21 @@ def use_compilation_cache(directory: str | None, field: str = "train.compilation
     as it is. An empty or null ``directory`` leaves the cache off. Takes effect for compilations after the call. A
     directory that cannot be used is a ConfigError naming ``field``, except the default one: a run on a machine
     whose home directory is read-only goes on without the cache, with a warning.
+
+    On several processes the default directory is not used. Only process 0 writes the cache, so with a home
+    directory local to each host, a restarted process 0 would load its steps while the others compile theirs:
+    executables built apart, and XLA's autotuning shared between the compiling processes waiting on process 0.
+    A directory every host shares, set explicitly, is used.
     """
     chosen = jax.config.jax_compilation_cache_dir
     if chosen:
         return chosen
     if not directory:
+        return None
+    is_default = directory == DEFAULT_COMPILATION_CACHE_DIR
+    if is_default and jax.process_count() > 1:
+        logger.info("no XLA compilation cache on several processes unless %s names a directory all hosts share",
+                    field)
         return None
     directory = os.path.expanduser(directory)
     problem = None
@@ -42,7 +52,7 @@ def use_compilation_cache(directory: str | None, field: str = "train.compilation
     if problem is None and not os.access(directory, os.W_OK):
         problem = "not writable"
     if problem:
-        if directory == os.path.expanduser(DEFAULT_COMPILATION_CACHE_DIR):
+        if is_default:
             logger.warning("no XLA compilation cache: the default %s is %s; set %s to a writable directory to keep "
                            "compiled steps across restarts", directory, problem, field)
             return None

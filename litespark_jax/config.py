@@ -192,11 +192,11 @@ class TrainConfig:
     compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE_DIR
     """JAX's persistent compilation cache for the command-line runs: a restart with the same program loads the
     compiled steps instead of compiling them again (1B preset on an H100: first step after 14 s instead of 38 s).
-    null turns it off; a directory in JAX_COMPILATION_CACHE_DIR wins."""
+    null turns it off; a directory in JAX_COMPILATION_CACHE_DIR wins. On several processes only a directory set here
+    is used (put it where every host can read it)."""
 
     def __post_init__(self):
         _expand_home(self, "run_dir")
-        _expand_home(self, "compilation_cache_dir")
 
 
 @dataclasses.dataclass(frozen=True)

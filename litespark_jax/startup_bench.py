@@ -24,8 +24,8 @@ RUN = ["train.steps=2", "train.eval_every=0", "train.eval_batches=1", "log.every
 
 
 def time_start(config: str, overrides: list[str], run_dir: str, cache_dir: str) -> dict:
-    """One ``python -m litespark_jax.train`` process: seconds to its first logged step and to its exit, and the
-    losses it logged."""
+    """One ``python -m litespark_jax.train`` process: seconds to its first logged step and to its exit, the losses
+    it logged, and how many compiled programs the cache holds after it."""
     cmd = [sys.executable, "-m", "litespark_jax.train", "--config", config, *RUN, *overrides,
            f"train.run_dir={run_dir}", f"train.compilation_cache_dir={cache_dir}", "train.resume=never"]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the cache under test
@@ -36,8 +36,11 @@ def time_start(config: str, overrides: list[str], run_dir: str, cache_dir: str) 
         raise SystemExit(f"error: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         steps = [r for r in map(json.loads, filter(str.strip, f)) if "loss" in r and "step" in r]
+    if not steps:
+        raise SystemExit(f"error: {' '.join(cmd)} logged no step (log.every must be at most train.steps)")
+    entries = [name for name in os.listdir(cache_dir) if name.endswith("-cache")] if os.path.isdir(cache_dir) else []
     return {"first_step_s": round(steps[0]["time"] - start, 1), "wall_s": round(end - start, 1),
-            "losses": [r["loss"] for r in steps]}
+            "losses": [r["loss"] for r in steps], "cache_entries": len(entries)}
 
 
 def main(argv=None) -> int:
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
             row = {"config": args.config, "start": i + 1, "cache": "empty" if i == 0 else "filled",
                    **time_start(args.config, args.overrides, os.path.join(work, f"run-{i + 1}"), cache_dir)}
             print(f"start {row['start']} ({row['cache']} cache): first step after {row['first_step_s']:.1f} s, "
-                  f"exit after {row['wall_s']:.1f} s", flush=True)
+                  f"exit after {row['wall_s']:.1f} s; {row['cache_entries']} programs in the cache", flush=True)
             rows.append(row)
     if args.jsonl:
         with open(args.jsonl, "a") as f:

@@ -97,3 +97,14 @@ def test_an_unusable_default_directory_runs_without_the_cache(tmp_path, monkeypa
         assert use_compilation_cache(DEFAULT_COMPILATION_CACHE_DIR) is None
         assert jax.config.jax_compilation_cache_dir is None
     assert len(warnings) == 1 and "no XLA compilation cache: the default" in warnings[0], warnings
+
+
+def test_several_processes_use_only_a_directory_set_for_them(tmp_path, monkeypatch):
+    """A default home directory may be local to each host; only process 0 writes the cache, so a restart would mix
+    loaded and freshly compiled steps across the processes."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with _cache_dir_set_to(None):
+        assert use_compilation_cache(DEFAULT_COMPILATION_CACHE_DIR) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        shared = str(tmp_path / "shared")
+        assert use_compilation_cache(shared) == shared

@@ -30,7 +30,8 @@ def use_compilation_cache(directory: str | None, field: str = "train.compilation
 
     On several processes the default directory is not used. Only process 0 writes the cache, so with a home
     directory local to each host, a restarted process 0 would load its steps while the others compile theirs:
-    executables built apart, and XLA's autotuning shared between the compiling processes waiting on process 0.
+    executables built apart (and XLA's autotuning, shared between compiling processes, could wait on process 0;
+    reasoned from jax's code, not reproduced).
     A directory every host shares, set explicitly, is used.
     """
     chosen = jax.config.jax_compilation_cache_dir

@@ -69,7 +69,7 @@ def run_config_command(prog: str, description: str, run: Callable[[Config], obje
     timeout_from_env()  # a bad LITESPARK_STEP_TIMEOUT_S fails here, not after the rendezvous
 
     initialize_from_env()  # SLURM / JobSet / LITESPARK_COORDINATOR; no-op for one process
-    use_compilation_cache(config.train.compilation_cache_dir)
+    use_compilation_cache(config.train.compilation_cache_dir, max_gb=config.train.compilation_cache_max_gb)
     run(config)
     return 0
 

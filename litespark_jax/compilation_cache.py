@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import jax
+from jax._src import compilation_cache as _jax_cache
+from jax._src.lru_cache import LRUCache
 
 from litespark_jax.config import DEFAULT_COMPILATION_CACHE_DIR
 from litespark_jax.errors import ConfigError
@@ -20,7 +23,8 @@ from litespark_jax.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def use_compilation_cache(directory: str | None, field: str = "train.compilation_cache_dir") -> str | None:
+def use_compilation_cache(directory: str | None, field: str = "train.compilation_cache_dir",
+                          max_gb: float | None = None) -> str | None:
     """Point JAX's persistent compilation cache at ``directory`` and return the directory in use.
 
     A cache directory the caller already chose (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) wins and is returned
@@ -33,7 +37,11 @@ def use_compilation_cache(directory: str | None, field: str = "train.compilation
     executables built apart (and XLA's autotuning, shared between compiling processes, could wait on process 0;
     reasoned from jax's code, not reproduced).
     A directory every host shares, set explicitly, is used.
+
+    Entries are written whole (``WholeEntryCache``), and ``max_gb`` bounds a directory chosen here (least recently
+    used programs go first) unless jax's own ``jax_compilation_cache_max_size`` is set.
     """
+    _jax_cache.LRUCache = WholeEntryCache  # read when jax opens the cache, at its first compilation
     chosen = jax.config.jax_compilation_cache_dir
     if chosen:
         return chosen
@@ -59,5 +67,51 @@ def use_compilation_cache(directory: str | None, field: str = "train.compilation
             return None
         raise ConfigError(f"{field} {directory!r}: {problem} (set {field}=null to run without the cache)")
     jax.config.update("jax_compilation_cache_dir", directory)
+    if max_gb is not None and jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9))
     logger.info("XLA compilation cache: %s", directory)
     return directory
+
+
+class WholeEntryCache(LRUCache):
+    """jax's file cache, with each entry written to a temporary file and renamed into place.
+
+    jax writes an entry in place and never writes over one that exists, so a process killed while writing left a
+    truncated entry that every later start failed to read (a warning), compiled again, and could not replace. Here
+    a reader sees a whole entry or none, and an entry that exists when jax writes (jax writes only after a miss or a
+    failed read) is replaced, so a damaged one heals on the next start.
+    """
+
+    _STALE_TMP_S = 3600  # no entry takes an hour to write: older temporary files are from killed processes
+
+    def __init__(self, path: str, *, max_size: int, **kwargs):
+        super().__init__(path, max_size=max_size, **kwargs)
+        if self._is_local:
+            for tmp in self.path.glob(".*.tmp"):
+                try:
+                    if time.time() - os.stat(tmp).st_mtime > self._STALE_TMP_S:
+                        os.unlink(tmp)
+                except OSError:
+                    pass  # another process cleaned it up or is writing it
+
+    def put(self, key: str, value: bytes) -> None:
+        if not self._is_local or (self.eviction_enabled and len(value) > self.max_size):
+            return super().put(key, value)  # no rename on remote filesystems; jax warns about an oversized entry
+        if not key:
+            raise ValueError("key cannot be empty")
+        entry = self.path / f"{key}-cache"
+        tmp = self.path / f".{key}-cache.{os.getpid()}.tmp"
+        if self.eviction_enabled:
+            self.lock.acquire(timeout=self.lock_timeout_secs)
+        try:
+            self._evict_if_needed(additional_size=len(value))
+            try:
+                tmp.write_bytes(value)
+                os.replace(tmp, entry)
+            finally:
+                tmp.unlink(missing_ok=True)
+            if self.eviction_enabled:
+                (self.path / f"{key}-atime").write_bytes(time.time_ns().to_bytes(8, "little"))
+        finally:
+            if self.eviction_enabled:
+                self.lock.release()

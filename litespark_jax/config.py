@@ -194,6 +194,9 @@ class TrainConfig:
     compiled steps instead of compiling them again (1B preset on an H100: first step after 14 s instead of 38 s).
     null turns it off; a directory in JAX_COMPILATION_CACHE_DIR wins. On several processes only a directory set here
     is used (put it where every host can read it)."""
+    compilation_cache_max_gb: float | None = 16.0
+    """Size limit of that cache directory in GB: past it the least recently used programs are deleted. null keeps
+    every program (jax's default)."""
 
     def __post_init__(self):
         _expand_home(self, "run_dir")
@@ -630,6 +633,9 @@ def validate(config: Config) -> None:
     if t.spike_window < 1 or t.max_rollbacks < 0:
         raise ConfigError(f"train.spike_window must be positive and train.max_rollbacks not negative, got "
                           f"{t.spike_window} and {t.max_rollbacks}")
+    if t.compilation_cache_max_gb is not None and not t.compilation_cache_max_gb > 0:
+        raise ConfigError(f"train.compilation_cache_max_gb must be positive or null (no limit), got "
+                          f"{t.compilation_cache_max_gb}")
     if not t.resume:
         raise ConfigError("train.resume must be auto, never or a checkpoint directory, got an empty string")
     config.data.validate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 import threading
 import warnings
 
@@ -43,8 +44,38 @@ def call(kernel, *arrays, out_shape, grid, interpret: bool = False, num_warps: i
         return _interpret(kernel, arrays, out_shape, grid, constexprs)
     import jax_triton
 
+    specialize_without_torch()
     return tuple(jax_triton.triton_call(*arrays, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
                                         **constexprs))
+
+
+@functools.cache
+def specialize_without_torch() -> None:
+    """Set up Triton's argument specializer with torch kept out.
+
+    Triton 3.6's native specializer imports torch the first time it runs (to recognize torch tensors), and
+    jax-triton runs it when the first Triton kernel is lowered: on a machine with torch installed that cost every
+    process 4.5-5 s of its start (H100 image, docs/PERFORMANCE.md). jax-triton passes plain objects with a
+    ``data_ptr``, which the specializer handles without torch. Runs once, before the first lowering; a torch already
+    imported is left alone, and torch imports normally afterwards.
+    """
+    if sys.modules.get("torch") is not None:
+        return
+    absent = object()
+    before = sys.modules.get("torch", absent)
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which the specializer expects without torch
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        native_specialize_impl(BaseBackend, 1, False, False, False)
+    except Exception:  # a Triton without it sets itself up at the first lowering, as before
+        pass
+    finally:
+        if before is absent:
+            sys.modules.pop("torch", None)
+        else:
+            sys.modules["torch"] = before
 
 
 # Triton's interpreter patches triton.language module-wide while a kernel runs, so callbacks of several devices (a

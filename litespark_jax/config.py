@@ -191,7 +191,7 @@ class TrainConfig:
     """Stop with an error after this many spike rollbacks in one process (a spike that keeps recurring)."""
     compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE_DIR
     """JAX's persistent compilation cache for the command-line runs: a restart with the same program loads the
-    compiled steps instead of compiling them again (1B preset on an H100: first step after 14 s instead of 38 s).
+    compiled steps instead of compiling them again (1B preset on an H100: first step after 13.6 s instead of 29.4 s).
     null turns it off; a directory in JAX_COMPILATION_CACHE_DIR wins. On several processes only a directory set here
     is used (put it where every host can read it)."""
     compilation_cache_max_gb: float | None = 16.0

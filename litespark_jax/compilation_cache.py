@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 
 import jax
@@ -100,16 +101,19 @@ class WholeEntryCache(LRUCache):
         if not key:
             raise ValueError("key cannot be empty")
         entry = self.path / f"{key}-cache"
-        tmp = self.path / f".{key}-cache.{os.getpid()}.tmp"
         if self.eviction_enabled:
             self.lock.acquire(timeout=self.lock_timeout_secs)
         try:
             self._evict_if_needed(additional_size=len(value))
+            # A name no other writer has, even one on another host sharing the directory.
+            fd, tmp = tempfile.mkstemp(dir=os.fspath(self.path), prefix=f".{key}-cache.", suffix=".tmp")
             try:
-                tmp.write_bytes(value)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(value)
                 os.replace(tmp, entry)
             finally:
-                tmp.unlink(missing_ok=True)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
             if self.eviction_enabled:
                 (self.path / f"{key}-atime").write_bytes(time.time_ns().to_bytes(8, "little"))
         finally:

@@ -55,9 +55,9 @@ def specialize_without_torch() -> None:
 
     Triton 3.6's native specializer imports torch the first time it runs (to recognize torch tensors), and
     jax-triton runs it when the first Triton kernel is lowered: on a machine with torch installed that cost every
-    process 4.5-5 s of its start (H100 image, docs/PERFORMANCE.md). jax-triton passes plain objects with a
-    ``data_ptr``, which the specializer handles without torch. Runs once, before the first lowering; a torch already
-    imported is left alone, and torch imports normally afterwards.
+    process 4.3-4.9 s of its first lowering (H100 image, docs/PERFORMANCE.md, "Start-up time"). jax-triton passes
+    plain objects with a ``data_ptr``, which the specializer handles without torch. Runs once, before the first
+    lowering; a torch already imported is left alone, and torch imports normally afterwards.
     """
     if sys.modules.get("torch") is not None:
         return

@@ -21,6 +21,19 @@ def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, 
             parser.error(f"--{name.replace('_', '-')} {value}: must be at least {bound}")
 
 
+def require_output_dir(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """``parser.error`` before any work when an output directory (``--out``) cannot be made or written, rather than
+    a traceback once the work is done. Makes the directory (empty) if it does not exist."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"{flag} {path}: is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{flag} {path}: cannot create it ({e.strerror or e})")
+    if not os.access(path, os.W_OK):
+        parser.error(f"{flag} {path}: the directory is not writable")
+
+
 def require_writable_file(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
     """``parser.error`` before any work when an output file (``--jsonl``, ``--out``...) could not be written, rather
     than a traceback after the work is done."""

@@ -449,6 +449,9 @@ def main(argv=None) -> int:
     from_hf.add_argument("--config", default=None, help="YAML preset for the non-model sections (optimizer, ...)")
     from_hf.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a config value")
     args = parser.parse_args(argv)
+    from litespark_jax.cli import require_output_dir
+
+    require_output_dir(to_hf if args.command == "to-hf" else from_hf, "--out", args.out)
     if args.command == "to-hf":
         export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                   tokenizer=not args.no_tokenizer)

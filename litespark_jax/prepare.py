@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared corpus in --out")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    from litespark_jax.cli import require_output_dir
     from litespark_jax.data.prepared import prepare_corpus
+
+    require_output_dir(parser, "--out", args.out)
 
     try:
         meta = prepare_corpus(args.files, args.tokenizer, args.out, workers=max(1, args.workers),

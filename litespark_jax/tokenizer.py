@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.min_frequency < 0:
         train.error(f"--min-frequency {args.min_frequency}: must not be negative")
-    from litespark_jax.cli import require_at_least
+    from litespark_jax.cli import require_at_least, require_output_dir
 
     require_at_least(train, args, max_docs=1)
+    require_output_dir(train, "--out", args.out)
     from litespark_jax.data.bpe_train import train_bpe
     from litespark_jax.data.config import DEFAULT_TRAIN_FILES
 

@@ -103,6 +103,27 @@ def test_benchmark_clis_refuse_counts_that_time_nothing(module, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+CORPUS_SHARDS = "litespark_jax/data/corpus/pycorpus/validation/chunk*/*.jsonl.zst"
+
+
+@pytest.mark.parametrize("module, args", [
+    ("litespark_jax.convert", ["to-hf", "--checkpoint", "no-such-checkpoint", "--out"]),
+    ("litespark_jax.convert", ["from-hf", "--hf-dir", "no-such-dir", "--out"]),
+    ("litespark_jax.prepare", ["--files", CORPUS_SHARDS, "--out"]),
+    ("litespark_jax.tokenizer", ["train", "--files", CORPUS_SHARDS, "--vocab-size", "300", "--out"]),
+])
+def test_an_output_directory_that_cannot_be_made_is_one_line_before_any_work(module, args, tmp_path):
+    """These once ended in a FileExistsError traceback, after the work (a tokenizer trained, a checkpoint read)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    for out, message in ((a_file, "is a file, not a directory"), (a_file / "sub", "cannot create it")):
+        result = subprocess.run([sys.executable, "-m", module, *args, str(out)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert f"--out {out}: {message}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 _NO_BACKEND_AT_IMPORT = r"""
 import importlib, os, sys
 os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)

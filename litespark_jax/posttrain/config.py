@@ -31,9 +31,9 @@ class PosttrainConfig:
     system_prompt: str | None = None
     """A system message put before conversations that have none (None: none added)."""
     truncation: str = "truncate"
-    """An example longer than train.seq_len + 1 tokens: truncate (keep its first tokens; DPO keeps the whole
-    response and cuts the prompt's start), drop (skip it) or error. Truncated and dropped examples are counted and
-    reported."""
+    """An example longer than train.seq_len + 1 tokens: truncate (SFT keeps its first tokens; DPO keeps the end of
+    the prompt, at least half the window when the prompt is that long, and cuts the ends of both responses), drop
+    (skip it) or error. Truncated and dropped examples are counted and reported."""
     pack: bool = True
     """SFT: pack several conversations into each train.seq_len window (segment ids keep them apart). False pads
     one conversation per row (same losses, more padding)."""

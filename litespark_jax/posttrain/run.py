@@ -15,13 +15,13 @@ from litespark_jax.energy import EnergyWindow
 def run(kind: str, config: Config) -> dict:
     from litespark_jax.posttrain.trainer import DPOTrainer, SFTTrainer
     from litespark_jax.train.loop import train
-    from litespark_jax.train.report import write_run_dir
+    from litespark_jax.train.run_dir import make_run_dir
 
     m, t, p = config.model, config.train, config.posttrain
     main_process = jax.process_index() == 0
     trainer = (SFTTrainer if kind == "sft" else DPOTrainer)(config)
     if main_process:
-        write_run_dir(config)
+        make_run_dir(config)
         unit = "sequences (2 per pair)" if kind == "dpo" else "packed windows" if p.pack else "conversations"
         print(f"{kind}: model {m.num_params() / 1e6:.2f}M params, {m.num_layers} layers, d_model {m.d_model}; "
               f"{t.steps} steps x {t.global_batch_size} {unit} x {t.seq_len} tokens on {jax.device_count()} "

@@ -32,6 +32,7 @@ from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mes
 from litespark_jax.parallel.watchdog import StepWatchdog
 from litespark_jax.train.guards import Guards
 from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
+from litespark_jax.train.run_dir import record_config
 from litespark_jax.train.state import TrainState, abstract_model, init_train_state, state_shardings
 from litespark_jax.train.step import compiler_options, make_eval_step, make_train_step
 
@@ -174,11 +175,13 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     except BaseException:
         checkpoints.close()  # releases the directory's lock: a refused start leaves the directory as it was
         raise
+    if start_step < t.steps and jax.process_index() == 0:
+        record_config(config)
     writer = MetricsWriter(t.run_dir, jsonl=lc.jsonl, tensorboard=lc.tensorboard, start_step=start_step)
     history, eval_history = [], []
     tokens_per_step = t.global_batch_size * t.seq_len
     bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step",
-               disable=not lc.progress_bar or jax.process_index() != 0, dynamic_ncols=True)
+               disable=not lc.progress_bar or jax.process_index() != 0 or start_step >= t.steps, dynamic_ncols=True)
     interval_start, interval_steps, step = None, 0, start_step
     energy = EnergyWindow(clock_interval_s=0.5)
     guards = Guards(t, checkpoints)

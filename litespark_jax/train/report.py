@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
-import yaml
 
 from litespark_jax import data as data_lib
 from litespark_jax.config import Config
-from litespark_jax.errors import ConfigError
 from litespark_jax.train.loop import TrainResult, train
-
-
-def write_run_dir(config: Config) -> None:
-    """Create ``train.run_dir`` (ConfigError when it cannot be a directory) and write the run's config.yaml there.
-
-    A config.yaml that an earlier run left and that differs from this one is kept as config.N.yaml (the lowest free
-    N) rather than overwritten: a resumed run may change its config on purpose (more steps), or by mistake, in
-    which case the checkpoint's restore fails and the run dir must still say what made it."""
-    run_dir = config.train.run_dir
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission, read-only file system
-        raise ConfigError(f"train.run_dir {run_dir} cannot be used as a directory: {e.strerror or e}") from None
-    path = os.path.join(run_dir, "config.yaml")
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return
-        n = 1
-        while os.path.exists(os.path.join(run_dir, f"config.{n}.yaml")):
-            n += 1
-        os.replace(path, os.path.join(run_dir, f"config.{n}.yaml"))
-    with open(path, "w") as f:
-        f.write(text)
+from litespark_jax.train.run_dir import make_run_dir
 
 
 def train_and_report(config: Config) -> TrainResult:
     m, t = config.model, config.train
     main_process = jax.process_index() == 0
     if main_process:
-        write_run_dir(config)
+        make_run_dir(config)
         print(
             f"model: {m.num_params() / 1e6:.2f}M params, {m.num_layers} layers, d_model {m.d_model}, "
             f"{m.num_heads} heads / {m.num_kv_heads} kv heads, dtype {m.dtype}\n"

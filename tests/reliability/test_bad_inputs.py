@@ -41,9 +41,9 @@ def saved(tmp_path_factory):
         state.step = jnp.asarray(step, jnp.int32)
         manager.save(step, state, data_state=None, config=config.to_dict())
     manager.close()
-    from litespark_jax.train.report import write_run_dir
+    from litespark_jax.train.run_dir import record_config
 
-    write_run_dir(config)  # the run's config.yaml, as the CLI writes it
+    record_config(config)  # the run's config.yaml, as a run that trained writes it
     return root / "run"
 
 
@@ -206,8 +206,8 @@ CASES = [
 
 @pytest.mark.parametrize("case_id, module, build, pattern", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_harms_nothing(tmp_path, saved, case_id, module, build, pattern):
-    # The saved checkpoints, and the config that made them: the run directory's config.yaml is the latest attempt's,
-    # an earlier one that differs is kept beside it as config.N.yaml.
+    # The saved checkpoints, and the config that made them: a refused run leaves the run directory's config.yaml
+    # (and any config.N.yaml) as they were.
     before = tree_hash(saved / "checkpoints")
     configs = lambda: {p.read_text() for p in saved.glob("config*.yaml")}
     saved_configs = configs()
@@ -222,7 +222,7 @@ def test_bad_input_is_one_line_exit_2_and_harms_nothing(tmp_path, saved, case_id
     print(f"{case_id}: {errors[0]}")
     assert re.search(pattern, errors[0]), errors[0]
     assert tree_hash(saved / "checkpoints") == before
-    assert saved_configs and saved_configs <= configs()
+    assert saved_configs and saved_configs == configs()
 
 
 def test_the_suite_has_at_least_30_cases():

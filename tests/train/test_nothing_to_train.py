@@ -20,3 +20,5 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, capsys
     assert not again.history and int(again.state.step) == 2
     assert "nothing to train: the run's checkpoint is at step 2 and train.steps is 1" in out
     assert "nan" not in out
+    # config.yaml still names the config that made the checkpoint
+    assert "steps: 2" in (tmp_path / "config.yaml").read_text() and not list(tmp_path.glob("config.*.yaml"))

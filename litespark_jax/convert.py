@@ -350,11 +350,33 @@ def load_hf_params(hf_dir: str, base: ModelConfig = ModelConfig()) -> tuple[Mode
     return cfg, _unflatten_dotted({k: np.asarray(v).astype(dtype) for k, v in got.items() if k in expected})
 
 
-def import_hf(hf_dir: str, out: str | None = None, *, config: Config | None = None) -> tuple[Config, dict]:
+# The model fields a Hugging Face config.json fixes: a model section that differs in any of them cannot hold its weights.
+SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "resolved_head_dim", "d_ff",
+                "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
+
+
+def shape_difference(hf_dir: str, theirs, ours, who: str) -> str | None:
+    """None when ``ours`` (a ModelConfig) describes the shape of ``theirs`` (read from ``hf_dir``), else a message
+    naming the first field that differs, blamed on ``who``."""
+    for field in SHAPE_FIELDS:
+        if getattr(theirs, field) != getattr(ours, field):
+            return (f"{who}: {hf_dir}/config.json gives {field}={getattr(theirs, field)!r} but model.{field} is "
+                    f"{getattr(ours, field)!r}; make the model section match")
+    return None
+
+
+def import_hf(hf_dir: str, out: str | None = None, *, config: Config | None = None,
+              model_must_match: str | None = None) -> tuple[Config, dict]:
     """Import an HF Llama: returns (Config with the HF model shape, our pure parameter dict). With ``out``, also
-    writes a step-0 checkpoint (parameters, a fresh optimizer state, the config) into that directory."""
+    writes a step-0 checkpoint (parameters, a fresh optimizer state, the config) into that directory.
+
+    ``model_must_match``: the name of where ``config`` came from (``--config X``); its model section must then
+    describe the HF model's shape (a ConfigError naming the first field that differs), since training goes on
+    with that config. Otherwise ``config``'s model section is replaced by the HF one."""
     base = config or Config()
     model_cfg, params = load_hf_params(hf_dir, base.model)
+    if model_must_match and (problem := shape_difference(hf_dir, model_cfg, base.model, model_must_match)):
+        raise ConfigError(problem)
     full = dataclasses.replace(base, model=model_cfg)
     validate(full)
     if out is not None:
@@ -457,7 +479,8 @@ def main(argv=None) -> int:
                   tokenizer=not args.no_tokenizer)
     else:
         config = load_config(args.config, args.overrides)
-        full, _ = import_hf(args.hf_dir, args.out, config=config)
+        full, _ = import_hf(args.hf_dir, args.out, config=config,
+                            model_must_match=f"--config {args.config}" if args.config else None)
         m = full.model
         print(f"wrote {args.out}/0: {m.num_params() / 1e6:.1f}M params, {m.num_layers} layers, d_model {m.d_model}; "
               f"continue with train.resume={args.out}")

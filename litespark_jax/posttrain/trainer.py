@@ -52,20 +52,14 @@ def is_hf_dir(path: str) -> bool:
 
 
 # What the HF config.json fixes about the function the weights compute: shapes, and the RoPE and norm constants.
-SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "resolved_head_dim", "d_ff",
-                "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
-
-
 def load_hf_params(path: str, model_cfg) -> dict:
     """A Hugging Face Llama directory as our pure parameter dict (``litespark_jax.convert``'s importer); the model
     section must describe the same shape (ConfigError naming the first field that differs)."""
-    from litespark_jax.convert import load_hf_params as convert_load
+    from litespark_jax.convert import load_hf_params as convert_load, shape_difference
 
     theirs, params = convert_load(path, model_cfg)
-    for field in SHAPE_FIELDS:
-        if getattr(theirs, field) != getattr(model_cfg, field):
-            raise ConfigError(f"posttrain.init_from: {path}/config.json gives {field}={getattr(theirs, field)!r} but "
-                              f"model.{field} is {getattr(model_cfg, field)!r}; make the model section match")
+    if problem := shape_difference(path, theirs, model_cfg, "posttrain.init_from"):
+        raise ConfigError(problem)
     return params
 
 

@@ -138,6 +138,29 @@ def test_cli_round_trip_and_resume_source(tmp_path, capsys):
     assert "train.resume=" in capsys.readouterr().out
 
 
+def test_from_hf_with_a_config_whose_model_differs_names_the_field(tmp_path):
+    """The config given to from-hf is the one training goes on with: a model section of another shape would only
+    fail at that resume, after the import wrote a checkpoint."""
+    from litespark_jax.errors import ConfigError
+
+    write_checkpoint(tmp_path / "ckpt", MODELS["llama3-tied-gqa"])
+    assert main(["to-hf", "--checkpoint", str(tmp_path / "ckpt" / "7"), "--out", str(tmp_path / "hf")]) == 0
+    with pytest.raises(ConfigError, match=r"--config configs/tiny.yaml: .*/hf/config.json gives vocab_size=97 but "
+                                          r"model.vocab_size is 512; make the model section match"):
+        main(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
+              "--config", "configs/tiny.yaml"])
+    assert not os.listdir(tmp_path / "back")
+    cfg = MODELS["llama3-tied-gqa"]
+    matching = [f"model.{k}={v}" for k, v in (("vocab_size", cfg.vocab_size), ("d_model", cfg.d_model),
+                                                ("num_layers", cfg.num_layers), ("num_heads", cfg.num_heads),
+                                                ("num_kv_heads", cfg.num_kv_heads), ("d_ff", cfg.d_ff),
+                                                ("rope_theta", cfg.rope_theta), ("max_seq_len", cfg.max_seq_len),
+                                                ("tie_embeddings", "true"))]
+    matching.append("model.rope_scaling=" + json.dumps(cfg.rope_scaling))
+    assert main(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
+                 "--config", "configs/tiny.yaml", "train.seq_len=32", *matching]) == 0
+
+
 @pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("5G", 5 * 10**9), ("5gb", 5 * 10**9),
                                         ("5GiB", 5 * 2**30), ("500MB", 500 * 10**6), ("500M", 500 * 10**6),
                                         ("1.5 MiB", 3 * 2**19), ("40K", 40_000), ("1024", 1024), ("1024B", 1024)])

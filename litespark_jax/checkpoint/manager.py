@@ -105,6 +105,16 @@ def _is_step_dir(path: str) -> bool:
         os.path.join(path, "_CHECKPOINT_METADATA"))
 
 
+def _move_aside(source: str, suffix: str) -> str:
+    """Rename ``source`` to ``source + suffix`` (or ``suffix2``, ``suffix3``... if taken); returns the new path."""
+    target, n = source + suffix, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{source}{suffix}{n}"
+    os.rename(source, target)
+    return target
+
+
 def finalized_steps(directory: str) -> list[int]:
     """Steps with a finalized (renamed, complete) orbax directory, oldest first; temporary ones are ignored."""
     if not os.path.isdir(directory):
@@ -235,6 +245,26 @@ class CheckpointManager:
             if ".orbax-checkpoint-tmp" in name and name.split(".")[0].isdigit():
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
+    def set_aside_incomplete(self) -> None:
+        """Rename step-named directories that hold no finalized checkpoint (no ``_CHECKPOINT_METADATA``: copied in by
+        hand, or left by another tool) to ``<step>.incomplete``. They are never restored, and saving that step
+        number later would fail mid-run because the directory exists. Every process calls it at the start of a
+        run; process 0 renames."""
+        if self.read_only:
+            return
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
+            for name in sorted(os.listdir(self.directory)):
+                source = os.path.join(self.directory, name)
+                if name.isdigit() and os.path.isdir(source) and not _is_step_dir(source):
+                    target = _move_aside(source, ".incomplete")
+                    log.warning("warning: %s holds no finalized checkpoint (no _CHECKPOINT_METADATA); moved it aside "
+                                "to %s", source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("litespark_checkpoint_set_aside_incomplete")
+        self._manager.reload()  # orbax listed the directory's steps when it opened it
+
     def set_aside(self, steps: list[int]) -> None:
         """Rename unreadable step directories to ``<step>.unreadable`` so that no restore tries them again and a
         retrained step can be saved under the same number; their files stay on disk for inspection."""
@@ -243,11 +273,7 @@ class CheckpointManager:
         if jax.process_index() == 0:
             for step in steps:
                 source = os.path.join(self.directory, str(step))
-                target, n = source + ".unreadable", 1
-                while os.path.exists(target):
-                    n += 1
-                    target = f"{source}.unreadable{n}"
-                os.rename(source, target)
+                target = _move_aside(source, ".unreadable")
                 log.warning("warning: moved the unreadable checkpoint %s aside to %s", source, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

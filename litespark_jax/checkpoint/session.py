@@ -97,6 +97,7 @@ class RunCheckpoints:
             self.manager.close()
             raise
         self.manager.remove_partial_saves()  # a killed run's unfinished writes: never restored, only disk space
+        self.manager.set_aside_incomplete()  # a stray step-named directory would make that step's save fail
         self.restored_from: str | None = None
 
     def restore_or_init(self):

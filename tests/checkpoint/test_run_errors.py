@@ -67,6 +67,17 @@ def test_a_fallback_past_an_unreadable_step_moves_it_aside_and_saves_the_retrain
     assert _run(tmp_path, "train.steps=4", "checkpoint.every=2").history == []
 
 
+def test_a_stray_step_named_directory_is_moved_aside_before_the_run_saves_that_step(tmp_path):
+    """A folder named like a step but holding no checkpoint once made the save of that step fail mid-run."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "2").mkdir(parents=True)
+    (checkpoints / "2" / "notes.txt").write_text("not a checkpoint")
+    result = _run(tmp_path, "train.steps=2", "checkpoint.every=1")
+    assert [h["step"] for h in result.history] == [1, 2]
+    assert finalized_steps(str(checkpoints)) == [1, 2]
+    assert (checkpoints / "2.incomplete" / "notes.txt").read_text() == "not a checkpoint"
+
+
 def test_a_second_run_cannot_train_into_a_checkpoint_dir_in_use(tmp_path):
     from litespark_jax.checkpoint.session import DirectoryLock
 

@@ -18,6 +18,7 @@ raises ``CheckpointError`` naming the parameter at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -105,6 +106,22 @@ def _is_step_dir(path: str) -> bool:
         os.path.join(path, "_CHECKPOINT_METADATA"))
 
 
+@contextlib.contextmanager
+def _orbax_warning_dropped(prefix: str):
+    """Drop absl log records that start with ``prefix`` while the block runs: orbax's notes on what it was asked to
+    do, printed as warnings to every user."""
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.msg).startswith(prefix)
+
+    drop, absl_logger = Drop(), logging.getLogger("absl")
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(drop)
+
+
 def _move_aside(source: str, suffix: str) -> str:
     """Rename ``source`` to ``source + suffix`` (or ``suffix2``, ``suffix3``... if taken); returns the new path."""
     target, n = source + suffix, 1
@@ -123,17 +140,31 @@ def finalized_steps(directory: str) -> list[int]:
                   if name.isdigit() and os.path.isfile(os.path.join(directory, name, "_CHECKPOINT_METADATA")))
 
 
-def split_checkpoint_path(path: str) -> tuple[str, int | None]:
-    """``DIR`` -> (DIR, None: its newest good step); ``DIR/<step>`` -> (DIR, step). Not a checkpoint: an error."""
+def split_checkpoint_path(path: str, setting: str | None = None, also: str = "") -> tuple[str, int | None]:
+    """``DIR`` -> (DIR, None: its newest good step); ``DIR/<step>`` -> (DIR, step). Not a checkpoint: an error,
+    naming ``setting`` (e.g. ``train.resume``) when given; ``also`` adds what else the setting accepts."""
+    given = path
     path = os.path.abspath(os.path.expanduser(path))
+    where = f"{setting}: " if setting else ""
+    also = f" {also}" if also else ""
+    parent = os.path.dirname(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        hint = ""
+        if os.path.basename(path).isdigit() and finalized_steps(parent):
+            hint = f"; {parent} holds the steps {finalized_steps(parent)}"
+        elif setting == "train.resume" and given.strip().lower() in ("auto", "never"):
+            hint = f" (train.resume takes auto or never in lower case, or a checkpoint directory)"
+        what = f"checkpoint directory {path} does not exist" if not also else \
+            f"{path} does not exist (expected a checkpoint directory{also})"
+        raise CheckpointError(f"{where}{what}{hint}")
     if _is_step_dir(path):
         return os.path.dirname(path), int(os.path.basename(path))
     if not finalized_steps(path):
+        inside = os.path.join(path, "checkpoints")
+        hint = f"; did you mean the run's {inside}?" if finalized_steps(inside) else ""
         raise CheckpointError(
-            f"{path} is not a checkpoint directory: it holds no finalized step directories (like {path}/1000 "
-            f"with a _CHECKPOINT_METADATA file)")
+            f"{where}{path} is not a checkpoint directory{also}: it holds no finalized step directories (like "
+            f"{path}/1000 with a _CHECKPOINT_METADATA file){hint}")
     return path, None
 
 
@@ -157,17 +188,18 @@ class CheckpointManager:
         self.directory = os.path.abspath(os.path.expanduser(directory))
         self.cfg = cfg
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep_last,
+            max_to_keep=None if read_only else cfg.keep_last,  # what orbax sets for a reader anyway, with a warning
             keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save,
             create=not read_only,
             read_only=read_only,
-            save_interval_steps=1,
+            save_interval_steps=0 if read_only else 1,
         )
         try:
             handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                         "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
-            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            with _orbax_warning_dropped("Given directory is read only"):  # said on every generate, convert, init_from
+                self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except OSError as e:
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e.strerror or e}") from None
         self._pending: int | None = None

@@ -113,7 +113,7 @@ class RunCheckpoints:
             if self.manager.all_steps():
                 source = (self.directory, None)
         else:
-            source = split_checkpoint_path(resume)
+            source = split_checkpoint_path(resume, "train.resume")
         if source is None:
             return self.trainer.init_state(), None, 0
         root, step = source
@@ -130,9 +130,7 @@ class RunCheckpoints:
                 f"resuming from {restored.path} (step {restored.step}) but {self.directory} already holds the newer "
                 f"step(s) {newer}: training from there would mix two histories in one directory. Resume from the "
                 f"newest (train.resume=auto), or set checkpoint.dir to a new directory for the new branch")
-        self.restored_from = restored.path
-        if jax.process_index() == 0:
-            print(f"resumed from {restored.path} (step {restored.step})", flush=True)
+        self.restored_from = restored.path  # the loop says "resumed from" once the data position fits too
         return restored.state, restored.data_state, restored.step
 
     def should_save(self, step: int) -> bool:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from litespark_jax.config import Config
 from litespark_jax.data.global_batch import process_local_rows
-from litespark_jax.errors import ConfigError
+from litespark_jax.errors import ConfigError, DataError
 from litespark_jax.parallel.distributed import per_process
 from litespark_jax.posttrain import dpo_data, sft_data
 from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_step, token_logps
@@ -37,6 +37,10 @@ BUNDLED = {"sft": ("sft_train.jsonl", "sft_eval.jsonl"), "dpo": ("dpo_train.json
 def data_files(config: Config, kind: str) -> tuple[str, str | None]:
     """(train file, eval file or None): the configured ones, or the bundled examples."""
     p = config.posttrain
+    for key, path in (("posttrain.train_file", p.train_file), ("posttrain.eval_file", p.eval_file)):
+        if path is not None and not os.path.isfile(path):
+            raise DataError(f"{key}: {path} is not a file" if os.path.exists(path) else
+                            f"{key}: {path} does not exist")
     if p.train_file is None:
         train, evaluation = BUNDLED[kind]
         return str(EXAMPLES_DIR / train), p.eval_file or str(EXAMPLES_DIR / evaluation)
@@ -111,7 +115,7 @@ class _PosttrainMixin:
         the memory its moments would take) do not matter."""
         from litespark_jax.checkpoint.manager import CheckpointManager, abstract_with_shardings, split_checkpoint_path
 
-        root, step = split_checkpoint_path(source)
+        root, step = split_checkpoint_path(source, "posttrain.init_from", also="or a Hugging Face model directory")
         manager = CheckpointManager(root, self.config.checkpoint, read_only=True)
         try:
             with self._sharding_context():

@@ -161,22 +161,25 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
     checkpoints = RunCheckpoints(trainer)
     try:
         state, data_state, start_step = checkpoints.restore_or_init()
-        if start_step >= t.steps and jax.process_index() == 0:
-            print(f"nothing to train: the run's checkpoint is at step {start_step} and train.steps is {t.steps} "
-                  "(raise train.steps to train further)", flush=True)
         if start_step < t.steps:
             trainer.check_eval_data()
         iterator = trainer.train_iterator()
         if data_state is not None and t.resume_data:
             own = data_position.own(data_state, trainer.row_shard, trainer.row_shards, checkpoints.restored_from)
             _restore_data_position(iterator, own, checkpoints.restored_from)
-        elif data_state is not None and jax.process_index() == 0:
-            print("train.resume_data=false: the data stream starts afresh", flush=True)
     except BaseException:
         checkpoints.close()  # releases the directory's lock: a refused start leaves the directory as it was
         raise
-    if start_step < t.steps and jax.process_index() == 0:
-        record_config(config)
+    if jax.process_index() == 0:
+        if checkpoints.restored_from:
+            print(f"resumed from {checkpoints.restored_from} (step {start_step})", flush=True)
+            if data_state is not None and not t.resume_data:
+                print("train.resume_data=false: the data stream starts afresh", flush=True)
+        if start_step >= t.steps:
+            print(f"nothing to train: the run's checkpoint is at step {start_step} and train.steps is {t.steps} "
+                  "(raise train.steps to train further)", flush=True)
+        else:
+            record_config(config)
     writer = MetricsWriter(t.run_dir, jsonl=lc.jsonl, tensorboard=lc.tensorboard, start_step=start_step)
     history, eval_history = [], []
     tokens_per_step = t.global_batch_size * t.seq_len

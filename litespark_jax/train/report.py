@@ -34,7 +34,7 @@ def train_and_report(config: Config) -> TrainResult:
         if result.eval_history:
             eval_loss = result.eval_history[-1]["eval_loss"]
             lines.append(f"validation loss {eval_loss:.4f} nats/token vs unigram entropy {entropy:.4f} nats/token "
-                         f"({'below' if eval_loss < entropy else 'NOT below'} by {entropy - eval_loss:.4f})")
+                         f"({abs(entropy - eval_loss):.4f} {'below' if eval_loss < entropy else 'ABOVE'} it)")
         if throughput:
             lines.append(f"throughput {sum(throughput) / len(throughput):,.0f} tokens/s")
         if lines:

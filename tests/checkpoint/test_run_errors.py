@@ -35,8 +35,8 @@ def test_shape_mismatch_and_non_checkpoint_resume(tmp_path):
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'empty'} is not a checkpoint directory: it holds no finalized step directories "
-        f"(like {tmp_path / 'empty'}/1000 with a _CHECKPOINT_METADATA file)")
+        f"error: train.resume: {tmp_path / 'empty'} is not a checkpoint directory: it holds no finalized step "
+        f"directories (like {tmp_path / 'empty'}/1000 with a _CHECKPOINT_METADATA file)")
 
 
 def _run(tmp_path, *overrides):

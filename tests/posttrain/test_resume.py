@@ -38,7 +38,7 @@ def test_resume_equals_uninterrupted(tmp_path, kind):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
 
 
-def test_a_data_position_from_another_pipeline_is_a_clear_error(tmp_path):
+def test_a_data_position_from_another_pipeline_is_a_clear_error(tmp_path, capsys):
     from litespark_jax.errors import CheckpointError
     from litespark_jax.posttrain.trainer import SFTTrainer
     from litespark_jax.train.loop import train
@@ -54,4 +54,7 @@ def test_a_data_position_from_another_pipeline_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"the data position in .*/checkpoints/2 does not fit this run's data "
                                               r"pipeline .*posttrain.init_from.*train.resume_data=false"):
         run(3, pack=False)
+    assert "resumed from" not in capsys.readouterr().out  # it did not resume
     assert [h["step"] for h in run(3, pack=False, resume_data=False)] == [3]
+    out = capsys.readouterr().out
+    assert out.index("resumed from") < out.index("train.resume_data=false: the data stream starts afresh")

@@ -163,3 +163,19 @@ def test_no_space_left_reports_and_keeps_previous_checkpoint(tmp_path):
                                       np.asarray(make_state(2, n=big)["params"]["w"]))
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_checkpoint_path_that_is_not_one_names_the_setting_and_the_likely_fix(tmp_path, monkeypatch):
+    save_steps(str(tmp_path / "run" / "checkpoints"), [2, 4])
+    with pytest.raises(CheckpointError, match=r"^train.resume: checkpoint directory .*/checkpoints/3 does not exist; "
+                                              r".*/checkpoints holds the steps \[2, 4\]$"):
+        split_checkpoint_path(str(tmp_path / "run" / "checkpoints" / "3"), "train.resume")
+    with pytest.raises(CheckpointError, match=r"^train.resume: .*/run is not a checkpoint directory: .*; did you mean "
+                                              r"the run's .*/run/checkpoints\?$"):
+        split_checkpoint_path(str(tmp_path / "run"), "train.resume")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"train.resume takes auto or never in lower case"):
+        split_checkpoint_path("Auto", "train.resume")
+    with pytest.raises(CheckpointError, match=r"^posttrain.init_from: .*/gone does not exist \(expected a checkpoint "
+                                              r"directory or a Hugging Face model directory\)$"):
+        split_checkpoint_path(str(tmp_path / "gone"), "posttrain.init_from", also="or a Hugging Face model directory")

@@ -143,6 +143,9 @@ def test_cli_bad_input_is_one_line_exit_2(module, jsonl, capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("error: ") and bad in err[0]
     assert run_main(main, ["--config", f"configs/{module}-tiny.yaml", "posttrain.loss_type=hinge"]) == 2
     assert "posttrain.loss_type must be one of sigmoid, ipo" in capsys.readouterr().err
+    gone = str(tmp_path / "gone.jsonl")
+    assert run_main(main, ["--config", f"configs/{module}-tiny.yaml", f"posttrain.eval_file={gone}", *small]) == 2
+    assert capsys.readouterr().err.strip() == f"error: posttrain.eval_file: {gone} does not exist"
 
 
 def test_run_summary_holds_energy_and_the_sm_clock(tmp_path, monkeypatch, capsys):

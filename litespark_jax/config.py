@@ -52,7 +52,7 @@ class ModelConfig:
     num_kv_heads: int = 4
     """Key/value heads (grouped-query attention); must divide num_heads."""
     head_dim: int | None = None
-    """Per-head width; None means d_model // num_heads."""
+    """Per-head width; null means d_model // num_heads."""
     d_ff: int = 768
     """Hidden width of the SwiGLU MLP."""
     max_seq_len: int = 2048
@@ -121,7 +121,7 @@ class OptimConfig:
     warmup_steps: int = 100
     """Linear warmup steps from 0 to the peak."""
     decay_steps: int | None = None
-    """Steps of the cosine decay (after warmup); None means until train.steps."""
+    """Steps of the cosine decay (after warmup); null means until train.steps."""
     b1: float = 0.9
     """Adam first-moment decay."""
     b2: float = 0.95
@@ -163,7 +163,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Where metrics, TensorBoard events and checkpoints go (a leading ~ is the home directory)."""
     peak_tflops_per_device: float | None = None
-    """Peak dense TFLOP/s for MFU; None detects H100/H200 (989) and shows no MFU elsewhere."""
+    """Peak dense TFLOP/s for MFU; null detects H100/H200 (989) and shows no MFU elsewhere."""
     xla_options: dict | None = None
     """XLA compiler options for the train step (``jax.jit(compiler_options=...)``), e.g.
     ``{xla_gpu_enable_latency_hiding_scheduler: true}``. Per compilation, unlike XLA_FLAGS, so bench variants can
@@ -230,7 +230,7 @@ class CheckpointConfig:
     """Orbax checkpoints: where, how often, which ones are kept, and whether saving overlaps training."""
 
     dir: str | None = None
-    """Checkpoint directory; None means RUN_DIR/checkpoints (a leading ~ is the home directory)."""
+    """Checkpoint directory; null means RUN_DIR/checkpoints (a leading ~ is the home directory)."""
     every: int = 1000
     """Save every this many steps (0 = only at the end of training and on preemption)."""
     keep_last: int = 3
@@ -650,8 +650,19 @@ def describe_options() -> str:
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {section}.{f.name}={default!r}  {docs.get(f.name, '')}".rstrip())
+            lines.append(f"  {section}.{f.name}={_as_typed(default)}  {docs.get(f.name, '')}".rstrip())
     return "\n".join(lines)
+
+
+def _as_typed(value) -> str:
+    """A default as one would type it on the command line (YAML): null, true, a bare word, a flow mapping."""
+    if isinstance(value, str) and value and "\n" not in value:
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:  # e.g. a glob starting with '*', an alias to YAML
+            pass
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
 
 
 def _field_docs(cls) -> dict[str, str]:

@@ -147,3 +147,10 @@ def test_keys_that_yaml_reads_as_numbers_or_bools_are_named(tmp_path, text, mess
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_default_in_help_can_be_typed_back_as_shown():
+    """--help shows each default as one types it (null, true, a bare word); typed back, it is the default."""
+    overrides = [line.strip().split("  ", 1)[0] for line in describe_options().splitlines() if line.startswith("  ")]
+    assert len(overrides) > 50 and "model.head_dim=null" in overrides and "train.resume_data=true" in overrides
+    assert load_config(None, overrides).to_dict() == Config().to_dict()

@@ -40,7 +40,7 @@ class DataConfig:
 
     mixture: dict[str, float] | None = None
     """Optional sampling weights per `meta.redpajama_set_name`, e.g. {"RedPajamaC4": 0.7, "RedPajamaGithub": 0.3}.
-    Weights are per document draw and are normalised; sets not named are not read. None: every document once per
+    Weights are per document draw and are normalised; sets not named are not read. null: every document once per
     epoch."""
 
     on_bad_record: str = "error"

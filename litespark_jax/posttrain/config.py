@@ -18,18 +18,18 @@ class PosttrainConfig:
     """Supervised fine-tuning and DPO: data, chat template, window handling, starting weights and the DPO loss."""
 
     train_file: str | None = None
-    """JSONL training data; None means the bundled example for the run (posttrain/examples/sft_train.jsonl or
+    """JSONL training data; null means the bundled example for the run (posttrain/examples/sft_train.jsonl or
     dpo_train.jsonl)."""
     eval_file: str | None = None
-    """JSONL evaluation data; None means the bundled example's eval split when train_file is None, else no eval."""
+    """JSONL evaluation data; null means the bundled example's eval split when train_file is null, else no eval."""
     init_from: str | None = None
     """Starting weights: a LiteSpark checkpoint directory (or one step directory of it), a Hugging Face directory
-    (config.json + *.safetensors), or None for a random init (tests, benchmarks)."""
+    (config.json + *.safetensors), or null for a random init (tests, benchmarks)."""
     template: str = "llama3"
     """Chat template: llama3 (<|start_header_id|>role<|end_header_id|> ... <|eot_id|>) or chatml
     (<|im_start|>role ... <|im_end|>). Special tokens missing from the tokenizer get ids after its vocabulary."""
     system_prompt: str | None = None
-    """A system message put before conversations that have none (None: none added)."""
+    """A system message put before conversations that have none (null: none added)."""
     truncation: str = "truncate"
     """An example longer than train.seq_len + 1 tokens: truncate (SFT keeps its first tokens; DPO keeps the end of
     the prompt, at least half the window when the prompt is that long, and cuts the ends of both responses), drop

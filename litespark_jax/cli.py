@@ -64,6 +64,12 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, Config]:
     """Flags and overrides in any order (`train.steps=2 --config X.yaml` too)."""
+    for arg in sys.argv[1:] if argv is None else argv:
+        name = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and "." in name and name.split(".", 1)[0].isidentifier():
+            # torchtitan / MaxText habit: --section.key=value. argparse would blame every argument after it.
+            parser.error(f"{arg}: overrides are written without dashes: "
+                         f"{arg[2:] if '=' in arg else name + '=VALUE'}")
     args = parser.parse_intermixed_args(argv)
     return args, load_config(args.config, args.overrides)
 

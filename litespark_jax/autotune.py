@@ -32,6 +32,8 @@ from pallas_kernels import tuned
 from pallas_kernels._dispatch import record_calls
 from pallas_kernels.bench.mlp import rel_err, time_ms
 
+from litespark_jax.cli import ArgumentParser
+
 
 def model_calls(config) -> list[tuple[str, dict]]:
     """The distinct ``(kernel, shape_info)`` the model's training loss resolves with ``impl="auto"``."""
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     from litespark_jax.cli import require_writable_file
     from litespark_jax.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.autotune", description=__doc__,
+    parser = ArgumentParser(prog="python -m litespark_jax.autotune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="model preset whose kernel calls to tune")
     parser.add_argument("--out", required=True, help="where to write the table (JSON)")

@@ -25,7 +25,7 @@ import numpy as np
 import pallas_kernels
 from pallas_kernels.attention import cudnn as cudnn_attention
 from litespark_jax import trace_summary
-from litespark_jax.cli import require_at_least, require_writable_file, run_main
+from litespark_jax.cli import ArgumentParser, require_at_least, require_writable_file, run_main
 from litespark_jax.config import Config, load_config
 from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
@@ -280,7 +280,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.bench", description=__doc__,
+    parser = ArgumentParser(prog="python -m litespark_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="model preset, e.g. configs/llama-3.2-3b.yaml")
     parser.add_argument("--baseline", action="store_true", help="also run the baseline step (last) and the ratios")

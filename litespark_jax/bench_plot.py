@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from litespark_jax.cli import ArgumentParser
+
 
 def load_rows(paths: list[str]) -> list[dict]:
     """The timed rows (with a config, a variant and tokens/s); loss-curve rows and a last line cut off while being
@@ -84,7 +86,7 @@ def plot(rows: list[dict], out: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.bench_plot", description=__doc__,
+    parser = ArgumentParser(prog="python -m litespark_jax.bench_plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="JSONL files written by litespark_jax.bench --jsonl")
     parser.add_argument("--out", required=True, help="PNG to write")

@@ -12,6 +12,14 @@ from litespark_jax.config import Config, describe_options, load_config
 from litespark_jax.errors import UserError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: ``prog: error: message (see --help)`` and exit code 2, without the
+    usage block argparse prints first (10 lines for some of our commands, above the one line that matters)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, **bounds: int) -> None:
     """``parser.error`` (one line, exit 2) naming the first flag whose value is below its bound, e.g.
     ``require_at_least(parser, args, steps=1, warmup=0)``; a value of None (an unset optional flag) passes."""
@@ -49,7 +57,7 @@ def require_writable_file(parser: argparse.ArgumentParser, flag: str, path: str 
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -36,6 +36,7 @@ import sys
 
 import numpy as np
 
+from litespark_jax.cli import ArgumentParser
 from litespark_jax.config import Config, ModelConfig, from_dict, load_config, validate
 from litespark_jax.data.tokenizers import BYTE_FILE, HF_FILE, SENTENCEPIECE_FILE
 from litespark_jax.errors import CheckpointError, ConfigError
@@ -454,7 +455,7 @@ def parse_size(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.convert",
+    parser = ArgumentParser(prog="python -m litespark_jax.convert",
                                      description="Convert between LiteSpark checkpoints and Hugging Face Llama.")
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="export a checkpoint as a transformers LlamaForCausalLM directory")

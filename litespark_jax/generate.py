@@ -17,12 +17,12 @@ import os
 import sys
 import time
 
-from litespark_jax.cli import run_main
+from litespark_jax.cli import ArgumentParser, run_main
 from litespark_jax.errors import ConfigError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.generate", description=__doc__.split("\n", 2)[2],
+    parser = ArgumentParser(prog="python -m litespark_jax.generate", description=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory (newest good step) or DIR/<step>")

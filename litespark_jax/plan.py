@@ -33,6 +33,8 @@ import math
 import os
 import sys
 
+from litespark_jax.cli import ArgumentParser
+
 GiB = 1024**3
 
 
@@ -592,7 +594,7 @@ def parse_mesh(text: str, num_devices: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.plan", description=__doc__,
+    parser = ArgumentParser(prog="python -m litespark_jax.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None)
     parser.add_argument("--nodes", type=int, default=1)

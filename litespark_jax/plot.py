@@ -10,13 +10,13 @@ In a notebook: ``fig = overview_figure(load_runs([run_dir]))`` returns the matpl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import sys
 
+from litespark_jax.cli import ArgumentParser
 from litespark_jax.errors import UserError
 
 
@@ -198,7 +198,7 @@ def plot_runs(paths: list[str], out_dir: str | None = None, labels: list[str] | 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m litespark_jax.plot",
         description="Plot loss, validation loss, tokens/s, MFU and power of one or more runs (their "
                     "metrics.jsonl) on shared axes.")

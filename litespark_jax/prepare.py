@@ -8,14 +8,14 @@ Then point `data.train_files` at the output directory (format "auto" detects it)
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from litespark_jax.cli import ArgumentParser
 from litespark_jax.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.prepare", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m litespark_jax.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--files", required=True, help="glob(s) of *.jsonl / *.jsonl.zst shards (comma-separated)")
     parser.add_argument("--tokenizer", default="byte", help='"byte", a tokenizer.json, a .model, or a directory')
     parser.add_argument("--out", required=True, help="output directory")

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from litespark_jax.cli import require_at_least, require_writable_file
+from litespark_jax.cli import ArgumentParser, require_at_least, require_writable_file
 
 # A short run: a few logged steps, one evaluation batch at the end, no checkpoint until the last step.
 RUN = ["train.steps=2", "train.eval_every=0", "train.eval_batches=1", "log.every=1", "log.progress_bar=false",
@@ -44,7 +44,7 @@ def time_start(config: str, overrides: list[str], run_dir: str, cache_dir: str) 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.startup_bench", description=__doc__,
+    parser = ArgumentParser(prog="python -m litespark_jax.startup_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="model preset, e.g. configs/llama-3.2-1b.yaml")
     parser.add_argument("--starts", type=int, default=2, help="processes started (the first with an empty cache)")

@@ -7,14 +7,14 @@ Use the result with `data.tokenizer: tok/tokenizer.json` (or `tok/`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from litespark_jax.cli import ArgumentParser
 from litespark_jax.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.tokenizer", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m litespark_jax.tokenizer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a byte-level BPE tokenizer.json")
     train.add_argument("--files", default=None, help="glob(s) of *.jsonl / *.jsonl.zst (default: bundled corpus)")

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 
+from litespark_jax.cli import ArgumentParser
 from litespark_jax.errors import UserError
 
 # Substrings of kernel names, checked in order, that say what a kernel does. Names seen on H100 with jax 0.11:
@@ -242,7 +243,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.trace_summary", description=__doc__,
+    parser = ArgumentParser(prog="python -m litespark_jax.trace_summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace_dir", help="directory jax.profiler.trace wrote (searched recursively)")
     parser.add_argument("--steps", type=int, default=1, help="steps inside the trace, to report time per step")

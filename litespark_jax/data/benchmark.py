@@ -9,13 +9,14 @@ from the iterator as the trainer would, after one warm-up batch, tokens = batch 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import platform
 import subprocess
 import time
+
+from litespark_jax.cli import ArgumentParser
 
 H100_3B_CONSUMPTION = 28_000  # tok/s the 3B model eats on one H100 at our MFU goal
 
@@ -53,7 +54,7 @@ def _rate_once(cfg, tokenizer, *, seq_len, batch, tokens, seed=0) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.data.benchmark", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m litespark_jax.data.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8, help="global batch (one process)")
     parser.add_argument("--tokens", type=int, default=20_000_000, help="tokens per measurement (prepared path)")

@@ -21,7 +21,7 @@ import time
 
 import jax
 
-from litespark_jax.cli import run_main
+from litespark_jax.cli import ArgumentParser, run_main
 from litespark_jax.config import load_config
 from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import mfu
@@ -75,7 +75,7 @@ def measure(kind: str, config, steps: int, warmup: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.posttrain.bench", description=__doc__,
+    parser = ArgumentParser(prog="python -m litespark_jax.posttrain.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=("sft", "dpo", "both"), default="both")
     parser.add_argument("--config", default=None, help="YAML preset (default: the kind's tiny preset)")

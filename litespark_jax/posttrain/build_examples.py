@@ -26,6 +26,7 @@ import os
 import random
 import re
 
+from litespark_jax.cli import ArgumentParser
 from litespark_jax.data.config import CORPUS_DIR
 from litespark_jax.data.sources import read_bytes
 
@@ -163,7 +164,7 @@ def build(out_dir: str = OUT_DIR, *, max_train: int = 480, max_dpo_train: int = 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m litespark_jax.posttrain.build_examples", description=__doc__,
+    parser = ArgumentParser(prog="python -m litespark_jax.posttrain.build_examples", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=OUT_DIR, help="output directory (default: the bundled examples)")
     args = parser.parse_args(argv)

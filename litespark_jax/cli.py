@@ -82,13 +82,16 @@ def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.N
     return args, load_config(args.config, args.overrides)
 
 
-def run_config_command(prog: str, description: str, run: Callable[[Config], object], argv=None) -> int:
+def run_config_command(prog: str, description: str, run: Callable[[Config], object], argv=None,
+                       check: Callable[[Config], None] | None = None) -> int:
     """Parse ``--config`` and overrides, start jax.distributed from the environment, then ``run(config)``.
 
     The distributed start-up comes after parsing (bad flags fail fast, with no rendezvous) and before anything
     touches a device.
     """
     _, config = parse_config(config_parser(prog, description), argv)
+    if check is not None:
+        check(config)  # a command's own refusals, before the rendezvous
     from litespark_jax.compilation_cache import use_compilation_cache
     from litespark_jax.parallel.distributed import initialize_from_env
     from litespark_jax.parallel.watchdog import timeout_from_env

@@ -412,7 +412,8 @@ def _apply_override(raw: dict, override: str, source: str = "command line") -> t
         raise ConfigError(f"override {override!r}: the key must be section.key (e.g. model.num_heads)")
     section, key = parts
     if section not in _SECTION_TYPES:
-        raise ConfigError(f"override {override!r}: unknown section {section!r}{_did_you_mean(section, _SECTION_TYPES)}")
+        raise ConfigError(f"{source} ({override}): unknown section {section!r}"
+                          f"{_did_you_mean(section, _SECTION_TYPES)}")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
@@ -578,10 +579,13 @@ def validate(config: Config) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.grad_accum_steps "
             f"({t.grad_accum_steps})"
         )
-    if o.learning_rate <= 0 or not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError("optim.learning_rate must be positive and optim.min_lr_ratio within [0, 1]")
-    if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
-        raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must not be negative")
+    if not o.learning_rate > 0:
+        raise ConfigError(f"optim.learning_rate must be positive, got {o.learning_rate}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be within [0, 1], got {o.min_lr_ratio}")
+    for key in ("warmup_steps", "grad_clip", "weight_decay"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"optim.{key} must not be negative, got {getattr(o, key)}")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1) or o.eps <= 0:
         raise ConfigError(f"optim.b1 and optim.b2 must be within [0, 1) and optim.eps positive, got {o.b1}, {o.b2} "
                           f"and {o.eps}")

@@ -30,6 +30,8 @@ def run_cli(*args, cwd=ROOT, **env_vars):
     (["--config", "configs/tiny.yaml", "train.steps=ten"], "command line (train.steps=ten): 'train.steps' must be int"),
     (["train.steps=3", "--train.seq_len=64", "train.run_dir=x"],
      "--train.seq_len=64: overrides are written without dashes: train.seq_len=64"),
+    (["posttrain.beta=0.5"], "posttrain.beta is set, but python -m litespark_jax.train pretrains"),
+    (["trian.steps=3"], "command line (trian.steps=3): unknown section 'trian' (did you mean 'train'?)"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message):
     result = run_cli(*args)

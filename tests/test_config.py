@@ -83,6 +83,8 @@ def test_overrides_are_parsed_as_yaml_values():
      "model.rope_scaling.high_freq_factor must differ from low_freq_factor (both are 1"),
     (["model.rope_scaling={factor: 8}"], "model.rope_scaling is missing high_freq_factor, low_freq_factor, original_"),
     (["optim.learning_rate=nan"], "optim.learning_rate must be a finite number, got nan"),
+    (["optim.learning_rate=-1"], "optim.learning_rate must be positive, got -1.0"),
+    (["optim.grad_clip=-0.5"], "optim.grad_clip must not be negative, got -0.5"),
     (["optim.b2=.inf"], "optim.b2 must be a finite number, got inf"),
     (["model.rope_theta=-inf"], "model.rope_theta must be a finite number, got -inf"),
     (["posttrain.beta=.nan"], "posttrain.beta must be a finite number, got nan"),

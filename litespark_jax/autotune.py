@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     from litespark_jax.config import load_config
 
     parser = ArgumentParser(prog="python -m litespark_jax.autotune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="model preset whose kernel calls to tune")
     parser.add_argument("--out", required=True, help="where to write the table (JSON)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per implementation (median)")

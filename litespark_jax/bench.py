@@ -256,7 +256,11 @@ def print_curves(curves: dict[str, np.ndarray]) -> float:
 
 
 def _fmt(value, spec):
-    return "n/a" if value is None else format(value, spec)
+    """``value`` formatted by ``spec`` (e.g. '>8.2f'); a missing value (no NVML, no memory stats) as "n/a" in the
+    same width, so the columns stay aligned."""
+    if value is None:
+        return format("n/a", ">" + spec.lstrip("<>^").split(".")[0])
+    return format(value, spec)
 
 
 def _pct(value):
@@ -281,7 +285,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m litespark_jax.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="model preset, e.g. configs/llama-3.2-3b.yaml")
     parser.add_argument("--baseline", action="store_true", help="also run the baseline step (last) and the ratios")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")

@@ -87,7 +87,7 @@ def plot(rows: list[dict], out: str) -> str:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m litespark_jax.bench_plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="JSONL files written by litespark_jax.bench --jsonl")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)

@@ -456,7 +456,7 @@ def parse_size(text: str) -> int:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m litespark_jax.convert",
-                                     description="Convert between LiteSpark checkpoints and Hugging Face Llama.")
+                            description="Convert between LiteSpark checkpoints and Hugging Face Llama.")
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="export a checkpoint as a transformers LlamaForCausalLM directory")
     to_hf.add_argument("--checkpoint", required=True, help="checkpoint directory (newest good step) or a step dir")

@@ -23,7 +23,7 @@ from litespark_jax.errors import ConfigError, UserError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m litespark_jax.generate", description=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory (newest good step) or DIR/<step>")
     source.add_argument("--hf-dir", help="a Hugging Face Llama directory (config.json + safetensors; its tokenizer "

@@ -595,7 +595,7 @@ def parse_mesh(text: str, num_devices: int) -> dict:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m litespark_jax.plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)

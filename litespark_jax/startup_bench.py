@@ -45,7 +45,7 @@ def time_start(config: str, overrides: list[str], run_dir: str, cache_dir: str) 
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m litespark_jax.startup_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="model preset, e.g. configs/llama-3.2-1b.yaml")
     parser.add_argument("--starts", type=int, default=2, help="processes started (the first with an empty cache)")
     parser.add_argument("--jsonl", default=None, help="append one row per start to this JSONL file")

@@ -244,7 +244,7 @@ def format_summary(s: dict) -> str:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m litespark_jax.trace_summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace_dir", help="directory jax.profiler.trace wrote (searched recursively)")
     parser.add_argument("--steps", type=int, default=1, help="steps inside the trace, to report time per step")
     parser.add_argument("--top", type=int, default=25, help="how many ops to list")

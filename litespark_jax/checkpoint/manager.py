@@ -367,8 +367,9 @@ class CheckpointManager:
             try:
                 restored = restore_step(candidate)
             except _Corrupted as e:
-                log.warning("warning: checkpoint %s/%d is unreadable (%s); falling back to the previous one",
-                            self.directory, candidate, e)
+                if candidate != steps[0]:  # the last one's failure is the error below
+                    log.warning("warning: checkpoint %s/%d is unreadable (%s); falling back to the previous one",
+                                self.directory, candidate, e)
                 failures.append(f"{candidate}: {e}")
                 skipped.append(candidate)
                 continue

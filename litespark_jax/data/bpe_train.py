@@ -27,6 +27,7 @@ def train_bpe(files: str, out_dir: str, *, vocab_size: int = 32000, min_frequenc
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ConfigError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}")
+    resolve_files(files, "--files")  # a glob that matches nothing fails here, before the trainer's progress output
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

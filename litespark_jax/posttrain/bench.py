@@ -76,7 +76,7 @@ def measure(kind: str, config, steps: int, warmup: int) -> dict:
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m litespark_jax.posttrain.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=("sft", "dpo", "both"), default="both")
     parser.add_argument("--config", default=None, help="YAML preset (default: the kind's tiny preset)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")

@@ -165,7 +165,7 @@ def build(out_dir: str = OUT_DIR, *, max_train: int = 480, max_dpo_train: int = 
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m litespark_jax.posttrain.build_examples", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=OUT_DIR, help="output directory (default: the bundled examples)")
     args = parser.parse_args(argv)
     for name, count in build(args.out).items():

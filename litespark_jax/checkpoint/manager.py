@@ -153,7 +153,7 @@ def split_checkpoint_path(path: str, setting: str | None = None, also: str = "")
         if os.path.basename(path).isdigit() and finalized_steps(parent):
             hint = f"; {parent} holds the steps {finalized_steps(parent)}"
         elif setting == "train.resume" and given.strip().lower() in ("auto", "never"):
-            hint = f" (train.resume takes auto or never in lower case, or a checkpoint directory)"
+            hint = " (train.resume takes auto or never in lower case, or a checkpoint directory)"
         what = f"checkpoint directory {path} does not exist" if not also else \
             f"{path} does not exist (expected a checkpoint directory{also})"
         raise CheckpointError(f"{where}{what}{hint}")

@@ -18,7 +18,6 @@ raises ``CheckpointError`` naming the parameter at once.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -106,20 +105,18 @@ def _is_step_dir(path: str) -> bool:
         os.path.join(path, "_CHECKPOINT_METADATA"))
 
 
-@contextlib.contextmanager
-def _orbax_warning_dropped(prefix: str):
-    """Drop absl log records that start with ``prefix`` while the block runs: orbax's notes on what it was asked to
-    do, printed as warnings to every user."""
-    class Drop(logging.Filter):
-        def filter(self, record):
-            return not str(record.msg).startswith(prefix)
+class _OrbaxNotes(logging.Filter):
+    """Drops orbax's log lines about conditions this module reports itself, in one line naming the step: a
+    checkpoint opened read-only (said on every generate, convert and init_from), a step's metadata that is garbage
+    or missing (the restore's fallback and errors name it)."""
 
-    drop, absl_logger = Drop(), logging.getLogger("absl")
-    absl_logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        absl_logger.removeFilter(drop)
+    PREFIXES = ("Given directory is read only", "Failed to json parse Metadata file", "Metadata file does not exist")
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+logging.getLogger("absl").addFilter(_OrbaxNotes())
 
 
 def _move_aside(source: str, suffix: str) -> str:
@@ -198,8 +195,7 @@ class CheckpointManager:
         try:
             handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                         "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
-            with _orbax_warning_dropped("Given directory is read only"):  # said on every generate, convert, init_from
-                self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except OSError as e:
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e.strerror or e}") from None
         self._pending: int | None = None

@@ -179,3 +179,15 @@ def test_a_checkpoint_path_that_is_not_one_names_the_setting_and_the_likely_fix(
     with pytest.raises(CheckpointError, match=r"^posttrain.init_from: .*/gone does not exist \(expected a checkpoint "
                                               r"directory or a Hugging Face model directory\)$"):
         split_checkpoint_path(str(tmp_path / "gone"), "posttrain.init_from", also="or a Hugging Face model directory")
+
+
+def test_orbax_notes_on_conditions_this_module_reports_are_dropped(caplog):
+    """Reading a checkpoint printed three absl warnings (and a garbage step an ERROR split over two lines) above
+    our own one-line message."""
+    absl_logger = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING):
+        absl_logger.warning("Given directory is read only=%s", "/x")
+        absl_logger.error("Failed to json parse Metadata file: %s, file content: junk\n, error: ...", "/x/1")
+        absl_logger.warning("Metadata file does not exist: %s", "/x/5/_CHECKPOINT_METADATA")
+        absl_logger.warning("an orbax warning about something else")
+    assert [r.getMessage() for r in caplog.records] == ["an orbax warning about something else"]

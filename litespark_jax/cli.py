@@ -31,14 +31,22 @@ def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
 def require_output_dir(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
     """``parser.error`` before any work when an output directory (``--out``) cannot be made or written, rather than
-    a traceback once the work is done. Makes the directory (empty) if it does not exist."""
+    a traceback once the work is done. A directory that does not exist is made and removed again (the command makes
+    it when it writes), so a refused command leaves nothing behind."""
     if os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"{flag} {path}: is a file, not a directory")
+    missing, probe = [], os.path.abspath(path)
+    while not os.path.exists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         parser.error(f"{flag} {path}: cannot create it ({e.strerror or e})")
-    if not os.access(path, os.W_OK):
+    writable = os.access(path, os.W_OK)
+    for made in missing:  # deepest first
+        os.rmdir(made)
+    if not writable:
         parser.error(f"{flag} {path}: the directory is not writable")
 
 

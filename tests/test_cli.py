@@ -126,6 +126,12 @@ def test_an_output_directory_that_cannot_be_made_is_one_line_before_any_work(mod
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, result.stderr
         assert f"--out {out}: {message}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    # A usable --out that the command then refuses for another reason is not left behind, empty.
+    if module == "litespark_jax.convert":
+        result = subprocess.run([sys.executable, "-m", module, *args, str(tmp_path / "new" / "out")], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "new").exists()
 
 
 _NO_BACKEND_AT_IMPORT = r"""

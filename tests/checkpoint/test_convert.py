@@ -149,7 +149,7 @@ def test_from_hf_with_a_config_whose_model_differs_names_the_field(tmp_path):
                                           r"model.vocab_size is 512; make the model section match"):
         main(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
               "--config", "configs/tiny.yaml"])
-    assert not os.listdir(tmp_path / "back")
+    assert not (tmp_path / "back").exists()  # nothing written
     cfg = MODELS["llama3-tied-gqa"]
     matching = [f"model.{k}={v}" for k, v in (("vocab_size", cfg.vocab_size), ("d_model", cfg.d_model),
                                                 ("num_layers", cfg.num_layers), ("num_heads", cfg.num_heads),

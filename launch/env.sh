@@ -1,4 +1,4 @@
-# Environment shared by launch/slurm.sbatch and launch/jobset.yaml (which inlines the same values).
+# Environment shared by launch/slurm.sbatch and launch/jobset.yaml (both source this file).
 # Every flag below is accepted by jaxlib 0.11.2 (an unknown XLA flag aborts the process at start-up).
 
 # XLA: overlap the FSDP all-gathers / reduce-scatters and the data-parallel all-reduce with compute.

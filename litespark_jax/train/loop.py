@@ -235,6 +235,12 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                 if callback:
                     callback(step, metrics)
                 if spike and t.on_spike == "rollback":
+                    # This step is the one the preemption check below would ask about; asked after the rollback,
+                    # an agreed preemption step would be met only once the rolled-back steps were retrained.
+                    if checkpoints.preemption_reached(step) if agreed_preemption else preemption.requested:
+                        bar.write(f"preempted at a loss spike (step {step}): not saved; a resumed run starts from "
+                                  f"the last checkpoint, before the spike")
+                        break
                     rolled_back = guards.rollback(step, trainer)
                     if rolled_back is not None:
                         state, step = rolled_back

@@ -82,6 +82,21 @@ def test_spike_rolls_back_to_the_checkpoint_and_skips_its_batches(tmp_path):
     assert trainer.first_tokens == expected
 
 
+def test_a_preemption_at_a_spike_exits_at_once_with_the_last_good_checkpoint(tmp_path, capsys):
+    """The rollback used to come first: the run went back to its checkpoint and retrained before it saved and
+    exited, time a preempted job may not have."""
+    import signal
+
+    config = _config(tmp_path, "train.steps=8", "checkpoint.every=2", "checkpoint.async_save=false",
+                     "train.spike_factor=3", "train.spike_window=2", "train.on_spike=rollback")
+    trainer = FaultyTrainer(config, spike_calls={6})
+    preempt_at_6 = lambda step, metrics: step == 6 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    result = train(config, trainer=trainer, callback=preempt_at_6)
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert finalized_steps(os.path.join(tmp_path, "run", "checkpoints")) == [2, 4]
+    assert "preempted at a loss spike (step 6): not saved" in capsys.readouterr().out
+
+
 def test_rollbacks_are_capped(tmp_path):
     config = _config(tmp_path, "train.steps=8", "checkpoint.every=2", "checkpoint.async_save=false",
                      "train.spike_factor=3", "train.spike_window=2", "train.on_spike=rollback",

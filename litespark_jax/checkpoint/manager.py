@@ -147,8 +147,8 @@ def split_checkpoint_path(path: str, setting: str | None = None, also: str = "")
     parent = os.path.dirname(path)
     if not os.path.exists(path):
         hint = ""
-        if os.path.basename(path).isdigit() and finalized_steps(parent):
-            hint = f"; {parent} holds the steps {finalized_steps(parent)}"
+        if os.path.basename(path).isdigit() and (steps := finalized_steps(parent)):
+            hint = f"; {parent} holds the steps {steps}"
         elif setting == "train.resume" and given.strip().lower() in ("auto", "never"):
             hint = " (train.resume takes auto or never in lower case, or a checkpoint directory)"
         what = f"checkpoint directory {path} does not exist" if not also else \

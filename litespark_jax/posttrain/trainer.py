@@ -55,7 +55,6 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-# What the HF config.json fixes about the function the weights compute: shapes, and the RoPE and norm constants.
 def load_hf_params(path: str, model_cfg) -> dict:
     """A Hugging Face Llama directory as our pure parameter dict (``litespark_jax.convert``'s importer); the model
     section must describe the same shape (ConfigError naming the first field that differs)."""

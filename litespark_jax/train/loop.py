@@ -193,6 +193,11 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
         log.warning("JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM that reaches only "
                     "some of the processes stops those alone and the others wait for them")
     preemption = PreemptionHandler(agreed=agreed_preemption).__enter__()
+
+    def preempted_at(step: int) -> bool:
+        # Asked once every step, as JAX's preemption service requires; one process's own flag would stop it alone.
+        return checkpoints.preemption_reached(step) if agreed_preemption else preemption.requested
+
     profiler = StepProfiler(lc, t.run_dir)
     try:
         while step < t.steps:  # not a for loop: a spike rollback moves `step` back to its checkpoint
@@ -237,7 +242,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                 if spike and t.on_spike == "rollback":
                     # This step is the one the preemption check below would ask about; asked after the rollback,
                     # an agreed preemption step would be met only once the rolled-back steps were retrained.
-                    if checkpoints.preemption_reached(step) if agreed_preemption else preemption.requested:
+                    if preempted_at(step):
                         bar.write(f"preempted at a loss spike (step {step}): not saved; a resumed run starts from "
                                   f"the last checkpoint, before the spike")
                         break
@@ -250,8 +255,7 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
             bar.update(1)
             # Save before evaluating: the (asynchronous) write overlaps the evaluation, and an evaluation that
             # fails cannot cost the step's checkpoint.
-            # Asked every step, as JAX's preemption service requires; one process's own flag would stop it alone.
-            preempted = checkpoints.preemption_reached(step) if agreed_preemption else preemption.requested
+            preempted = preempted_at(step)
             if checkpoints.should_save(step) or preempted:
                 guards.check_nonfinite(step)  # on_nonfinite=stop: stop before saving past a bad step
                 checkpoints.save(step, state, iterator)

@@ -13,7 +13,8 @@ Environment set for every process (read by ``litespark_jax.parallel.distributed.
   ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.9`` as on the cluster.
 
 Output of process i is prefixed ``[i]``. When one process fails the others are stopped (a real cluster's scheduler
-does the same) and the launcher exits with the first non-zero code.
+does the same) and the launcher exits with the first failure's code (128 + N for a process killed by signal N, as
+a shell reports it).
 """
 
 from __future__ import annotations
@@ -63,13 +64,25 @@ def _raise_interrupt(signum, frame):
     raise _Terminated
 
 
+def exit_code(returncode: int) -> int:
+    """A child's code as a shell reports it: ``Popen`` gives -N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def launch(command: list[str], processes: int, devices_per_process: int = 1, gpus: list[str] | None = None,
            timeout: float | None = None) -> int:
     port = free_port()
     procs, pumps = [], []
     for i in range(processes):
-        p = subprocess.Popen(command, env=process_env(os.environ, i, processes, port, devices_per_process, gpus),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            p = subprocess.Popen(command, env=process_env(os.environ, i, processes, port, devices_per_process, gpus),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+        except OSError as e:  # no such program, or not executable (process 0 finds out, before any has started)
+            for started in procs:
+                os.killpg(started.pid, signal.SIGKILL)
+                started.wait()
+            raise LaunchError(f"cannot run {command[0]!r}: {e.strerror}") from None
         t = threading.Thread(target=_pump, args=(p.stdout, f"[{i}] "), daemon=True)
         t.start()
         procs.append(p)
@@ -80,10 +93,14 @@ def launch(command: list[str], processes: int, devices_per_process: int = 1, gpu
     # here and let the cleanup below stop them, as for Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        while any(p.poll() is None for p in procs):
+        while True:
+            running = [p for p in procs if p.poll() is None]  # polls every process: no failure goes unseen
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed or (deadline and time.monotonic() > deadline):
-                code = failed[0] if failed else 124
+            if failed or not running:
+                code = failed[0] if failed else 0
+                break
+            if deadline and time.monotonic() > deadline:
+                code = 124
                 break
             time.sleep(0.2)
     finally:
@@ -99,11 +116,22 @@ def launch(command: list[str], processes: int, devices_per_process: int = 1, gpu
         for t in pumps:
             t.join(timeout=5)
         signal.signal(signal.SIGTERM, previous)
-    return code or next((p.returncode for p in procs if p.returncode), 0)
+    return exit_code(code or next((p.returncode for p in procs if p.returncode), 0))
+
+
+class LaunchError(Exception):
+    """A launch that cannot start: reported in one line, exit code 2."""
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """Errors as one line and exit code 2, without argparse's usage block (as the package's CLIs do)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineErrors(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--devices-per-process", type=int, default=4, help="CPU host devices per process")
     parser.add_argument("--gpus", action="store_true", help="split this host's GPUs among the processes")
@@ -136,6 +164,8 @@ def main(argv=None) -> int:
             parser.error(f"{len(gpus)} GPUs cannot be split evenly over {args.processes} processes")
     try:
         return launch(command, args.processes, args.devices_per_process, gpus, args.timeout)
+    except LaunchError as e:
+        parser.error(str(e))
     except KeyboardInterrupt as e:  # the workers are stopped by now
         signal_number = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
         print(f"stopped by {signal.Signals(signal_number).name}; the workers were terminated", file=sys.stderr)

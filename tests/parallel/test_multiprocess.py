@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -273,3 +274,32 @@ def test_launcher_refuses_counts_that_start_nothing(flags, message):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local.py"), *flags, "--", sys.executable,
                            "-c", "print('started')"], env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and "started" not in proc.stdout, proc.stderr
+
+
+def _launch_shell(script: str, processes: int = 3, timeout: int = 60) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", str(processes),
+                           "--", "bash", "-c", script], env=_env(), capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.parametrize("failing", [0, 2])
+def test_launcher_stops_the_others_when_any_process_fails(failing):
+    """Process 2 failing used to go unseen while process 0 ran: the launcher polled only up to the first process
+    still running."""
+    proc, seconds = _launch_shell(f'if [ "$LITESPARK_PROCESS_ID" = {failing} ]; then exit 5; fi; sleep 30; echo done')
+    assert proc.returncode == 5, (proc.returncode, proc.stdout, proc.stderr)
+    assert "done" not in proc.stdout and seconds < 25, (seconds, proc.stdout)
+
+
+def test_launcher_reports_a_killed_process_as_a_shell_does():
+    proc, _ = _launch_shell('if [ "$LITESPARK_PROCESS_ID" = 1 ]; then kill -9 $$; fi; sleep 30', processes=2)
+    assert proc.returncode == 128 + 9, (proc.returncode, proc.stderr)
+
+
+def test_launcher_names_a_command_it_cannot_run():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local.py"), "--", "no-such-command-xyz"],
+                          env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "local.py: error: cannot run 'no-such-command-xyz': No such file or directory (see --help)"], proc.stderr

@@ -46,10 +46,11 @@ __all__ = [
 # Config
 
 
-def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(preset: str | None = None, overrides: str | Sequence[str] = ()) -> Config:
     """A validated Config from a preset name in ``configs/`` (``"tiny"``), a YAML path, or None (the built-in
     defaults), with ``section.key=value`` overrides applied."""
     path = preset
+    overrides = _as_list(overrides)
     if preset is not None and not os.path.exists(preset):
         candidate = os.path.join(CONFIGS_DIR, f"{preset}.yaml")
         if os.path.isfile(candidate):
@@ -85,15 +86,37 @@ def build_model(config: Config | config_lib.ModelConfig, seed: int | None = None
 
 def model_from_state(config: Config, state_or_params):
     """The ``Llama`` holding the parameters of a ``TrainState`` (e.g. ``train(...).state``) or of a params tree
-    (an ``nnx.State`` or a pure dict as ``nnx.to_pure_dict`` gives)."""
+    (an ``nnx.State`` or a pure dict as ``nnx.to_pure_dict`` gives). Parameters of another shape than
+    ``config.model`` describes are a ConfigError naming the first that differs."""
     from litespark_jax.train.state import abstract_model
 
     params = getattr(state_or_params, "params", state_or_params)
     graphdef, abstract = abstract_model(config.model)
+    _check_shapes(params, abstract)
     if not isinstance(params, nnx.State):
         nnx.replace_by_pure_dict(abstract, params)
         params = abstract
     return nnx.merge(graphdef, params)
+
+
+def _check_shapes(params, abstract) -> None:
+    """A ConfigError naming the first parameter missing, extra or shaped otherwise than the config's model (else
+    the mismatch surfaced later as a reshape or scan error, or not at all)."""
+    def shapes(tree) -> dict[str, tuple]:
+        pure = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+        return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+
+    have, want = shapes(params), shapes(abstract)
+    for name, shape in want.items():
+        if name not in have:
+            raise ConfigError(f"the parameters have no {name!r} that config.model needs (a model of another shape?)")
+        if have[name] != shape:
+            raise ConfigError(f"parameter {name!r} has shape {have[name]} but config.model needs {shape}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ConfigError(f"the parameters hold {extra[0]!r}, which config.model has no place for (a model of "
+                          f"another shape?)")
 
 
 def tokenizer(config: Config):
@@ -122,8 +145,12 @@ def evaluate(config: Config, model_or_params) -> float:
     """Mean validation NLL (nats/token) over ``train.eval_batches`` batches of the validation split."""
     from litespark_jax.train.loop import Trainer
 
+    from litespark_jax.train.state import abstract_model
+
+    params = _params(model_or_params)
+    _check_shapes(params, abstract_model(config.model)[1])
     trainer = Trainer(config)
-    params = jax.device_put(_params(model_or_params), trainer.state_sharding.params)
+    params = jax.device_put(params, trainer.state_sharding.params)
     return trainer.evaluate(params)
 
 
@@ -152,15 +179,18 @@ def save_checkpoint(config: Config, state, directory: str | None = None, step: i
 
 
 def latest_checkpoint(config_or_directory) -> str | None:
-    """The newest finalized step directory of a checkpoint directory (or of a config's ``checkpoint.dir``)."""
-    from litespark_jax.checkpoint.manager import finalized_steps
+    """The newest finalized step directory of a config's ``checkpoint.dir`` (None while it has none), or of a
+    checkpoint directory given by path (a path that is not one is a CheckpointError saying why, e.g. a run
+    directory, whose checkpoints are in RUN_DIR/checkpoints)."""
+    from litespark_jax.checkpoint.manager import finalized_steps, split_checkpoint_path
     from litespark_jax.checkpoint.session import checkpoint_dir
 
-    directory = config_or_directory
     if isinstance(config_or_directory, Config):
         directory = checkpoint_dir(config_or_directory)
-    steps = finalized_steps(directory)
-    return os.path.join(directory, str(steps[-1])) if steps else None
+        steps = finalized_steps(directory)
+        return os.path.join(directory, str(steps[-1])) if steps else None
+    directory, step = split_checkpoint_path(os.fspath(config_or_directory))
+    return os.path.join(directory, str(step if step is not None else finalized_steps(directory)[-1]))
 
 
 def load_checkpoint(path: str, overrides: Sequence[str] = (), *, with_state: bool = False):
@@ -170,7 +200,7 @@ def load_checkpoint(path: str, overrides: Sequence[str] = (), *, with_state: boo
     from litespark_jax.checkpoint.manager import CheckpointManager, split_checkpoint_path
     from litespark_jax.train.loop import Trainer
 
-    root, step = split_checkpoint_path(path)
+    root, step = split_checkpoint_path(_checkpoint_path(path, "load_checkpoint"))
     manager = CheckpointManager(root, read_only=True)
     try:
         raw = manager.read_config(step)
@@ -198,15 +228,19 @@ def export_hf(source, out_dir: str, config: Config | None = None, **kwargs) -> s
     import tempfile
 
     from litespark_jax import convert
+    from litespark_jax.train.state import abstract_model
 
-    if isinstance(source, (str, os.PathLike)):
+    if source is None or isinstance(source, (str, os.PathLike)):
+        source = _checkpoint_path(source, "export_hf")
         if config is not None:  # the checkpoint's saved config describes it; a second one would be ignored
             raise ConfigError("export_hf: a checkpoint path carries its own config; pass config only with an "
                               "in-memory model or TrainState")
         return convert.export_hf(os.fspath(source), out_dir, **kwargs)
     if config is None:
         raise ConfigError("export_hf of an in-memory model needs its config: export_hf(model, out_dir, config)")
-    state = source if hasattr(source, "opt_state") else _fresh_state(config, _params(source))
+    params = _params(source)
+    _check_shapes(params, abstract_model(config.model)[1])
+    state = source if hasattr(source, "opt_state") else _fresh_state(config, params)
     with tempfile.TemporaryDirectory(prefix="litespark_export_") as tmp:
         step_dir = save_checkpoint(config, state, tmp)
         return convert.export_hf(step_dir, out_dir, **kwargs)
@@ -220,6 +254,20 @@ def import_hf(hf_dir: str, config: Config | None = None, out: str | None = None)
 
     config, params = convert.import_hf(hf_dir, out, config=config)
     return model_from_state(config, params), config
+
+
+def _checkpoint_path(path, caller: str) -> str:
+    """``path`` as a string; None (what ``latest_checkpoint(config)`` returns before any step is saved) is a
+    ConfigError saying so, instead of a TypeError or an error about a missing config."""
+    if path is None:
+        raise ConfigError(f"{caller}: the checkpoint path is None; latest_checkpoint(config) returns None while "
+                          f"the config's checkpoint.dir holds no finalized step (train first, or pass a path)")
+    return os.fspath(path)
+
+
+def _as_list(items) -> list:
+    """A sequence of strings; one string is taken as a list of one (not as its characters)."""
+    return [items] if isinstance(items, (str, os.PathLike)) else list(items)
 
 
 def _fresh_state(config: Config, params):
@@ -295,8 +343,9 @@ def plot_history(result, label: str = "run"):
     return plot.overview_figure([plot.runs_from_history(result.history, result.eval_history, label)])
 
 
-def plot_runs(run_dirs: Sequence[str], out_dir: str | None = None, labels: Sequence[str] | None = None) -> list[str]:
-    """PNG plots comparing the ``metrics.jsonl`` of several runs (``python -m litespark_jax.plot``)."""
+def plot_runs(run_dirs: str | Sequence[str], out_dir: str | None = None,
+              labels: str | Sequence[str] | None = None) -> list[str]:
+    """PNG plots comparing the ``metrics.jsonl`` of one or several runs (``python -m litespark_jax.plot``)."""
     from litespark_jax import plot
 
-    return plot.plot_runs(list(run_dirs), out_dir, list(labels) if labels else None)
+    return plot.plot_runs(_as_list(run_dirs), out_dir, _as_list(labels) if labels else None)

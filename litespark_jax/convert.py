@@ -39,7 +39,7 @@ import numpy as np
 from litespark_jax.cli import ArgumentParser
 from litespark_jax.config import Config, ModelConfig, from_dict, load_config, validate
 from litespark_jax.data.tokenizers import BYTE_FILE, HF_FILE, SENTENCEPIECE_FILE
-from litespark_jax.errors import CheckpointError, ConfigError
+from litespark_jax.errors import CheckpointError, ConfigError, UserError
 from litespark_jax.hf import from_hf_state_dict, hf_config, to_hf_state_dict, unexpected_hf_tensors
 
 log = logging.getLogger("litespark_jax")
@@ -68,6 +68,8 @@ def export_hf(checkpoint: str, out_dir: str, *, dtype: str | None = None, max_sh
     """
     from litespark_jax.checkpoint.manager import CheckpointManager, split_checkpoint_path
 
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # checked before the (long) read of the weights
+        raise UserError(f"{out_dir}: is a file, not a directory to write the Hugging Face model into")
     root, step = split_checkpoint_path(checkpoint)
     manager = CheckpointManager(root, read_only=True)
     try:

@@ -1,5 +1,7 @@
 """KV-cache generation: the cache gives the same logits and greedy tokens as recomputing the full sequence."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import nnx
 
 from litespark_jax import generation as g
 from litespark_jax.config import ModelConfig
-from litespark_jax.errors import ConfigError
+from litespark_jax.errors import ConfigError, UserError
 from litespark_jax.model import Llama
 
 # Large init so the untrained model's greedy choices are far from ties and vary from step to step.
@@ -223,3 +225,48 @@ def test_cli_refuses_sampling_flags_it_would_ignore(tmp_path, capsys, flags, mes
     with pytest.raises(SystemExit) as e:  # before loading anything: the checkpoint does not even exist
         generate.main(["--checkpoint", str(tmp_path / "none"), "--prompt", "x", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_api_refuses_parameters_of_another_shape_than_the_config(tmp_path):
+    """A model of another shape used to go through model_from_state / evaluate / export_hf and fail later in a scan
+    or a reshape, or (evaluate) return the other model's loss."""
+    from litespark_jax import api
+
+    config = api.load_config(None, SMALL)
+    other = api.load_config(None, SMALL + ["model.num_layers=1"])
+    small = api.build_model(other)
+    for call in (lambda: api.model_from_state(config, nnx.state(small)),
+                 lambda: api.model_from_state(config, nnx.to_pure_dict(nnx.state(small))),
+                 lambda: api.evaluate(config, small),
+                 lambda: api.export_hf(small, str(tmp_path / "hf"), config)):
+        with pytest.raises(ConfigError, match=r"parameter '.*' has shape \(1, .*\) but config.model needs \(2, "):
+            call()
+    wider = api.load_config(None, SMALL + ["model.vocab_size=300"])
+    with pytest.raises(ConfigError, match=r"'embed.*' has shape \(260, .*needs \(300, "):
+        api.model_from_state(wider, nnx.state(api.build_model(config)))
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_api_paths_none_and_single_strings(tmp_path):
+    from litespark_jax import api
+    from litespark_jax.errors import CheckpointError
+
+    config = api.load_config(None, SMALL + [f"train.run_dir={tmp_path / 'run'}"])
+    assert api.latest_checkpoint(config) is None  # nothing trained yet
+    for call in (lambda: api.export_hf(api.latest_checkpoint(config), str(tmp_path / "hf")),
+                 lambda: api.load_checkpoint(None)):
+        with pytest.raises(ConfigError, match="checkpoint path is None; latest_checkpoint"):
+            call()
+    step_dir = api.save_checkpoint(config, api._fresh_state(config, nnx.state(api.build_model(config))))
+    assert api.latest_checkpoint(config) == step_dir
+    assert api.latest_checkpoint(str(tmp_path / "run" / "checkpoints")) == step_dir
+    assert api.latest_checkpoint(step_dir) == step_dir
+    with pytest.raises(CheckpointError, match="did you mean the run's .*checkpoints"):
+        api.latest_checkpoint(str(tmp_path / "run"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        api.latest_checkpoint(str(tmp_path / "nowhere"))
+    (tmp_path / "file.png").write_text("")
+    with pytest.raises(UserError, match="file.png: is a file, not a directory"):
+        api.export_hf(step_dir, str(tmp_path / "file.png"))
+    # One string where a list is expected is a list of one, not a list of characters.
+    assert api.load_config(None, "train.steps=7").train.steps == 7

@@ -179,6 +179,18 @@ _IDENTITY_SETTINGS = {  # what a user changes to make an identity field differ
 }
 
 
+def check_identity(state: dict[str, Any], identity: dict[str, Any], settings: dict[str, str]) -> None:
+    """A DataError naming the setting (``settings[key]``) whose value in a saved data position differs from this
+    run's ``identity``: resuming would not continue the same stream of batches. A key missing from an older state
+    is not checked."""
+    for key, value in identity.items():
+        if key in state and state[key] != value:
+            raise DataError(f"the checkpoint's data position was saved with {settings.get(key, key)} = "
+                            f"{state[key]!r} but this run has {value!r}; resuming would not continue the same "
+                            f"stream of batches (restore that setting, or set train.resume_data=false to keep the "
+                            f"model and optimizer and start the data stream afresh)")
+
+
 class BatchIterator(grain.DatasetIterator):
     """Checkpointable iterator over local batches; state = global step, valid across process counts."""
 
@@ -238,13 +250,7 @@ class BatchIterator(grain.DatasetIterator):
         return {"step": self._step, **self._identity}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        for key, value in self._identity.items():
-            if key in state and state[key] != value:  # a key missing from an older state is not checked
-                setting = _IDENTITY_SETTINGS.get(key, key)
-                raise DataError(f"the checkpoint's data position was saved with {setting} = {state[key]!r} but this "
-                                f"run has {value!r}; resuming would not continue the same stream of batches "
-                                f"(restore that setting, or set train.resume_data=false to keep the model and "
-                                f"optimizer and start the data stream afresh)")
+        check_identity(state, self._identity, _IDENTITY_SETTINGS)
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise DataError(f"data iterator state has no valid 'step' (got {step!r})")

@@ -6,6 +6,7 @@ Kept free of imports from the rest of the package: ``litespark_jax.config`` impo
 from __future__ import annotations
 
 import dataclasses
+import os
 
 TEMPLATES = ("llama3", "chatml")
 TRUNCATION = ("truncate", "drop", "error")
@@ -21,7 +22,8 @@ class PosttrainConfig:
     """JSONL training data; null means the bundled example for the run (posttrain/examples/sft_train.jsonl or
     dpo_train.jsonl)."""
     eval_file: str | None = None
-    """JSONL evaluation data; null means the bundled example's eval split when train_file is null, else no eval."""
+    """JSONL evaluation data; null means the bundled example's eval split when train_file is null, else the
+    evaluations run on the train file (and say so)."""
     init_from: str | None = None
     """Starting weights: a LiteSpark checkpoint directory (or one step directory of it), a Hugging Face directory
     (config.json + *.safetensors), or null for a random init (tests, benchmarks)."""
@@ -49,6 +51,12 @@ class PosttrainConfig:
     """DPO: precomputed (reference log-probs of every pair in one pass before training; no reference weights kept)
     or model (a frozen copy of the initial weights runs beside the policy every step)."""
 
+    def __post_init__(self):
+        for name in ("train_file", "eval_file", "init_from"):  # a leading ~ is the home directory, as in data.*
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                object.__setattr__(self, name, os.path.expanduser(value))
+
     def validate(self) -> None:
         from litespark_jax.errors import ConfigError
 
@@ -62,5 +70,8 @@ class PosttrainConfig:
             raise ConfigError(f"posttrain.beta must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"posttrain.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"posttrain.label_smoothing ({self.label_smoothing}) applies to the sigmoid loss only; "
+                              f"posttrain.loss_type={self.loss_type} would ignore it (set it to 0)")
         if self.packing_bins < 1:
             raise ConfigError(f"posttrain.packing_bins must be at least 1, got {self.packing_bins}")

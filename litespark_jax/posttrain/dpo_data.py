@@ -60,6 +60,9 @@ def prompt_messages(obj: dict, where: str) -> list[dict]:
 
 def tokenize_pair(obj: dict, where: str, template_tokens) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids ending with the assistant header, chosen ids + end-of-turn, rejected ids + end-of-turn)."""
+    missing = [key for key in ("prompt", "chosen", "rejected") if key not in obj]
+    if missing:
+        raise DataError(f"{where}: a DPO line needs 'prompt', 'chosen' and 'rejected' (has {sorted(obj)})")
     for key in ("chosen", "rejected"):
         value = obj.get(key)
         if not isinstance(value, str):

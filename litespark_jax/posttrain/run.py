@@ -54,11 +54,13 @@ def run(kind: str, config: Config) -> dict:
                                                         max_batches=t.eval_batches)
     if main_process:
         lines = [f"final train loss {final['loss']:.4f}"] if "loss" in final else []  # none: no step left to take
+        no_eval_file = "" if trainer.eval_file else " (the train file's: posttrain.eval_file is not set)"
         if kind == "sft" and result.eval_history:
-            lines.append(f"eval loss {result.eval_history[-1]['eval_loss']:.4f} nats per assistant token")
+            lines.append(f"eval loss{no_eval_file} {result.eval_history[-1]['eval_loss']:.4f} nats per assistant "
+                         f"token")
         if kind == "dpo":
             for name, before, after in (("train pairs", "train_before", "train_after"),
-                                        ("eval pairs", "before", "after")):
+                                        ("eval pairs" + no_eval_file, "before", "after")):
                 b, a = summary[before], summary[after]
                 lines.append(f"{name} ({int(a['pairs'])}): reward accuracy {b['reward_accuracy']:.3f} -> "
                              f"{a['reward_accuracy']:.3f}, margin {b['reward_margin']:.4f} -> "
@@ -71,7 +73,8 @@ def run(kind: str, config: Config) -> dict:
                      "samples" if energy.sm_clock_mhz is not None else "")
             lines.append(f"energy {joules:.0f} J ({watts:.0f} W average{clock})")
         print("\n".join(lines), flush=True)
-        with open(os.path.join(t.run_dir, f"{kind}_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=float)
+        if result.history:  # a run with no step left to take keeps the summary of the run that trained
+            with open(os.path.join(t.run_dir, f"{kind}_summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=float)
     summary["result"] = result
     return summary

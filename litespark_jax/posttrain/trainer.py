@@ -8,6 +8,7 @@ from its own checkpoints; a fresh run starts from ``posttrain.init_from``.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -20,6 +21,7 @@ from flax import nnx
 
 from litespark_jax.config import Config
 from litespark_jax.data.global_batch import process_local_rows
+from litespark_jax.data.pipeline import check_identity
 from litespark_jax.errors import ConfigError, DataError
 from litespark_jax.parallel.distributed import per_process
 from litespark_jax.posttrain import dpo_data, sft_data
@@ -39,6 +41,9 @@ def data_files(config: Config, kind: str) -> tuple[str, str | None]:
     p = config.posttrain
     for key, path in (("posttrain.train_file", p.train_file), ("posttrain.eval_file", p.eval_file)):
         if path is not None and not os.path.isfile(path):
+            if not os.path.exists(path) and any(c in path for c in "*?["):
+                raise DataError(f"{key}: {path} looks like a glob; it takes one JSONL file (concatenate the files, "
+                                f"or name one)")
             raise DataError(f"{key}: {path} is not a file" if os.path.exists(path) else
                             f"{key}: {path} does not exist")
     if p.train_file is None:
@@ -168,6 +173,57 @@ class _PosttrainMixin:
 # SFT
 
 
+_POSITION_SETTINGS = {  # what a user changes to make a field of a saved post-training data position differ
+    "kind": "the kind of run (sft or dpo)", "seed": "train.seed", "seq_len": "train.seq_len",
+    "global_batch_size": "train.global_batch_size", "pack": "posttrain.pack", "packing_bins": "posttrain.packing_bins",
+    "examples": "the examples (posttrain.train_file, tokenized with posttrain.template and posttrain.truncation)",
+}
+
+
+def examples_digest(examples: list[dict]) -> str:
+    """A short digest of the tokenized examples (SFT) or pairs (DPO): every array of every one, in order."""
+    digest = hashlib.sha256()
+
+    def add(item):
+        if isinstance(item, dict):
+            for key in sorted(item):
+                digest.update(key.encode())
+                add(item[key])
+        else:
+            array = np.ascontiguousarray(item)
+            digest.update(str(array.dtype).encode() + str(array.shape).encode())
+            digest.update(array.tobytes())
+
+    for example in examples:
+        add(example)
+    return digest.hexdigest()[:16]
+
+
+class CheckedPosition:
+    """A post-training data iterator whose saved position also holds what decides its batches, as pretraining's
+    ``BatchIterator`` does: a resume with another train file, template, seed, sequence length, batch or packing is
+    refused naming the setting, instead of carrying on from the same index into other batches."""
+
+    def __init__(self, iterator, identity: dict):
+        self._iterator, self._identity = iterator, identity
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        return {**self._identity, "position": self._iterator.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if "position" not in state:  # another pipeline's position, or one saved before positions held their identity
+            self._iterator.set_state(state)
+            return
+        check_identity(state, self._identity, _POSITION_SETTINGS)
+        self._iterator.set_state(state["position"])
+
+
 class SFTTrainer(_PosttrainMixin, Trainer):
     """Pretraining's step on SFT batches: the loss is the mean over assistant tokens of the global batch."""
 
@@ -191,7 +247,10 @@ class SFTTrainer(_PosttrainMixin, Trainer):
                                     shard_index=self.row_shard, shard_count=self.row_shards)
 
     def train_iterator(self):
-        return iter(self._dataset(self.examples, repeat=True))
+        p, t = self.config.posttrain, self.config.train
+        return CheckedPosition(iter(self._dataset(self.examples, repeat=True)), {
+            "kind": "sft", "seed": t.seed, "seq_len": t.seq_len, "global_batch_size": t.global_batch_size,
+            "examples": examples_digest(self.examples), "pack": p.pack, "packing_bins": p.packing_bins})
 
     def _empty_batch(self) -> dict:
         seq = self.config.train.seq_len
@@ -304,7 +363,10 @@ class DPOTrainer(_PosttrainMixin, Trainer):
         if self.config.posttrain.reference == "precomputed":
             self.precompute_reference()
             self._initial = None  # the loop has built its state by now: the reference weights are not needed
-        return iter(self._dataset(self.pairs, repeat=True))
+        t = self.config.train
+        return CheckedPosition(iter(self._dataset(self.pairs, repeat=True)), {
+            "kind": "dpo", "seed": t.seed, "seq_len": t.seq_len, "global_batch_size": t.global_batch_size,
+            "examples": examples_digest(self.pairs)})
 
     def evaluate_pairs(self, params, pairs=None, max_batches: int | None = None) -> dict:
         """DPO loss, reward accuracy / margin, chosen / rejected rewards and KL proxy over ``pairs`` (default: the
@@ -326,6 +388,9 @@ class DPOTrainer(_PosttrainMixin, Trainer):
 
     def evaluate(self, params) -> float:
         """The loop's periodic eval: DPO loss over the first ``train.eval_batches`` batches of eval pairs (the
-        other metrics are kept in ``last_eval``)."""
+        other metrics are kept in ``last_eval`` and logged with it, ``last_eval_metrics``)."""
         self.last_eval = self.evaluate_pairs(params, max_batches=self.config.train.eval_batches)
         return self.last_eval["loss"]
+
+    def last_eval_metrics(self) -> dict:
+        return {f"eval_{name}": value for name, value in self.last_eval.items() if name not in ("loss", "pairs")}

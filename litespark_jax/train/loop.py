@@ -47,7 +47,7 @@ class TrainResult:
     history: list[dict]
     """One dict per logged step: step, loss, grad_norm, tokens_per_second, mfu, ..."""
     eval_history: list[dict]
-    """One dict per evaluation: step, eval_loss."""
+    """One dict per evaluation: step, eval_loss (DPO adds eval_reward_accuracy, eval_reward_margin, ...)."""
     unigram_entropy: float | None = None
 
 
@@ -135,6 +135,10 @@ class Trainer:
     def check_eval_data(self) -> None:
         """Fail before training, not after it, when the evaluation data cannot be read."""
         data_lib.check_validation_split(self.config.data, self.tokenizer)
+
+    def last_eval_metrics(self) -> dict:
+        """Metrics of the last ``evaluate`` besides its loss, logged with it as ``eval_<name>`` (DPO's rewards)."""
+        return {}
 
     def evaluate(self, params) -> float:
         """Mean NLL per token over ``train.eval_batches`` validation batches."""
@@ -264,8 +268,9 @@ def train(config: Config, *, callback: Callable[[int, dict], None] | None = None
                 break
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 eval_loss = trainer.evaluate(state.params)
-                eval_history.append({"step": step, "eval_loss": eval_loss})
-                writer.write(step, {"eval_loss": eval_loss})
+                evaluated = {"eval_loss": eval_loss, **trainer.last_eval_metrics()}
+                eval_history.append({"step": step, **evaluated})
+                writer.write(step, evaluated)
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}")
     finally:
         energy.stop()  # ends the clock sampler's thread

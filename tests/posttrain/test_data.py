@@ -80,7 +80,9 @@ def test_bad_sft_lines(row, match, jsonl):
 @pytest.mark.parametrize("row, match", [
     ({"prompt": "q", "chosen": "a", "rejected": ""}, "'rejected' side of the pair is empty"),
     ({"prompt": "q", "chosen": " ", "rejected": "b"}, "'chosen' side of the pair is empty"),
-    ({"prompt": "q", "chosen": "a"}, "'rejected' must be a string"),
+    ({"prompt": "q", "chosen": "a"}, r"a DPO line needs 'prompt', 'chosen' and 'rejected' \(has \['chosen', 'prompt'\]\)"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "a DPO line needs 'prompt', 'chosen' and 'rejected'"),
+    ({"prompt": "q", "chosen": "a", "rejected": 3}, "'rejected' must be a string, got int"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt' is empty"),
     ({"prompt": "q", "chosen": "a", "rejected": "a"}, "identical"),
     ({"prompt": [{"role": "robot", "content": "q"}], "chosen": "a", "rejected": "b"}, "role 'robot'"),

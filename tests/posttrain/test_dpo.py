@@ -178,6 +178,28 @@ def test_frozen_reference_model_equals_precomputed_log_probs(tmp_path):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+def test_periodic_eval_logs_the_reward_metrics_with_the_loss(tmp_path):
+    """The docs said evaluation writes DPO's reward metrics; only eval_loss reached metrics.jsonl."""
+    import dataclasses
+    import json
+
+    from litespark_jax.posttrain.trainer import DPOTrainer
+    from litespark_jax.train.loop import train
+
+    cfg = _run_config(tmp_path, 8, 2, seq_len=64, d_model=32, batch=8)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=2, eval_batches=1))
+    trainer = DPOTrainer(cfg)
+    result = train(cfg, trainer=trainer)
+    expected = trainer.evaluate_pairs(result.state.params, max_batches=1)
+    with open(tmp_path / "run-precomputed" / "metrics.jsonl") as f:
+        logged = [r for r in map(json.loads, f) if "eval_loss" in r]
+    assert [r["step"] for r in logged] == [2]
+    assert result.eval_history[-1] == {k: v for k, v in logged[0].items() if k != "time"}
+    for name in ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "kl_proxy"):
+        np.testing.assert_allclose(logged[0][f"eval_{name}"], expected[name], rtol=1e-6)
+    np.testing.assert_allclose(logged[0]["eval_loss"], expected["loss"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_precast_layer_gradients_step_like_float32_gradients(batch, accum):
     """With ``cast_weights_once`` the DPO step differentiates the bf16 layer matrices (as the train step does) and,

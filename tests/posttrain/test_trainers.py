@@ -1,13 +1,14 @@
 """Starting weights (a Hugging Face directory, our checkpoint), the CLIs' one-line errors, an SFT run end to end."""
 
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from litespark_jax.errors import ConfigError
+from litespark_jax.errors import ConfigError, DataError
 from litespark_jax.posttrain.trainer import SFTTrainer
 from tests.posttrain.conftest import tiny_config
 
@@ -176,3 +177,21 @@ def test_run_summary_holds_energy_and_the_sm_clock(tmp_path, monkeypatch, capsys
     assert (summary["sm_clock_mhz"], summary["power_capped"]) == (1440.0, 0.75)
     out = capsys.readouterr().out
     assert "energy 5000 J (690 W average, SM clock 1440 MHz, power-capped in 75% of samples)" in out
+    # Run again with no step left to take: the summary of the run that trained is kept (it became all nulls).
+    run_module.run("sft", cfg)
+    assert json.loads((tmp_path / "sft" / "sft_summary.json").read_text()) == summary
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_paths_take_a_leading_tilde_and_a_glob_is_named(tmp_path, monkeypatch, jsonl):
+    from litespark_jax.posttrain.trainer import data_files
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    train = jsonl([GOOD])
+    cfg = tiny_config(64, posttrain={"train_file": "~/" + os.path.basename(train), "init_from": "~/ckpt"})
+    assert (cfg.posttrain.train_file, cfg.posttrain.init_from) == (train, str(tmp_path / "ckpt"))
+    assert data_files(cfg, "sft") == (train, None)
+    with pytest.raises(DataError, match=r"posttrain.train_file: .*/\*.jsonl looks like a glob; it takes one JSONL"):
+        data_files(tiny_config(64, posttrain={"train_file": str(tmp_path / "*.jsonl")}), "sft")
+    with pytest.raises(ConfigError, match=r"label_smoothing \(0.2\) applies to the sigmoid loss only"):
+        tiny_config(64, posttrain={"loss_type": "ipo", "label_smoothing": 0.2}).posttrain.validate()

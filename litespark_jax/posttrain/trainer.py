@@ -181,12 +181,16 @@ _POSITION_SETTINGS = {  # what a user changes to make a field of a saved post-tr
 
 
 def examples_digest(examples: list[dict]) -> str:
-    """A short digest of the tokenized examples (SFT) or pairs (DPO): every array of every one, in order."""
+    """A short digest of the tokenized examples (SFT) or pairs (DPO): every token array of every one, in order.
+    DPO's precomputed reference log-probs are left out: each process holds only its own pairs' (and another device
+    count may round them differently), and they follow from the tokens and the starting weights."""
     digest = hashlib.sha256()
 
     def add(item):
         if isinstance(item, dict):
             for key in sorted(item):
+                if key == "ref_logps":
+                    continue
                 digest.update(key.encode())
                 add(item[key])
         else:

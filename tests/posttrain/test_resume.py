@@ -80,3 +80,15 @@ def test_a_data_position_from_another_pipeline_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"the data position in RUN/checkpoints/2 does not fit this run's data "
                                               r"pipeline .*posttrain.init_from.*train.resume_data=false"):
         _restore_data_position(iterator, {"kind": "train", "step": 2, "seed": 0}, "RUN/checkpoints/2")
+
+
+def test_the_dpo_position_does_not_depend_on_the_precomputed_reference(tmp_path):
+    """Each process precomputes the reference log-probs of its own pairs only: they must not enter the identity."""
+    from litespark_jax.posttrain.trainer import DPOTrainer, examples_digest
+
+    trainer = DPOTrainer(tiny_config(64, train={"run_dir": str(tmp_path)}))
+    before = examples_digest(trainer.pairs)
+    trainer.precompute_reference()
+    assert "ref_logps" in trainer.pairs[0]["chosen"] and examples_digest(trainer.pairs) == before
+    trainer.pairs[0]["chosen"]["inputs"] = trainer.pairs[0]["chosen"]["inputs"][::-1].copy()
+    assert examples_digest(trainer.pairs) != before

@@ -124,7 +124,8 @@ class LaunchError(Exception):
 
 
 class _OneLineErrors(argparse.ArgumentParser):
-    """Errors as one line and exit code 2, without argparse's usage block (as the package's CLIs do)."""
+    """Errors as one line and exit code 2, without argparse's usage block, as ``litespark_jax.cli.ArgumentParser``
+    gives the package's CLIs (not imported: the launcher runs from a checkout where the package is not installed)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

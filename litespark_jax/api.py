@@ -102,21 +102,25 @@ def model_from_state(config: Config, state_or_params):
 def _check_shapes(params, abstract) -> None:
     """A ConfigError naming the first parameter missing, extra or shaped otherwise than the config's model (else
     the mismatch surfaced later as a reshape or scan error, or not at all)."""
-    def shapes(tree) -> dict[str, tuple]:
+    from litespark_jax.checkpoint.manager import first_mismatch
+
+    def flat(tree) -> dict:
         pure = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
-        return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+        return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
                 for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
 
-    have, want = shapes(params), shapes(abstract)
-    for name, shape in want.items():
-        if name not in have:
-            raise ConfigError(f"the parameters have no {name!r} that config.model needs (a model of another shape?)")
-        if have[name] != shape:
-            raise ConfigError(f"parameter {name!r} has shape {have[name]} but config.model needs {shape}")
-    extra = sorted(set(have) - set(want))
-    if extra:
-        raise ConfigError(f"the parameters hold {extra[0]!r}, which config.model has no place for (a model of "
-                          f"another shape?)")
+    have, want = flat(params), flat(abstract)
+    mismatch = first_mismatch(have, want)
+    if mismatch is None:
+        return
+    kind, name = mismatch
+    if kind == "missing":
+        raise ConfigError(f"the parameters have no {name!r} that config.model needs (a model of another shape?)")
+    if kind == "shape":
+        raise ConfigError(f"parameter {name!r} has shape {tuple(have[name].shape)} but config.model needs "
+                          f"{tuple(want[name].shape)}")
+    raise ConfigError(f"the parameters hold {name!r}, which config.model has no place for (a model of another "
+                      f"shape?)")
 
 
 def tokenizer(config: Config):
@@ -144,7 +148,6 @@ def train(config: Config, *, steps: int | None = None, callback: Callable[[int, 
 def evaluate(config: Config, model_or_params) -> float:
     """Mean validation NLL (nats/token) over ``train.eval_batches`` batches of the validation split."""
     from litespark_jax.train.loop import Trainer
-
     from litespark_jax.train.state import abstract_model
 
     params = _params(model_or_params)

@@ -18,6 +18,7 @@ import yaml
 
 from litespark_jax.data.config import DataConfig
 from litespark_jax.errors import ConfigError
+from litespark_jax.paths import expand_home
 from litespark_jax.posttrain.config import PosttrainConfig
 
 REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "names")
@@ -28,13 +29,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 DEFAULT_COMPILATION_CACHE_DIR = "~/.cache/litespark_jax/xla"
-
-
-def _expand_home(section, name: str) -> None:
-    """A leading ~ in a path field means the home directory, as in a shell (a YAML preset has no shell)."""
-    value = getattr(section, name)
-    if isinstance(value, str) and value.startswith("~"):
-        object.__setattr__(section, name, os.path.expanduser(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +193,7 @@ class TrainConfig:
     every program (jax's default)."""
 
     def __post_init__(self):
-        _expand_home(self, "run_dir")
+        expand_home(self, "run_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +235,7 @@ class CheckpointConfig:
     """Write checkpoints in the background while training continues (only the device-to-host copy blocks)."""
 
     def __post_init__(self):
-        _expand_home(self, "dir")
+        expand_home(self, "dir")
 
 
 @dataclasses.dataclass(frozen=True)

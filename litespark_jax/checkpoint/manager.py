@@ -508,23 +508,34 @@ def _cast_to(flat: dict, target: dict, path: str) -> dict:
     return {**flat, **cast}
 
 
+def first_mismatch(have: dict, want: dict) -> tuple[str, str] | None:
+    """The first way two {name: array-like} trees differ: ``("missing", name)`` for a name only ``want`` has,
+    ``("shape", name)`` for one shaped otherwise, ``("extra", name)`` for one only ``have`` has; None if none."""
+    for kind, names in (("missing", (n for n in want if n not in have)),
+                        ("shape", (n for n in want if tuple(have[n].shape) != tuple(want[n].shape))),
+                        ("extra", (n for n in have if n not in want))):
+        name = next(names, None)
+        if name is not None:
+            return kind, name
+    return None
+
+
 def _check_compatible(saved: dict, target: dict, path: str) -> None:
     def what(name: str) -> str:
         return "parameter" if name.startswith("params.") else "optimizer/state array"
 
-    missing = [name for name in target if name not in saved]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} has no {what(missing[0])} {missing[0]!r} that this run needs (the "
-                              f"model or optimizer config differs from the one it was saved with)")
-    for name, want in target.items():
-        have = saved[name]
-        if tuple(have.shape) != tuple(want.shape):
-            raise CheckpointError(f"checkpoint {path}: {what(name)} {name!r} has shape {tuple(have.shape)} but the "
-                                  f"config needs {tuple(want.shape)}")
-    extra = [name for name in saved if name not in target]
-    if extra:
-        raise CheckpointError(f"checkpoint {path} has {what(extra[0])} {extra[0]!r} that this run does not (the "
-                              f"model or optimizer config differs from the one it was saved with)")
+    mismatch = first_mismatch(saved, target)
+    if mismatch is None:
+        return
+    kind, name = mismatch
+    if kind == "missing":
+        raise CheckpointError(f"checkpoint {path} has no {what(name)} {name!r} that this run needs (the model or "
+                              f"optimizer config differs from the one it was saved with)")
+    if kind == "shape":
+        raise CheckpointError(f"checkpoint {path}: {what(name)} {name!r} has shape {tuple(saved[name].shape)} but "
+                              f"the config needs {tuple(target[name].shape)}")
+    raise CheckpointError(f"checkpoint {path} has {what(name)} {name!r} that this run does not (the model or "
+                          f"optimizer config differs from the one it was saved with)")
 
 
 def _is_no_space(error: BaseException) -> bool:

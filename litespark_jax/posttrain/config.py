@@ -1,12 +1,13 @@
 """The ``posttrain:`` YAML section shared by SFT and DPO (fields a run does not use are ignored by it).
 
-Kept free of imports from the rest of the package: ``litespark_jax.config`` imports it.
+Kept free of imports from the rest of the package but leaf modules: ``litespark_jax.config`` imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from litespark_jax.paths import expand_home
 
 TEMPLATES = ("llama3", "chatml")
 TRUNCATION = ("truncate", "drop", "error")
@@ -52,10 +53,8 @@ class PosttrainConfig:
     or model (a frozen copy of the initial weights runs beside the policy every step)."""
 
     def __post_init__(self):
-        for name in ("train_file", "eval_file", "init_from"):  # a leading ~ is the home directory, as in data.*
-            value = getattr(self, name)
-            if isinstance(value, str) and value.startswith("~"):
-                object.__setattr__(self, name, os.path.expanduser(value))
+        for name in ("train_file", "eval_file", "init_from"):
+            expand_home(self, name)
 
     def validate(self) -> None:
         from litespark_jax.errors import ConfigError

@@ -358,12 +358,13 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_head
                 "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
 
 
-def shape_difference(hf_dir: str, theirs, ours, who: str) -> str | None:
-    """None when ``ours`` (a ModelConfig) describes the shape of ``theirs`` (read from ``hf_dir``), else a message
-    naming the first field that differs, blamed on ``who``."""
+def shape_difference(source: str, theirs, ours, who: str) -> str | None:
+    """None when ``ours`` (a ModelConfig) describes the shape of ``theirs`` (read from ``source``: an HF
+    directory's config.json, or a checkpoint's saved config), else a message naming the first field that differs,
+    blamed on ``who``."""
     for field in SHAPE_FIELDS:
         if getattr(theirs, field) != getattr(ours, field):
-            return (f"{who}: {hf_dir}/config.json gives {field}={getattr(theirs, field)!r} but model.{field} is "
+            return (f"{who}: {source} gives {field}={getattr(theirs, field)!r} but model.{field} is "
                     f"{getattr(ours, field)!r}; make the model section match")
     return None
 
@@ -378,7 +379,8 @@ def import_hf(hf_dir: str, out: str | None = None, *, config: Config | None = No
     with that config. Otherwise ``config``'s model section is replaced by the HF one."""
     base = config or Config()
     model_cfg, params = load_hf_params(hf_dir, base.model)
-    if model_must_match and (problem := shape_difference(hf_dir, model_cfg, base.model, model_must_match)):
+    if model_must_match and (problem := shape_difference(f"{hf_dir}/config.json", model_cfg, base.model,
+                                                         model_must_match)):
         raise ConfigError(problem)
     full = dataclasses.replace(base, model=model_cfg)
     validate(full)

@@ -66,7 +66,7 @@ def load_hf_params(path: str, model_cfg) -> dict:
     from litespark_jax.convert import load_hf_params as convert_load, shape_difference
 
     theirs, params = convert_load(path, model_cfg)
-    if problem := shape_difference(path, theirs, model_cfg, "posttrain.init_from"):
+    if problem := shape_difference(f"{path}/config.json", theirs, model_cfg, "posttrain.init_from"):
         raise ConfigError(problem)
     return params
 
@@ -85,9 +85,36 @@ class _PosttrainMixin:
         self.template_tokens = TemplateTokens(get_template(p.template), self.tokenizer, p.system_prompt)
         self.template_tokens.check_vocab(config.model.vocab_size)
         self.train_file, self.eval_file = data_files(config, self.kind)
+        self._check_init_from(config)
         self._initial = None
         # This process's block of rows (Trainer.row_shard): processes holding the same rows build the same ones.
         self.local_rows = config.train.global_batch_size // self.row_shards
+
+    def _check_init_from(self, config: Config) -> None:
+        """A LiteSpark checkpoint in ``posttrain.init_from`` that is missing, not a checkpoint, or of another model
+        shape (the field named, from its saved config) is an error now, before the data is tokenized and the run
+        directory made; a run that will resume from its own checkpoints does not read it and is not checked."""
+        from litespark_jax.checkpoint.manager import CheckpointManager, finalized_steps, split_checkpoint_path
+        from litespark_jax.checkpoint.session import checkpoint_dir
+        from litespark_jax.config import from_dict
+        from litespark_jax.convert import shape_difference
+
+        source, resume = config.posttrain.init_from, config.train.resume
+        resumes = resume not in ("auto", "never") or (resume == "auto" and finalized_steps(checkpoint_dir(config)))
+        if source is None or resumes or is_hf_dir(source):  # a Hugging Face directory is checked as it is read
+            return
+        root, step = split_checkpoint_path(source, "posttrain.init_from", also="or a Hugging Face model directory")
+        step = finalized_steps(root)[-1] if step is None else step
+        manager = CheckpointManager(root, config.checkpoint, read_only=True)
+        try:
+            theirs = from_dict({"model": manager.read_config(step)["model"]}, f"{root}/{step}/config").model
+        except Exception:  # noqa: BLE001 - an unreadable config: loading the weights says what is wrong, or falls back
+            return
+        finally:
+            manager.close()
+        if problem := shape_difference(f"the saved config of {root}/{step}", theirs, config.model,
+                                       "posttrain.init_from"):
+            raise ConfigError(problem)
 
     def initial_params(self):
         """The starting weights (``posttrain.init_from``, else the seeded random init) on the parameter shardings;

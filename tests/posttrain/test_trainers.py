@@ -127,6 +127,22 @@ def test_sft_run_then_init_from_its_checkpoint(tmp_path):
     other_optimizer = dataclasses.replace(follow, optim=dataclasses.replace(follow.optim, grad_clip=0.0))
     _leaves_equal(SFTTrainer(other_optimizer).initial_params(), result.state.params)
 
+    # A checkpoint of another shape, or none at all, is refused when the trainer is built (the field named, from the
+    # checkpoint's saved config), not after the data is tokenized; the run directory is not made.
+    from litespark_jax.errors import CheckpointError
+
+    wider = dataclasses.replace(follow, model=dataclasses.replace(follow.model, d_ff=2 * follow.model.d_ff))
+    with pytest.raises(ConfigError, match=r"posttrain.init_from: the saved config of .*/sft/checkpoints/3 gives "
+                                          r"d_ff=\d+ but model.d_ff is \d+; make the model section match"):
+        SFTTrainer(wider)
+    gone = dataclasses.replace(follow, posttrain=dataclasses.replace(follow.posttrain, init_from=str(tmp_path / "x")))
+    with pytest.raises(CheckpointError, match=r"posttrain.init_from: .*/x does not exist"):
+        SFTTrainer(gone)
+    assert not (tmp_path / "next").exists()
+    # A run resuming from its own checkpoints does not read init_from, so it is not checked.
+    resuming = dataclasses.replace(gone, train=dataclasses.replace(gone.train, run_dir=str(tmp_path / "sft")))
+    assert SFTTrainer(resuming).train_file
+
 
 @pytest.mark.parametrize("module", ["sft", "dpo"])
 def test_cli_bad_input_is_one_line_exit_2(module, jsonl, capsys, tmp_path):

@@ -49,11 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args) -> None:
-    """Greedy decoding ignores top-k/top-p and gives identical samples: refuse such flags instead of ignoring them."""
+    """Bad sampling flags are refused before the (possibly long) model load: out-of-range values, and flags greedy
+    decoding would ignore (top-k / top-p other than their "off" values 0 / 1.0, and several identical samples)."""
     if not math.isfinite(args.temperature) or args.temperature < 0:
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        parser.error(f"--top-k {args.top_k}: must be at least 0 (0 = all tokens)")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        parser.error(f"--top-p {args.top_p}: must be in (0, 1] (1.0 = off)")
     if args.temperature == 0:
-        given = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+        given = [flag for flag, value, off in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0))
+                 if value is not None and value != off]
         if args.num_samples > 1:
             given.append(f"--num-samples {args.num_samples}")
         if given:

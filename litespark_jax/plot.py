@@ -117,6 +117,14 @@ def available_panels(runs: list[Run]) -> list[str]:
     return [name for name, panel in PANELS.items() if any(_series(r, panel) for r in runs)]
 
 
+def panels_to_draw(runs: list[Run]) -> list[str]:
+    """``available_panels``; none is a UserError (before anything is written)."""
+    panels = available_panels(runs)
+    if not panels:
+        raise UserError("no plottable metrics (loss, eval_loss, tokens_per_second, mfu, power) in these runs")
+    return panels
+
+
 def draw_panel(ax, runs: list[Run], name: str) -> None:
     """Draw one metric of every run on ``ax``, with title, axis labels and units, and a legend."""
     panel = PANELS[name]
@@ -150,9 +158,7 @@ def overview_figure(runs: list[Run], panels: list[str] | None = None):
     """One matplotlib Figure with a panel per available metric (two columns)."""
     import matplotlib.pyplot as plt
 
-    panels = panels or available_panels(runs)
-    if not panels:
-        raise UserError("no plottable metrics (loss, eval_loss, tokens_per_second, mfu, power) in these runs")
+    panels = panels or panels_to_draw(runs)
     cols = 2 if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.0 * rows), squeeze=False)
@@ -178,9 +184,9 @@ def plot_runs(paths: list[str], out_dir: str | None = None, labels: list[str] | 
                                       "plots")
     if (os.path.exists(out_dir) and not os.path.isdir(out_dir)) or out_dir.endswith(".png"):
         raise UserError(f"--out {out_dir}: plots are written into a directory (one PNG per panel), not a file")
+    panels = panels_to_draw(runs)  # a run with nothing to plot leaves no empty directory behind
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    panels = available_panels(runs)
     for name in panels:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         draw_panel(ax, runs, name)

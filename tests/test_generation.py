@@ -218,6 +218,9 @@ def test_cli_hf_dir_uses_the_directory_tokenizer(tmp_path, captured, capsys):
     (["--num-samples", "2"], "--num-samples 2: only used when sampling"),
     (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
     (["--temperature", "-0.5"], "--temperature must be a finite number >= 0, got -0.5"),
+    (["--temperature", "0.7", "--top-p", "0"], "--top-p 0.0: must be in (0, 1] (1.0 = off)"),
+    (["--temperature", "0.7", "--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["--temperature", "0.7", "--top-k", "-3"], "--top-k -3: must be at least 0"),
 ])
 def test_cli_refuses_sampling_flags_it_would_ignore(tmp_path, capsys, flags, message):
     from litespark_jax import generate
@@ -270,3 +273,11 @@ def test_api_paths_none_and_single_strings(tmp_path):
         api.export_hf(step_dir, str(tmp_path / "file.png"))
     # One string where a list is expected is a list of one, not a list of characters.
     assert api.load_config(None, "train.steps=7").train.steps == 7
+
+
+def test_greedy_takes_the_off_values_of_top_k_and_top_p():
+    from litespark_jax import generate
+
+    parser = generate.build_parser()
+    args = parser.parse_args(["--checkpoint", "c", "--prompt", "x", "--top-k", "0", "--top-p", "1.0"])
+    generate.check_sampling_flags(parser, args)  # refused before: any --top-k / --top-p with greedy decoding

@@ -94,3 +94,12 @@ def test_out_that_names_a_file_is_refused(tmp_path):
         with pytest.raises(UserError, match=r"plots are written into a directory \(one PNG per panel\), not a file"):
             plot.plot_runs([str(run)], out_dir=str(out))
     assert not (tmp_path / "plot.png").exists()
+
+
+def test_a_run_with_nothing_to_plot_leaves_no_plots_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "grad_norm": 1.0}) + "\n")
+    with pytest.raises(UserError, match="no plottable metrics"):
+        plot.plot_runs([str(run)])
+    assert not (run / "plots").exists()

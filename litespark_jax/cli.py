@@ -64,16 +64,19 @@ def require_writable_file(parser: argparse.ArgumentParser, flag: str, path: str 
         parser.error(f"{flag} {path}: the directory {parent} is not writable")
 
 
-def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+PRETRAINING_DEFAULT = ("e.g. configs/tiny.yaml (default: the built-in defaults listed below: a 3.4M-parameter model on "
+                       "the bundled corpus, 1000 steps)")
+
+
+def config_parser(prog: str, description: str, default: str = PRETRAINING_DEFAULT) -> argparse.ArgumentParser:
+    """``--config`` and overrides; ``default`` names a preset and says what running without ``--config`` trains."""
     parser = ArgumentParser(
         prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="overrides (section.key=value; defaults shown):\n" + describe_options(),
     )
-    parser.add_argument("--config", default=None, help="YAML preset, e.g. configs/tiny.yaml (default: the built-in "
-                                                       "defaults listed below: a 3.4M-parameter model on the bundled "
-                                                       "corpus, 1000 steps)")
+    parser.add_argument("--config", default=None, help=f"YAML preset, {default}")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a config value")
     return parser
 
@@ -91,13 +94,13 @@ def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.N
 
 
 def run_config_command(prog: str, description: str, run: Callable[[Config], object], argv=None,
-                       check: Callable[[Config], None] | None = None) -> int:
+                       check: Callable[[Config], None] | None = None, default: str = PRETRAINING_DEFAULT) -> int:
     """Parse ``--config`` and overrides, start jax.distributed from the environment, then ``run(config)``.
 
     The distributed start-up comes after parsing (bad flags fail fast, with no rendezvous) and before anything
     touches a device.
     """
-    _, config = parse_config(config_parser(prog, description), argv)
+    _, config = parse_config(config_parser(prog, description, default), argv)
     if check is not None:
         check(config)  # a command's own refusals, before the rendezvous
     from litespark_jax.compilation_cache import use_compilation_cache

@@ -17,7 +17,10 @@ def _run(config) -> None:
 
 
 def main(argv=None) -> int:
-    return run_config_command("python -m litespark_jax.dpo", "Direct preference optimization on prompt/chosen/rejected JSONL.", _run, argv)
+    return run_config_command("python -m litespark_jax.dpo", "Direct preference optimization on prompt/chosen/rejected JSONL.", _run, argv,
+                              default="e.g. configs/dpo-tiny.yaml (default: the built-in defaults listed below: "
+                                      "a 3.4M-parameter model from a random init on the bundled DPO pairs, "
+                                      "posttrain.init_from and posttrain.train_file being null)")
 
 
 if __name__ == "__main__":

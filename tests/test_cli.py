@@ -179,3 +179,16 @@ def test_bench_refuses_a_batch_the_mesh_cannot_split_with_the_trainers_message()
     assert result.returncode == 2, result.stdout
     assert "train.global_batch_size / train.grad_accum_steps (3) is not divisible by mesh.data (1) x mesh.fsdp (2)" \
         in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("module, says", [("sft", "bundled SFT examples"), ("dpo", "bundled DPO pairs"),
+                                          ("train.__main__", "bundled corpus")])
+def test_help_says_what_each_command_runs_without_a_config(module, says, capsys):
+    """sft/dpo --help described pretraining's default (the bundled corpus) for their own."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"litespark_jax.{module}").main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and says in out
+    assert ("bundled corpus" in out) == (module == "train.__main__")

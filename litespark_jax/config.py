@@ -406,7 +406,7 @@ def _apply_override(raw: dict, override: str, source: str = "command line") -> t
         raise ConfigError(f"override {override!r}: the key must be section.key (e.g. model.num_heads)")
     section, key = parts
     if section not in _SECTION_TYPES:
-        raise ConfigError(f"{source} ({override}): unknown section {section!r}"
+        raise ConfigError(f"command line ({override}): unknown section {section!r}"
                           f"{_did_you_mean(section, _SECTION_TYPES)}")
     try:
         value = yaml.safe_load(text) if text.strip() else None

@@ -28,6 +28,8 @@ def run_cli(*args, cwd=ROOT, **env_vars):
     (["--config", "configs/tiny.yaml", "model.num_head=8"],
      "command line (model.num_head=8): unknown key 'model.num_head' (did you mean 'model.num_heads'?)"),
     (["--config", "configs/tiny.yaml", "train.steps=ten"], "command line (train.steps=ten): 'train.steps' must be int"),
+    (["--config", "configs/tiny.yaml", "trian.steps=5"],
+     "command line (trian.steps=5): unknown section 'trian' (did you mean 'train'?)"),
     (["train.steps=3", "--train.seq_len=64", "train.run_dir=x"],
      "--train.seq_len=64: overrides are written without dashes: train.seq_len=64"),
     (["posttrain.beta=0.5"], "posttrain.beta is set, but python -m litespark_jax.train pretrains"),

@@ -317,6 +317,8 @@ def generate_text(model, tok, prompt: str | Sequence[str], *, max_new_tokens: in
     token, never EOS, so generation stops at either. ``chat=True`` (needs ``template``) sends each prompt as a user
     turn followed by the assistant header, as SFT trained on."""
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not texts:
+        raise ValueError("generate_text: no prompts (give a string or a non-empty list of them)")
     if chat:
         if template is None:
             raise ConfigError("chat generation needs the chat template the model was fine-tuned with")

@@ -138,7 +138,8 @@ def _show_info_logs() -> None:
 
 def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     """Run ``main``; bad input (``UserError``, or a kernel config variable that does not parse) prints one line and
-    exits 2, with no traceback.
+    exits 2, with no traceback; Ctrl-C outside a training loop (which saves and returns 0) prints one line and
+    exits 130, as a shell reports SIGINT.
 
     Sets ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (unless set) first; it only counts if no JAX backend exists yet, so
     modules must not touch a device at import time."""
@@ -147,6 +148,9 @@ def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     try:
         _check_kernel_env()
         return main(argv)
+    except KeyboardInterrupt:  # outside a training loop (which saves and returns): start-up, data, compilation
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except Exception as e:
         if not _is_bad_input(e):
             raise

@@ -194,3 +194,14 @@ def test_help_says_what_each_command_runs_without_a_config(module, says, capsys)
     out = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0 and says in out
     assert ("bundled corpus" in out) == (module == "train.__main__")
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_130(capsys):
+    """Ctrl-C while SFT/DPO tokenized their data or compiled printed a KeyboardInterrupt traceback."""
+    from litespark_jax.cli import run_main
+
+    def main(argv):
+        raise KeyboardInterrupt
+
+    assert run_main(main, []) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"

@@ -281,3 +281,11 @@ def test_greedy_takes_the_off_values_of_top_k_and_top_p():
     parser = generate.build_parser()
     args = parser.parse_args(["--checkpoint", "c", "--prompt", "x", "--top-k", "0", "--top-p", "1.0"])
     generate.check_sampling_flags(parser, args)  # refused before: any --top-k / --top-p with greedy decoding
+
+
+def test_generate_text_of_no_prompts_says_so():
+    from litespark_jax import api
+
+    config = api.load_config(None, SMALL)
+    with pytest.raises(ValueError, match="generate_text: no prompts"):
+        api.generate_text(api.build_model(config), api.tokenizer(config), [])

@@ -13,12 +13,13 @@ from litespark_jax.energy import EnergyWindow
 
 
 def run(kind: str, config: Config) -> dict:
-    from litespark_jax.posttrain.trainer import DPOTrainer, SFTTrainer
+    from litespark_jax.posttrain.trainer import DPOTrainer, SFTTrainer, resumes
     from litespark_jax.train.loop import train
     from litespark_jax.train.run_dir import make_run_dir
 
     m, t, p = config.model, config.train, config.posttrain
     main_process = jax.process_index() == 0
+    resuming = resumes(config)
     trainer = (SFTTrainer if kind == "sft" else DPOTrainer)(config)
     if main_process:
         make_run_dir(config)
@@ -27,7 +28,7 @@ def run(kind: str, config: Config) -> dict:
               f"{t.steps} steps x {t.global_batch_size} {unit} x {t.seq_len} tokens on {jax.device_count()} "
               f"{jax.devices()[0].platform} device(s); run dir {t.run_dir}\n"
               f"template {p.template}, tokenizer {trainer.tokenizer.name}, starting weights "
-              f"{p.init_from or 'random init'}\n"
+              f"{p.init_from or 'random init'}{' (not read: the run resumes from a checkpoint)' if resuming else ''}\n"
               f"train data {trainer.train_file}: {trainer.stats.summary()}"
               + (f"\neval data {trainer.eval_file}: {trainer.eval_stats.summary()}" if trainer.eval_stats else "")
               + (f"\nDPO: {p.loss_type} loss, beta {p.beta}, label smoothing {p.label_smoothing}, reference "
@@ -56,8 +57,9 @@ def run(kind: str, config: Config) -> dict:
         lines = [f"final train loss {final['loss']:.4f}"] if "loss" in final else []  # none: no step left to take
         no_eval_file = "" if trainer.eval_file else " (the train file's: posttrain.eval_file is not set)"
         if kind == "sft" and result.eval_history:
-            lines.append(f"eval loss{no_eval_file} {result.eval_history[-1]['eval_loss']:.4f} nats per assistant "
-                         f"token")
+            last = result.eval_history[-1]
+            lines.append(f"eval loss{no_eval_file} at step {last['step']}: {last['eval_loss']:.4f} nats per "
+                         f"assistant token")
         if kind == "dpo":
             for name, before, after in (("train pairs", "train_before", "train_after"),
                                         ("eval pairs" + no_eval_file, "before", "after")):

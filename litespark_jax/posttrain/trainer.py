@@ -71,6 +71,16 @@ def load_hf_params(path: str, model_cfg) -> dict:
     return params
 
 
+def resumes(config: Config) -> bool:
+    """Whether the run will restore a checkpoint (``train.resume``: a path, or ``auto`` with finalized steps in
+    ``checkpoint.dir``) rather than start from ``posttrain.init_from``."""
+    from litespark_jax.checkpoint.manager import finalized_steps
+    from litespark_jax.checkpoint.session import checkpoint_dir
+
+    resume = config.train.resume
+    return resume not in ("auto", "never") or (resume == "auto" and bool(finalized_steps(checkpoint_dir(config))))
+
+
 class _PosttrainMixin:
     """Template, starting weights and batching shared by SFT and DPO."""
 
@@ -95,13 +105,11 @@ class _PosttrainMixin:
         shape (the field named, from its saved config) is an error now, before the data is tokenized and the run
         directory made; a run that will resume from its own checkpoints does not read it and is not checked."""
         from litespark_jax.checkpoint.manager import CheckpointManager, finalized_steps, split_checkpoint_path
-        from litespark_jax.checkpoint.session import checkpoint_dir
         from litespark_jax.config import from_dict
         from litespark_jax.convert import shape_difference
 
-        source, resume = config.posttrain.init_from, config.train.resume
-        resumes = resume not in ("auto", "never") or (resume == "auto" and finalized_steps(checkpoint_dir(config)))
-        if source is None or resumes or is_hf_dir(source):  # a Hugging Face directory is checked as it is read
+        source = config.posttrain.init_from
+        if source is None or resumes(config) or is_hf_dir(source):  # a Hugging Face directory is checked as read
             return
         root, step = split_checkpoint_path(source, "posttrain.init_from", also="or a Hugging Face model directory")
         step = finalized_steps(root)[-1] if step is None else step

@@ -193,10 +193,13 @@ def test_run_summary_holds_energy_and_the_sm_clock(tmp_path, monkeypatch, capsys
     assert (summary["sm_clock_mhz"], summary["power_capped"]) == (1440.0, 0.75)
     out = capsys.readouterr().out
     assert "energy 5000 J (690 W average, SM clock 1440 MHz, power-capped in 75% of samples)" in out
+    assert "eval loss at step 1: " in out and "(not read" not in out
     # Run again with no step left to take: the summary of the run that trained is kept (it became all nulls).
     run_module.run("sft", cfg)
     assert json.loads((tmp_path / "sft" / "sft_summary.json").read_text()) == summary
-    assert "nothing to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to train" in out
+    assert "starting weights random init (not read: the run resumes from a checkpoint)" in out
 
 
 def test_paths_take_a_leading_tilde_and_a_glob_is_named(tmp_path, monkeypatch, jsonl):

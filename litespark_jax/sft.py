@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from litespark_jax.cli import run_config_command, run_main
+from litespark_jax.posttrain.config import default_run
 
 
 def _run(config) -> None:
@@ -18,9 +19,7 @@ def _run(config) -> None:
 
 def main(argv=None) -> int:
     return run_config_command("python -m litespark_jax.sft", "Supervised fine-tuning on chat JSONL (loss on assistant tokens only, packed).", _run, argv,
-                              default="e.g. configs/sft-tiny.yaml (default: the built-in defaults listed below: "
-                                      "a 3.4M-parameter model from a random init on the bundled SFT examples, "
-                                      "posttrain.init_from and posttrain.train_file being null)")
+                              default=default_run("sft"))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,13 @@ LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCE = ("model", "precomputed")
 
 
+def default_run(kind: str) -> str:
+    """What ``python -m litespark_jax.<kind> --help`` says of running without ``--config`` (``kind``: sft or dpo)."""
+    data = "SFT examples" if kind == "sft" else "DPO pairs"
+    return (f"e.g. configs/{kind}-tiny.yaml (default: the built-in defaults listed below: a 3.4M-parameter model "
+            f"from a random init on the bundled {data}, posttrain.init_from and posttrain.train_file being null)")
+
+
 @dataclasses.dataclass(frozen=True)
 class PosttrainConfig:
     """Supervised fine-tuning and DPO: data, chat template, window handling, starting weights and the DPO loss."""

@@ -28,7 +28,7 @@ from flax import nnx
 
 import pallas_kernels
 from litespark_jax.train.state import TrainState
-from litespark_jax.train.step import apply_update, differentiable_params, split_micro_batches
+from litespark_jax.train.step import differentiable_params, split_micro_batches, step_from_gradients
 
 
 def token_logps(params, graphdef, batch, *, impl: str = "auto"):
@@ -80,16 +80,16 @@ def _means(loss_sum, stats):
     return {"loss": loss_sum / pairs, **out, "pairs": stats["pairs"], "tokens": stats["tokens"]}
 
 
-def make_dpo_step(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef, optimizer: optax.GradientTransformation,
-                  schedule: optax.Schedule | None = None, opt_state_on_host: bool = False) -> Callable:
-    """``dpo_step(state, batch) -> (state, metrics)``; ``batch["ref_logps"]`` holds the reference's per-token
-    log-probs. The loss is the mean over the global batch's pairs, also with gradient accumulation."""
+def make_dpo_gradients(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef) -> Callable:
+    """``gradients(params, batch) -> (grad_sums, pairs, metrics)`` as ``train.step.make_gradients``, for the DPO
+    loss: ``batch["ref_logps"]`` holds the reference's per-token log-probs; the loss is the mean over the global
+    batch's pairs, also with gradient accumulation."""
     kwargs = dict(beta=posttrain_cfg.beta, label_smoothing=posttrain_cfg.label_smoothing,
                   loss_type=posttrain_cfg.loss_type, impl=model_cfg.cross_entropy_impl)
     grad_fn = jax.value_and_grad(lambda p, b: dpo_sums(p, graphdef, b, **kwargs), has_aux=True)
 
-    def dpo_step(state: TrainState, batch):
-        params = differentiable_params(state.params, model_cfg)  # bf16 layer gradients, as the train step
+    def gradients(state_params, batch):
+        params = differentiable_params(state_params, model_cfg)  # bf16 layer gradients, as the train step
         if grad_accum_steps == 1:
             (loss_sum, stats), grads = grad_fn(params, batch)
         else:
@@ -99,13 +99,19 @@ def make_dpo_step(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef, opt
                 return jax.tree.map(jnp.add, carry, grad_fn(params, micro_batch)), None
 
             # The carry has the float32 parameters' shapes and dtypes: bf16 gradients accumulate in float32.
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params,
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state_params,
                                                                jax.tree.map(lambda x: x[0], micro)))
             ((loss_sum, stats), grads), _ = jax.lax.scan(micro_step, zeros, micro)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype) / jnp.maximum(stats["pairs"], 1.0), grads, state.params)
-        return apply_update(state, grads, _means(loss_sum, stats), optimizer, schedule, opt_state_on_host)
+        return grads, jnp.maximum(stats["pairs"], 1.0), _means(loss_sum, stats)
 
-    return dpo_step
+    return gradients
+
+
+def make_dpo_step(posttrain_cfg, model_cfg, grad_accum_steps: int, graphdef, optimizer: optax.GradientTransformation,
+                  schedule: optax.Schedule | None = None) -> Callable:
+    """``dpo_step(state, batch) -> (state, metrics)``: ``make_dpo_gradients`` then the optimizer update."""
+    return step_from_gradients(make_dpo_gradients(posttrain_cfg, model_cfg, grad_accum_steps, graphdef), optimizer,
+                               schedule)
 
 
 def make_dpo_eval(posttrain_cfg, model_cfg, graphdef) -> Callable:

@@ -25,7 +25,7 @@ from litespark_jax.data.pipeline import check_identity
 from litespark_jax.errors import ConfigError, DataError
 from litespark_jax.parallel.distributed import per_process
 from litespark_jax.posttrain import dpo_data, sft_data
-from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_step, token_logps
+from litespark_jax.posttrain.dpo_loss import make_dpo_eval, make_dpo_gradients, token_logps
 from litespark_jax.posttrain.template import TemplateTokens, get_template
 from litespark_jax.train.loop import Trainer
 from litespark_jax.train.state import TrainState, abstract_model, init_model
@@ -336,12 +336,8 @@ class DPOTrainer(_PosttrainMixin, Trainer):
                                                                     p.truncation)
         params_sharding = self.state_sharding.params
         with self._sharding_context():
-            self._train_step = jax.jit(
-                make_dpo_step(p, config.model, t.grad_accum_steps, self.graphdef, self.optimizer, self.schedule,
-                              config.optim.offload_state),
-                in_shardings=(self.state_sharding, self.batch_sharding),
-                out_shardings=(self.state_sharding, None), donate_argnums=0,
-                compiler_options=self.compiler_options)
+            self._train_step = self.build_train_step(
+                make_dpo_gradients(p, config.model, t.grad_accum_steps, self.graphdef))
             self._dpo_eval = jax.jit(make_dpo_eval(p, config.model, self.graphdef),
                                      in_shardings=(params_sharding, self.batch_sharding))
             self._token_logps = jax.jit(

@@ -31,10 +31,11 @@ from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_shapes
 from litespark_jax.parallel.watchdog import StepWatchdog
 from litespark_jax.train.guards import Guards
+from litespark_jax.train.offload import StreamedOffloadStep
 from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from litespark_jax.train.run_dir import record_config
 from litespark_jax.train.state import TrainState, abstract_model, init_train_state, state_shardings
-from litespark_jax.train.step import compiler_options, make_eval_step, make_train_step
+from litespark_jax.train.step import compiler_options, make_eval_step, make_gradients, step_from_gradients
 
 log = logging.getLogger("litespark_jax")
 
@@ -81,17 +82,22 @@ class Trainer:
         if config.model.kernel_table:
             log.info("kernel table %s: %d tuned calls apply on this device", config.model.kernel_table, n_tuned)
         with self._sharding_context():
-            self._train_step = jax.jit(
-                make_train_step(config, self.graphdef, self.optimizer, self.schedule),
-                in_shardings=(self.state_sharding, self.batch_sharding),
-                out_shardings=(self.state_sharding, None),
-                donate_argnums=0,
-                compiler_options=self.compiler_options,
-            )
+            self._train_step = self.build_train_step(make_gradients(config, self.graphdef))
             self._eval_step = jax.jit(make_eval_step(config, self.graphdef),
                                       in_shardings=(params_sharding, self.batch_sharding))
         self.flops_per_token = model_flops_per_token(config.model, t.seq_len, causal=True)
         self.peak_tflops = peak_tflops_per_device(t.peak_tflops_per_device)
+
+    def build_train_step(self, gradients) -> Callable:
+        """``step(state, global_batch) -> (state, metrics)`` from a ``step.make_gradients``-style function: one jitted
+        program, or with ``optim.offload_state`` the streamed step that overlaps the moments' host copies."""
+        if self.config.optim.offload_state:
+            return StreamedOffloadStep(gradients, self.config.optim, self.config.train.steps, self.state_sharding,
+                                       self.batch_sharding, self.schedule, self.compiler_options)
+        return jax.jit(step_from_gradients(gradients, self.optimizer, self.schedule),
+                       in_shardings=(self.state_sharding, self.batch_sharding),
+                       out_shardings=(self.state_sharding, None), donate_argnums=0,
+                       compiler_options=self.compiler_options)
 
     def _sharding_context(self):
         return use_rules(self.mesh, self.rules)

@@ -68,15 +68,30 @@ def scale_by_adam(b1: float, b2: float, eps: float, state_dtype) -> optax.Gradie
 
 
 def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    chain = []
-    if cfg.grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(cfg.grad_clip))
+    """Global-norm clipping (``cfg.grad_clip`` > 0) chained before ``elementwise_optimizer``'s transforms."""
+    clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    return optax.chain(*clip, *_elementwise_transforms(cfg, total_steps))
+
+
+def elementwise_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """``build_optimizer`` without its clipping: every transform acts on each parameter alone, so it can update one
+    parameter at a time (``litespark_jax.train.offload``). Its state is the full optimizer's state without the
+    clipping's, ``elementwise_state(cfg, opt_state)``."""
+    return optax.chain(*_elementwise_transforms(cfg, total_steps))
+
+
+def elementwise_state(cfg: OptimConfig, opt_state: tuple) -> tuple:
+    """The part of ``build_optimizer``'s chain state that ``elementwise_optimizer`` reads and writes."""
+    return opt_state[1:] if cfg.grad_clip > 0 else opt_state
+
+
+def _elementwise_transforms(cfg: OptimConfig, total_steps: int) -> list[optax.GradientTransformation]:
     if jnp.dtype(cfg.state_dtype) == jnp.float32:
-        chain.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+        adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     else:
-        chain.append(scale_by_adam(cfg.b1, cfg.b2, cfg.eps, cfg.state_dtype))
-    chain += [
+        adam = scale_by_adam(cfg.b1, cfg.b2, cfg.eps, cfg.state_dtype)
+    return [
+        adam,
         optax.add_decayed_weights(cfg.weight_decay, mask=weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)),
     ]
-    return optax.chain(*chain)

@@ -44,16 +44,16 @@ def split_micro_batches(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule | None = None) -> Callable:
-    """Build ``train_step(state, batch) -> (state, metrics)`` for this model and optimizer."""
+def make_gradients(config: Config, graphdef: nnx.GraphDef) -> Callable:
+    """``gradients(params, batch) -> (grad_sums, denominator, metrics)``: the gradients of the summed token losses
+    (bf16 for the layer matrices with ``cast_weights_once``), the token count they are divided by, and the step's
+    ``loss`` and ``tokens``."""
     loss_kwargs = dict(z_loss_weight=config.train.z_loss_weight, impl=config.model.cross_entropy_impl)
     accum = config.train.grad_accum_steps
-    offloaded = config.optim.offload_state
     grad_fn = jax.value_and_grad(lambda p, b: token_loss_sum(p, graphdef, b, **loss_kwargs), has_aux=True)
 
-    def train_step(state: TrainState, batch):
-        params = differentiable_params(state.params, config.model)
+    def gradients(state_params, batch):
+        params = differentiable_params(state_params, config.model)
         if accum == 1:
             (loss_sum, count), grads = grad_fn(params, batch)
         else:
@@ -61,40 +61,64 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
                 (loss_sum, count), grads = grad_fn(params, micro_batch)
                 return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state_params))
             (loss_sum, count, grads), _ = jax.lax.scan(micro_step, zeros, split_micro_batches(batch, accum))
         denominator = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype) / denominator, grads, state.params)
-        return apply_update(state, grads, {"loss": loss_sum / denominator, "tokens": count}, optimizer, schedule,
-                            opt_state_on_host=offloaded)
+        return grads, denominator, {"loss": loss_sum / denominator, "tokens": count}
+
+    return gradients
+
+
+def mean_gradients(grad_sums, denominator, params):
+    """The gradients the optimizer reads: in the parameters' dtype, divided by the step's token (or pair) count."""
+    return jax.tree.map(lambda g, p: g.astype(p.dtype) / denominator, grad_sums, params)
+
+
+def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None) -> Callable:
+    """Build ``train_step(state, batch) -> (state, metrics)`` for this model and optimizer, one program with the
+    moments on the device (``optim.offload_state`` runs ``offload.StreamedOffloadStep`` instead)."""
+    return step_from_gradients(make_gradients(config, graphdef), optimizer, schedule)
+
+
+def step_from_gradients(gradients: Callable, optimizer: optax.GradientTransformation,
+                        schedule: optax.Schedule | None = None) -> Callable:
+    """``train_step(state, batch)``: ``gradients`` (as ``make_gradients``'s) then the update under the guard."""
+
+    def train_step(state: TrainState, batch):
+        grad_sums, denominator, metrics = gradients(state.params, batch)
+        grads = mean_gradients(grad_sums, denominator, state.params)
+        return apply_update(state, grads, metrics, optimizer, schedule)
 
     return train_step
 
 
 def apply_update(state: TrainState, grads, metrics: dict, optimizer: optax.GradientTransformation,
-                 schedule: optax.Schedule | None = None, opt_state_on_host: bool = False):
+                 schedule: optax.Schedule | None = None):
     """The optimizer update of ``grads`` (already the mean) under the numerical guard: ``(new state, metrics)`` with
-    ``grad_norm``, ``learning_rate`` and ``nonfinite`` added to ``metrics`` (which holds the step's ``loss``).
-
-    ``opt_state_on_host``: the moments arrive in pinned host memory (``optim.offload_state``) and are moved to the
-    device here, for the update only; the jit's output shardings put the new moments back on the host."""
-    old_opt_state = state.opt_state
-    if opt_state_on_host:
-        old_opt_state = jax.device_put(old_opt_state, jax.memory.Space.Device)
-    updates, opt_state = optimizer.update(grads, old_opt_state, state.params)
+    ``grad_norm``, ``learning_rate`` and ``nonfinite`` added to ``metrics`` (which holds the step's ``loss``)."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    metrics = {**metrics, "grad_norm": grad_norm}
-    if schedule is not None:
-        metrics["learning_rate"] = schedule(state.step)
+    metrics = {**metrics, **step_scalars(state, grads, metrics, schedule)}
     # Numerical guard, on device (no host sync): a non-finite loss or gradient leaves parameters and optimizer
     # state as they were; the step counter still advances so the data and the schedule stay aligned. The loop
     # reads "nonfinite" and stops or counts it (train.on_nonfinite).
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    finite = metrics["nonfinite"] == 0
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state.params, old_opt_state))
-    metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
+                                     (params, opt_state), (state.params, state.opt_state))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def step_scalars(state: TrainState, grads, metrics: dict, schedule: optax.Schedule | None) -> dict:
+    """``grad_norm`` of the mean gradients, ``learning_rate`` of this step and the guard's ``nonfinite`` (1.0 when
+    the loss or the gradient norm is not finite)."""
+    grad_norm = optax.tree.norm(grads)
+    out = {"grad_norm": grad_norm}
+    if schedule is not None:
+        out["learning_rate"] = schedule(state.step)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    out["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
+    return out
 
 
 def compiler_options(config: Config) -> dict | None:

@@ -234,3 +234,25 @@ def test_precast_layer_gradients_step_like_float32_gradients(batch, accum):
         # of its 8704); gradients summed in bf16 instead of float32 would be off in about half of every layer matrix.
         off = np.abs(step - expected) > 2e-7 + 1e-5 * np.abs(expected)
         assert np.mean(off) <= (0.0 if accum == 1 else 1e-3)
+
+
+def test_offloaded_moments_train_like_moments_on_the_device(tmp_path):
+    """``optim.offload_state`` streams the moments through the device (train.offload); DPO's step takes that path."""
+    import dataclasses
+
+    from litespark_jax.posttrain.trainer import DPOTrainer
+    from litespark_jax.train.loop import train
+    from litespark_jax.train.offload import StreamedOffloadStep
+
+    histories = {}
+    for offload in (False, True):
+        (tmp_path / str(offload)).mkdir()
+        cfg = _run_config(tmp_path / str(offload), 8, 3, seq_len=64, d_model=32, batch=8)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, offload_state=offload))
+        trainer = DPOTrainer(cfg)
+        assert isinstance(trainer._train_step, StreamedOffloadStep) == offload
+        histories[offload] = train(cfg, trainer=trainer).history
+    assert len(histories[True]) == len(histories[False]) == 3
+    for a, b in zip(histories[True], histories[False]):
+        for key in ("loss", "grad_norm", "reward_margin", "kl_proxy"):  # float32 rounding of differences of ~1
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)

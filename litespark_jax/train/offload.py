@@ -1,0 +1,191 @@
+"""The training step with the Adam moments in host memory (``optim.offload_state``), streamed one parameter at a time.
+
+One jitted step that reads host-resident moments moves them all to the device and then all back, one direction after
+the other (a probe at half the 7B's size: 531 ms for 12 GiB each way, docs/PERFORMANCE.md). Here the step is a
+gradient program and then one small update program per parameter, dispatched from Python: each parameter's moments
+are copied in with ``jax.device_put`` while the previous parameter updates and its new moments are copied out, so
+the two directions overlap. Largest parameters go first, so the last copy out, which nothing hides, is a small one.
+
+The update is the optimizer's own (``optimizer.elementwise_optimizer``) on one parameter at a time, with the global
+gradient-norm clipping done by a norm the gradient program computes once: parameters, moments and metrics equal those
+of ``step.make_train_step`` (tests/train/test_offload.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from litespark_jax.config import OptimConfig
+from litespark_jax.train.optimizer import build_optimizer, elementwise_optimizer, elementwise_state
+from litespark_jax.train.state import TrainState
+from litespark_jax.train.step import mean_gradients, step_scalars
+
+DEVICE_MEMORY = "device"
+
+
+class StreamedOffloadStep:
+    """``step(state, batch) -> (state, metrics)`` for a state whose moments live in pinned host memory.
+
+    ``gradients`` is a ``make_gradients``-style function; ``state_sharding`` the TrainState of shardings the moments
+    have on the host (``state.state_shardings(..., offload_opt_state=True)``). At most ``in_flight`` parameters' new
+    moments are on their way to the host at once (with the next parameter's already coming in), which bounds the
+    device memory the moments take to a few parameters' worth.
+    """
+
+    def __init__(self, gradients: Callable, optim_cfg: OptimConfig, total_steps: int, state_sharding: TrainState,
+                 batch_sharding, schedule: optax.Schedule | None = None, compiler_options: dict | None = None,
+                 in_flight: int = 2):
+        self.optim_cfg = optim_cfg
+        self.in_flight = max(1, in_flight)
+        self._schedule = schedule
+        self._full = build_optimizer(optim_cfg, total_steps)
+        self._elementwise = elementwise_optimizer(optim_cfg, total_steps)
+        self._param_shardings, self._param_def = jax.tree.flatten(state_sharding.params)
+        self._opt_shardings, self._opt_def = jax.tree.flatten(state_sharding.opt_state)
+        mesh = self._param_shardings[0].mesh
+        self._replicated = replicated = NamedSharding(mesh, PartitionSpec())
+
+        def grad_program(params, step, batch):
+            grad_sums, denominator, metrics = gradients(params, batch)
+            grads = mean_gradients(grad_sums, denominator, params)
+            metrics = {**metrics, **step_scalars(TrainState(step, params, None), grads, metrics, schedule)}
+            return grad_sums, denominator, metrics
+
+        self._grad_program = jax.jit(
+            grad_program, in_shardings=(state_sharding.params, state_sharding.step, batch_sharding),
+            out_shardings=(state_sharding.params, replicated, replicated), compiler_options=compiler_options)
+        self._compiler_options = compiler_options
+        self._update_programs: dict[int, Callable] = {}
+        self._moment_slots: list[list[int]] | None = None  # per parameter: the positions of its moments
+        self._order: list[int] | None = None
+
+    # -- structure ----------------------------------------------------------------------------------------------
+
+    def _layout(self, state: TrainState) -> None:
+        """Which flat optimizer-state leaves are each parameter's moments, and the order parameters update in."""
+        if self._order is not None:
+            return
+        self._param_avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(state.params)]
+        self._opt_avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(state.opt_state)]
+        n = len(self._param_shardings)
+        index_tree = jax.tree.unflatten(self._param_def, list(range(n)))
+        marks = optax.tree_map_params(self._full, lambda _, i: i, state.opt_state, index_tree,
+                                      transform_non_params=lambda _: -1,
+                                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+        marks = jax.tree.leaves(marks)
+        if len(marks) != len(self._opt_shardings):
+            raise AssertionError(f"optimizer state has {len(self._opt_shardings)} leaves, {len(marks)} marked")
+        self._moment_slots = [[k for k, m in enumerate(marks) if m == i] for i in range(n)]
+        self._scalar_slots = [k for k, m in enumerate(marks) if m == -1]
+        leaves = jax.tree.leaves(state.opt_state)
+        moment_bytes = [sum(math.prod(leaves[k].shape) * leaves[k].dtype.itemsize for k in slots) for slots in self._moment_slots]
+        self._order = sorted(range(n), key=lambda i: -moment_bytes[i])
+
+    def _update_program(self, i: int) -> Callable:
+        """The jitted update of parameter ``i`` alone: ``(param, grad_sum, moments, scalars, denominator, grad_norm,
+        nonfinite) -> (param, moments, scalars)``, the param and the moments donated."""
+        if i in self._update_programs:
+            return self._update_programs[i]
+        cfg, n = self.optim_cfg, len(self._param_shardings)
+        slots, scalar_slots = self._moment_slots[i], self._scalar_slots
+
+        def update(param, grad_sum, moments, scalars, denominator, grad_norm, nonfinite):
+            grad = mean_gradients(grad_sum, denominator, param)
+            if cfg.grad_clip > 0:  # optax.clip_by_global_norm's arithmetic, with the norm of all the gradients
+                trigger = jnp.squeeze(grad_norm < cfg.grad_clip)
+                grad = jax.lax.select(trigger, grad, (grad / grad_norm.astype(grad.dtype)) * cfg.grad_clip)
+            # Every other parameter is an empty array: the elementwise transforms do nothing for them.
+            empty = lambda dtype: jnp.zeros((0,), dtype)
+            one = lambda x, others_dtype: [x if j == i else empty(others_dtype[j]) for j in range(n)]
+            param_dtypes = [s.dtype for s in self._param_avals]
+            params = jax.tree.unflatten(self._param_def, one(param, param_dtypes))
+            grads = jax.tree.unflatten(self._param_def, one(grad, param_dtypes))
+            opt_leaves = [empty(a.dtype) for a in self._opt_avals]
+            for k, m in zip(slots, moments):
+                opt_leaves[k] = m
+            for k, s in zip(scalar_slots, scalars):
+                opt_leaves[k] = s
+            opt_state = jax.tree.unflatten(self._opt_def, opt_leaves)
+            updates, new_state = self._elementwise.update(grads, elementwise_state(cfg, opt_state), params)
+            new_param = optax.apply_updates(param, jax.tree.leaves(updates)[i])
+            new_leaves = jax.tree.leaves(tuple(opt_state[:len(opt_state) - len(new_state)]) + tuple(new_state))
+            new_moments = [new_leaves[k] for k in slots]
+            new_scalars = [new_leaves[k] for k in scalar_slots]
+            finite = nonfinite == 0  # the guard of step.apply_update: a non-finite step changes nothing
+            keep = lambda new, old: jnp.where(finite, new, old)
+            return (keep(new_param, param), [keep(a, b) for a, b in zip(new_moments, moments)],
+                    [keep(a, b) for a, b in zip(new_scalars, scalars)])
+
+        param_sharding = self._param_shardings[i]
+        moment_shardings = [self._opt_shardings[k].with_memory_kind(DEVICE_MEMORY) for k in slots]
+        scalar_shardings = [self._opt_shardings[k] for k in scalar_slots]
+        program = jax.jit(update, donate_argnums=(0, 2),
+                          in_shardings=(param_sharding, param_sharding, moment_shardings, scalar_shardings,
+                                        self._replicated, self._replicated, self._replicated),
+                          out_shardings=(param_sharding, moment_shardings, scalar_shardings),
+                          compiler_options=self._compiler_options)
+        self._update_programs[i] = program
+        return program
+
+    # -- the step -----------------------------------------------------------------------------------------------
+
+    def compile(self, state: TrainState, batch):
+        """Compile the gradient program and every update program ahead of the first step; returns the gradient
+        program's ``Compiled`` (its ``memory_analysis()`` is the step's device peak: the updates need far less)."""
+        self._layout(state)
+        compiled = self._grad_program.lower(state.params, state.step, batch).compile()
+        grad_avals = jax.eval_shape(self._grad_program, state.params, state.step, batch)
+        grad_sums, denominator, metrics = jax.tree.map(lambda x: x, grad_avals)
+        opt_leaves = jax.tree.leaves(state.opt_state)
+        for i, (param, grad) in enumerate(zip(jax.tree.leaves(state.params), jax.tree.leaves(grad_sums))):
+            moments = [jax.ShapeDtypeStruct(opt_leaves[k].shape, opt_leaves[k].dtype,
+                                            sharding=self._opt_shardings[k].with_memory_kind(DEVICE_MEMORY))
+                       for k in self._moment_slots[i]]
+            scalars = [opt_leaves[k] for k in self._scalar_slots]
+            self._update_program(i).lower(param, grad, moments, scalars, denominator, metrics["grad_norm"],
+                                          metrics["nonfinite"]).compile()
+        return compiled
+
+    def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        self._layout(state)
+        grad_sums, denominator, metrics = self._grad_program(state.params, state.step, batch)
+        grad_sums = jax.tree.leaves(grad_sums)
+        params = jax.tree.leaves(state.params)
+        opt_leaves = list(jax.tree.leaves(state.opt_state))
+        scalars = [opt_leaves[k] for k in self._scalar_slots]
+        new_scalars = scalars
+
+        def fetch(i):
+            slots = self._moment_slots[i]
+            return jax.device_put([opt_leaves[k] for k in slots],
+                                  [self._opt_shardings[k].with_memory_kind(DEVICE_MEMORY) for k in slots])
+
+        coming = fetch(self._order[0])
+        leaving = collections.deque()
+        for position, i in enumerate(self._order):
+            moments = coming
+            if position + 1 < len(self._order):
+                coming = fetch(self._order[position + 1])
+            params[i], new_moments, new_scalars = self._update_program(i)(
+                params[i], grad_sums[i], moments, scalars, denominator, metrics["grad_norm"], metrics["nonfinite"])
+            grad_sums[i] = moments = None  # free the device copies once the update is done with them
+            slots = self._moment_slots[i]
+            host = jax.device_put(new_moments, [self._opt_shardings[k] for k in slots])
+            for k, x in zip(slots, host):
+                opt_leaves[k] = x
+            leaving.append(host)
+            if len(leaving) > self.in_flight:
+                jax.block_until_ready(leaving.popleft())
+        for k, x in zip(self._scalar_slots, new_scalars):
+            opt_leaves[k] = x
+        new_state = TrainState(step=state.step + 1, params=jax.tree.unflatten(self._param_def, params),
+                               opt_state=jax.tree.unflatten(self._opt_def, opt_leaves))
+        return new_state, metrics

@@ -53,8 +53,9 @@ class StreamedOffloadStep:
         self.in_flight = max(1, in_flight)
         self._full = build_optimizer(optim_cfg, total_steps)
         self._elementwise = elementwise_optimizer(optim_cfg, total_steps)
-        self._param_shardings, self._param_def = jax.tree.flatten(state_sharding.params)
-        self._opt_shardings, self._opt_def = jax.tree.flatten(state_sharding.opt_state)
+        # In the order of the state's leaves (the sharding trees hold a sharding where the state holds an array).
+        self._param_shardings = jax.tree.leaves(state_sharding.params)
+        self._opt_shardings = jax.tree.leaves(state_sharding.opt_state)
         mesh = self._param_shardings[0].mesh
         self._replicated = replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -67,6 +68,7 @@ class StreamedOffloadStep:
         self._grad_program = jax.jit(
             grad_program, in_shardings=(state_sharding.params, state_sharding.step, batch_sharding),
             out_shardings=(state_sharding.params, replicated, replicated), compiler_options=compiler_options)
+        self._grad_call = self._grad_program  # or its Compiled, after compile()
         self._compiler_options = compiler_options
         self._update_programs: dict[int, Callable] = {}
         self._moment_slots: list[list[int]] | None = None  # per parameter: the positions of its moments
@@ -78,9 +80,13 @@ class StreamedOffloadStep:
         """Which flat optimizer-state leaves are each parameter's moments, and the order parameters update in."""
         if self._order is not None:
             return
+        self._param_def = jax.tree.structure(state.params)  # the state's own trees: nnx Params and all
+        self._opt_def = jax.tree.structure(state.opt_state)
         self._param_avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(state.params)]
         self._opt_avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(state.opt_state)]
         n = len(self._param_shardings)
+        if self._param_def.num_leaves != n or self._opt_def.num_leaves != len(self._opt_shardings):
+            raise ValueError("the state's trees do not match the shardings the step was built for")
         index_tree = jax.tree.unflatten(self._param_def, list(range(n)))
         marks = optax.tree_map_params(self._full, lambda _, i: i, state.opt_state, index_tree,
                                       transform_non_params=lambda _: -1,
@@ -143,25 +149,25 @@ class StreamedOffloadStep:
     # -- the step -----------------------------------------------------------------------------------------------
 
     def compile(self, state: TrainState, batch):
-        """Compile the gradient program and every update program ahead of the first step; returns the gradient
-        program's ``Compiled`` (its ``memory_analysis()`` is the step's device peak: the updates need far less)."""
+        """Compile the gradient program and every update program ahead of the first step, which then runs them;
+        returns the gradient program's ``Compiled`` (its ``memory_analysis()`` is the step's device peak: the
+        updates need far less)."""
         self._layout(state)
-        compiled = self._grad_program.lower(state.params, state.step, batch).compile()
-        grad_avals = jax.eval_shape(self._grad_program, state.params, state.step, batch)
-        grad_sums, denominator, metrics = jax.tree.map(lambda x: x, grad_avals)
+        self._grad_call = self._grad_program.lower(state.params, state.step, batch).compile()
+        grad_sums, denominator, metrics = jax.eval_shape(self._grad_program, state.params, state.step, batch)
         opt_leaves = jax.tree.leaves(state.opt_state)
+        scalars = [opt_leaves[k] for k in self._scalar_slots]
         for i, (param, grad) in enumerate(zip(jax.tree.leaves(state.params), jax.tree.leaves(grad_sums))):
             moments = [jax.ShapeDtypeStruct(opt_leaves[k].shape, opt_leaves[k].dtype,
                                             sharding=self._opt_shardings[k].with_memory_kind(DEVICE_MEMORY))
                        for k in self._moment_slots[i]]
-            scalars = [opt_leaves[k] for k in self._scalar_slots]
-            self._update_program(i).lower(param, grad, moments, scalars, denominator, metrics["grad_norm"],
-                                          metrics["nonfinite"]).compile()
-        return compiled
+            self._update_programs[i] = self._update_program(i).lower(
+                param, grad, moments, scalars, denominator, metrics["grad_norm"], metrics["nonfinite"]).compile()
+        return self._grad_call
 
     def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         self._layout(state)
-        grad_sums, denominator, metrics = self._grad_program(state.params, state.step, batch)
+        grad_sums, denominator, metrics = self._grad_call(state.params, state.step, batch)
         # The moments' device copies are allocated once the gradient program's temporaries are free (asked for
         # while it runs, the 7B's step took 1.59 s instead of 1.55).
         jax.block_until_ready(grad_sums)

@@ -39,8 +39,12 @@ def test_moments_stay_in_host_memory_across_steps(tmp_path):
     assert _memory_kinds(state.opt_state) == {"moments": {HOST_MEMORY}, "scalars": {"device"}}
     assert {x.sharding.memory_kind for x in jax.tree.leaves(state.params)} == {"device"}
     iterator = iter(trainer.train_iterator())
+    structure = jax.tree.structure(state)
+    with trainer._sharding_context():  # as the bench: compiled ahead, then run (a Compiled refuses other trees)
+        trainer._train_step.compile(state, trainer.step_batch(next(iter(trainer.train_iterator()))))
     for _ in range(2):
         state, metrics = trainer.train_step(state, next(iterator))
+        assert jax.tree.structure(state) == structure  # nnx Params and all: checkpoints and the next step see one tree
     assert np.isfinite(float(metrics["loss"])) and int(state.step) == 2
     assert _memory_kinds(state.opt_state) == {"moments": {HOST_MEMORY}, "scalars": {"device"}}
     assert {x.sharding.memory_kind for x in jax.tree.leaves(state.params)} == {"device"}

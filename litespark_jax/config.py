@@ -129,9 +129,10 @@ class OptimConfig:
     state_dtype: str = "float32"
     """Dtype in which both Adam moments are stored (the update is computed in float32)."""
     offload_state: bool = False
-    """Keep the Adam moments in pinned host memory between steps; each update moves them to the device and back
-    inside the step (XLA host offloading). Frees 2 x state_dtype bytes per parameter of device memory for two host
-    transfers of that size per step: for a model that does not fit otherwise, not for speed."""
+    """Keep the Adam moments in pinned host memory between steps; each step streams them through the device one
+    parameter at a time, the copies in and out overlapped (train/offload.py). Frees 2 x state_dtype bytes per
+    parameter of device memory for about one host transfer of that size per step: for a model that does not fit
+    otherwise, not for speed."""
 
 
 @dataclasses.dataclass(frozen=True)

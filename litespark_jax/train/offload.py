@@ -92,12 +92,10 @@ class StreamedOffloadStep:
                                       transform_non_params=lambda _: -1,
                                       is_leaf=lambda x: isinstance(x, nnx.Variable))
         marks = jax.tree.leaves(marks)
-        if len(marks) != len(self._opt_shardings):
-            raise AssertionError(f"optimizer state has {len(self._opt_shardings)} leaves, {len(marks)} marked")
         self._moment_slots = [[k for k, m in enumerate(marks) if m == i] for i in range(n)]
         self._scalar_slots = [k for k, m in enumerate(marks) if m == -1]
-        leaves = jax.tree.leaves(state.opt_state)
-        moment_bytes = [sum(math.prod(leaves[k].shape) * leaves[k].dtype.itemsize for k in slots) for slots in self._moment_slots]
+        nbytes = lambda aval: math.prod(aval.shape) * aval.dtype.itemsize
+        moment_bytes = [sum(nbytes(self._opt_avals[k]) for k in slots) for slots in self._moment_slots]
         self._order = sorted(range(n), key=lambda i: -moment_bytes[i])
 
     def _update_program(self, i: int) -> Callable:
@@ -105,7 +103,7 @@ class StreamedOffloadStep:
         nonfinite) -> (param, moments, scalars)``, the param and the moments donated."""
         if i in self._update_programs:
             return self._update_programs[i]
-        cfg, n = self.optim_cfg, len(self._param_shardings)
+        cfg = self.optim_cfg
         slots, scalar_slots = self._moment_slots[i], self._scalar_slots
 
         def update(param, grad_sum, moments, scalars, denominator, grad_norm, nonfinite):
@@ -114,12 +112,11 @@ class StreamedOffloadStep:
                 trigger = jnp.squeeze(grad_norm < cfg.grad_clip)
                 grad = jax.lax.select(trigger, grad, (grad / grad_norm.astype(grad.dtype)) * cfg.grad_clip)
             # Every other parameter is an empty array: the elementwise transforms do nothing for them.
-            empty = lambda dtype: jnp.zeros((0,), dtype)
-            one = lambda x, others_dtype: [x if j == i else empty(others_dtype[j]) for j in range(n)]
-            param_dtypes = [s.dtype for s in self._param_avals]
-            params = jax.tree.unflatten(self._param_def, one(param, param_dtypes))
-            grads = jax.tree.unflatten(self._param_def, one(grad, param_dtypes))
-            opt_leaves = [empty(a.dtype) for a in self._opt_avals]
+            empty = lambda aval: jnp.zeros((0,), aval.dtype)
+            only_i = lambda x: jax.tree.unflatten(
+                self._param_def, [x if j == i else empty(aval) for j, aval in enumerate(self._param_avals)])
+            params, grads = only_i(param), only_i(grad)
+            opt_leaves = [empty(aval) for aval in self._opt_avals]
             for k, m in zip(slots, moments):
                 opt_leaves[k] = m
             for k, s in zip(scalar_slots, scalars):

@@ -303,3 +303,24 @@ def test_launcher_names_a_command_it_cannot_run():
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "local.py: error: cannot run 'no-such-command-xyz': No such file or directory (see --help)"], proc.stderr
+
+
+def test_offloaded_moments_on_two_processes_train_like_one_process_without(tmp_path):
+    """optim.offload_state's streamed step copies each process's shards of the moments (train/offload.py): on 2
+    processes x 2 devices its losses are those of 1 process x 4 devices with the moments on the devices."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    common = [*TINY, "train.steps=3", "checkpoint.every=0"]
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+                "--devices-per-process", "2", "--timeout", "600", "--"]
+    proc = subprocess.run(launcher + [sys.executable, "-m", "litespark_jax.train", *common,
+                                      "optim.offload_state=true", f"train.run_dir={two}"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    proc = subprocess.run([sys.executable, "-m", "litespark_jax.train", *common, f"train.run_dir={one}"],
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    offloaded, on_device = _losses(two), _losses(one)
+    assert sorted(offloaded) == sorted(on_device) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert abs(offloaded[step] - on_device[step]) <= 1e-6 * abs(on_device[step]), step

@@ -48,6 +48,24 @@ def _losses(run_dir) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+def _two_processes_then_one(tmp_path, devices_per_process: int, two_overrides: list[str],
+                            one_overrides: list[str]):
+    """Train with ``two_overrides`` on 2 processes x ``devices_per_process`` devices (launch/local.py), then with
+    ``one_overrides`` on 1 process with as many devices; returns the two run directories."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+                "--devices-per-process", str(devices_per_process), "--timeout", "600", "--"]
+    proc = subprocess.run(launcher + [sys.executable, "-m", "litespark_jax.train", *two_overrides,
+                                      f"train.run_dir={two}"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    devices = f"--xla_force_host_platform_device_count={2 * devices_per_process}"
+    proc = subprocess.run([sys.executable, "-m", "litespark_jax.train", *one_overrides, f"train.run_dir={one}"],
+                          env=_env(XLA_FLAGS=devices), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return two, one
+
+
 def test_train_cli_two_processes_then_resume_on_one(tmp_path):
     """``python -m litespark_jax.train`` (Trainer, data pipeline, checkpoints) on 2 processes x 4 devices, resumed
     from its step-3 checkpoint with ``train.resume`` on 1 process x 8 devices: steps 4-6 give the same losses and the
@@ -107,18 +125,8 @@ def test_tensor_parallel_across_processes_trains_on_the_configured_batch(tmp_pat
     rows. Each built the block numbered by its process index, and JAX assembled a batch of half the size, each tensor
     half computing on other rows (losses 11% off, no error). Same losses as 1 process x 8 devices, same mesh."""
     mesh = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.inter_node_tensor=2", "mesh.inter_node_fsdp=1"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
-                "--devices-per-process", "4", "--timeout", "600", "--"]
-    proc = subprocess.run(launcher + [sys.executable, "-m", "litespark_jax.train", *TINY, *mesh, "train.steps=3",
-                                      "checkpoint.every=0", "train.eval_every=3", f"train.run_dir={two}"],
-                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=700)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    proc = subprocess.run([sys.executable, "-m", "litespark_jax.train", *TINY, *mesh[:3], "train.steps=3",
-                           "checkpoint.every=0", "train.eval_every=3", f"train.run_dir={one}"],
-                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    common = [*TINY, "train.steps=3", "checkpoint.every=0", "train.eval_every=3"]
+    two, one = _two_processes_then_one(tmp_path, 4, common + mesh, common + mesh[:3])
     full, single = _losses(two), _losses(one)
     assert sorted(full) == sorted(single) == [1, 2, 3]
     for step in (1, 2, 3):
@@ -308,18 +316,8 @@ def test_launcher_names_a_command_it_cannot_run():
 def test_offloaded_moments_on_two_processes_train_like_one_process_without(tmp_path):
     """optim.offload_state's streamed step copies each process's shards of the moments (train/offload.py): on 2
     processes x 2 devices its losses are those of 1 process x 4 devices with the moments on the devices."""
-    two, one = tmp_path / "two", tmp_path / "one"
     common = [*TINY, "train.steps=3", "checkpoint.every=0"]
-    launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
-                "--devices-per-process", "2", "--timeout", "600", "--"]
-    proc = subprocess.run(launcher + [sys.executable, "-m", "litespark_jax.train", *common,
-                                      "optim.offload_state=true", f"train.run_dir={two}"],
-                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=700)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    proc = subprocess.run([sys.executable, "-m", "litespark_jax.train", *common, f"train.run_dir={one}"],
-                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    two, one = _two_processes_then_one(tmp_path, 2, common + ["optim.offload_state=true"], common)
     offloaded, on_device = _losses(two), _losses(one)
     assert sorted(offloaded) == sorted(on_device) == [1, 2, 3]
     for step in (1, 2, 3):

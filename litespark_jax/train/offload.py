@@ -4,7 +4,7 @@ One jitted step that reads host-resident moments moves them all to the device an
 the other. Here the step is a gradient program and then one small update program per parameter, dispatched from
 Python: each parameter's moments are copied in with ``jax.device_put`` while the previous parameter updates and its
 new moments are copied out, so the two directions overlap. Largest parameters go first, so the last copy out, which
-nothing hides, is a small one. Llama-2-7B on one H100: 1.55 s per step instead of 1.79 (docs/PERFORMANCE.md).
+nothing hides, is a small one. Llama-2-7B on one H100: 1.56 s per step instead of 1.86 (docs/PERFORMANCE.md).
 
 The update is the optimizer's own (``optimizer.elementwise_optimizer``) on one parameter at a time, with the global
 gradient-norm clipping done by a norm the gradient program computes once: parameters, moments and metrics equal those
@@ -37,13 +37,14 @@ class StreamedOffloadStep:
     """``step(state, batch) -> (state, metrics)`` for a state whose moments live in pinned host memory.
 
     ``gradients`` is a ``make_gradients``-style function; ``state_sharding`` the TrainState of shardings the moments
-    have on the host (``state.state_shardings(..., offload_opt_state=True)``). At most ``in_flight`` parameters' new
-    moments are on their way to the host at once (with the next parameter's already coming in), which bounds the
-    device memory the moments take to a few parameters' worth.
+    have on the host (``state.state_shardings(..., offload_opt_state=True)``). At most ``in_flight`` earlier
+    parameters' new moments are on their way to the host while one parameter updates and the next one's come in.
+    The device peak is at the first (largest) parameter's update: all parameters and gradients, and the two largest
+    parameters' moments (``plan.memory_model``'s ``update_moments``).
 
-    Like a jitted step's donated argument, the state passed in is spent: its parameters are donated and its host
-    moments deleted once their new values have reached the host. Otherwise the pinned host memory holds two copies
-    of the moments, which on the 7B slowed the step from 1.55 to 3.6-4.0 s.
+    Like a jitted step's donated argument, the state passed in is spent, also when the step raises: its parameters
+    are donated and its host moments deleted once their new values have reached the host. Otherwise the pinned host
+    memory holds two copies of the moments, which on the 7B slowed the step from 1.55 to 3.6-4.0 s.
     """
 
     def __init__(self, gradients: Callable, optim_cfg: OptimConfig, total_steps: int, state_sharding: TrainState,
@@ -70,7 +71,8 @@ class StreamedOffloadStep:
             out_shardings=(state_sharding.params, replicated, replicated), compiler_options=compiler_options)
         self._grad_call = self._grad_program  # or its Compiled, after compile()
         self._compiler_options = compiler_options
-        self._update_programs: dict[int, Callable] = {}
+        self._update_programs: dict[int, Callable] = {}  # jitted
+        self._update_calls: dict[int, Callable] = {}  # what the step runs: jitted, or Compiled after compile()
         self._moment_slots: list[list[int]] | None = None  # per parameter: the positions of its moments
         self._order: list[int] | None = None
 
@@ -147,8 +149,8 @@ class StreamedOffloadStep:
 
     def compile(self, state: TrainState, batch):
         """Compile the gradient program and every update program ahead of the first step, which then runs them;
-        returns the gradient program's ``Compiled`` (its ``memory_analysis()`` is the step's device peak: the
-        updates need far less)."""
+        returns the gradient program's ``Compiled``. Its ``memory_analysis()`` covers the gradients' phase; the
+        updates' peak after it is the class docstring's."""
         self._layout(state)
         self._grad_call = self._grad_program.lower(state.params, state.step, batch).compile()
         grad_sums, denominator, metrics = jax.eval_shape(self._grad_program, state.params, state.step, batch)
@@ -158,7 +160,7 @@ class StreamedOffloadStep:
             moments = [jax.ShapeDtypeStruct(opt_leaves[k].shape, opt_leaves[k].dtype,
                                             sharding=self._opt_shardings[k].with_memory_kind(DEVICE_MEMORY))
                        for k in self._moment_slots[i]]
-            self._update_programs[i] = self._update_program(i).lower(
+            self._update_calls[i] = self._update_program(i).lower(
                 param, grad, moments, scalars, denominator, metrics["grad_norm"], metrics["nonfinite"]).compile()
         return self._grad_call
 
@@ -186,7 +188,8 @@ class StreamedOffloadStep:
             moments = coming
             if position + 1 < len(self._order):
                 coming = fetch(self._order[position + 1])
-            params[i], new_moments, new_scalars = self._update_program(i)(
+            update = self._update_calls.get(i) or self._update_program(i)
+            params[i], new_moments, new_scalars = update(
                 params[i], grad_sums[i], moments, scalars, denominator, metrics["grad_norm"], metrics["nonfinite"])
             grad_sums[i] = moments = None  # free the device copies once the update is done with them
             slots = self._moment_slots[i]

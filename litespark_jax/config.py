@@ -132,7 +132,7 @@ class OptimConfig:
     """Keep the Adam moments in pinned host memory between steps; each step streams them through the device one
     parameter at a time, the copies in and out overlapped (train/offload.py). Frees the moments' device memory but
     the two largest parameters' (in flight during the update), for about one host transfer of all of them per step:
-    for a model that does not fit otherwise, not for speed (`python -m litespark_jax.plan` says if it fits)."""
+    for a model that does not fit otherwise, not for speed (``python -m litespark_jax.plan`` says if it fits)."""
 
 
 @dataclasses.dataclass(frozen=True)

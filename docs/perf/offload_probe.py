@@ -68,30 +68,35 @@ def make_dus(K):
     return f
 
 
-key = jax.random.PRNGKey(0)
-p = jax.device_put(jnp.zeros((L, R, C), jnp.float32), D)
-g = jax.device_put(jax.random.normal(key, (L, R, C), jnp.bfloat16), D)
-m = jax.device_put(jnp.zeros((L, R, C), jnp.bfloat16), H)
-v = jax.device_put(jnp.zeros((L, R, C), jnp.bfloat16), H)
-print("moments", m.nbytes / 2**30, "GiB each, on", m.sharding.memory_kind, flush=True)
+def main():
+    key = jax.random.PRNGKey(0)
+    p = jax.device_put(jnp.zeros((L, R, C), jnp.float32), D)
+    g = jax.device_put(jax.random.normal(key, (L, R, C), jnp.bfloat16), D)
+    m = jax.device_put(jnp.zeros((L, R, C), jnp.bfloat16), H)
+    v = jax.device_put(jnp.zeros((L, R, C), jnp.bfloat16), H)
+    print("moments", m.nbytes / 2**30, "GiB each, on", m.sharding.memory_kind, flush=True)
 
-# raw bandwidth
-t = time.perf_counter(); x = jax.device_put(m, D); x.block_until_ready(); dt = time.perf_counter() - t
-print(f"H2D {m.nbytes/dt/1e9:.1f} GB/s", flush=True)
-t = time.perf_counter(); y = jax.device_put(x, H); y.block_until_ready(); dt = time.perf_counter() - t
-print(f"D2H {m.nbytes/dt/1e9:.1f} GB/s", flush=True); del x, y
+    # raw bandwidth
+    t = time.perf_counter(); x = jax.device_put(m, D); x.block_until_ready(); dt = time.perf_counter() - t
+    print(f"H2D {m.nbytes/dt/1e9:.1f} GB/s", flush=True)
+    t = time.perf_counter(); y = jax.device_put(x, H); y.block_until_ready(); dt = time.perf_counter() - t
+    print(f"D2H {m.nbytes/dt/1e9:.1f} GB/s", flush=True); del x, y
 
-f = jax.jit(whole, in_shardings=(D, H, H, D), out_shardings=(D, H, H), donate_argnums=(0, 1, 2))
-p, m, v, g = timeit("whole", f, (p, m, v, g))
-for K in (4, 8, 16):
-    f = jax.jit(make_dus(K), in_shardings=(D, H, H, D), out_shardings=(D, H, H), donate_argnums=(0, 1, 2))
-    p, m, v, g = timeit(f"dus K={K}", f, (p, m, v, g))
-m_arr, v_arr = m, v
-for K in (4, 8, 16):
-    n = L // K
-    ms = [jax.device_put(m_arr[c*n:(c+1)*n], H) for c in range(K)]
-    vs = [jax.device_put(v_arr[c*n:(c+1)*n], H) for c in range(K)]
-    f = jax.jit(make_lists(K), in_shardings=(D, [H]*K, [H]*K, D), out_shardings=(D, [H]*K, [H]*K),
-                donate_argnums=(0, 1, 2))
-    p, ms, vs, g = timeit(f"lists K={K}", f, (p, ms, vs, g))
-    del ms, vs
+    f = jax.jit(whole, in_shardings=(D, H, H, D), out_shardings=(D, H, H), donate_argnums=(0, 1, 2))
+    p, m, v, g = timeit("whole", f, (p, m, v, g))
+    for K in (4, 8, 16):
+        f = jax.jit(make_dus(K), in_shardings=(D, H, H, D), out_shardings=(D, H, H), donate_argnums=(0, 1, 2))
+        p, m, v, g = timeit(f"dus K={K}", f, (p, m, v, g))
+    m_arr, v_arr = m, v
+    for K in (4, 8, 16):
+        n = L // K
+        ms = [jax.device_put(m_arr[c*n:(c+1)*n], H) for c in range(K)]
+        vs = [jax.device_put(v_arr[c*n:(c+1)*n], H) for c in range(K)]
+        f = jax.jit(make_lists(K), in_shardings=(D, [H]*K, [H]*K, D), out_shardings=(D, [H]*K, [H]*K),
+                    donate_argnums=(0, 1, 2))
+        p, ms, vs, g = timeit(f"lists K={K}", f, (p, ms, vs, g))
+        del ms, vs
+
+
+if __name__ == "__main__":
+    main()

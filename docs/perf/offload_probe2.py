@@ -1,25 +1,10 @@
 """Probe 2: per-chunk update dispatched from Python, copies issued with device_put (async): do H2D and D2H overlap?"""
 import time
 import jax, jax.numpy as jnp
-from jax.sharding import SingleDeviceSharding
 
-L, R, C = 32, 8192, 12288
-dev = jax.devices()[0]
-D = SingleDeviceSharding(dev)
-H = D.with_memory_kind("pinned_host")
-b1, b2, lr, eps = 0.9, 0.95, 1e-4, 1e-8
+from offload_probe import C, D, H, L, R, adam  # the same shapes and update as probe 1
 
-
-@jax.jit
-def adam(p, m, v, g):
-    g = g.astype(jnp.float32)
-    m = b1 * m.astype(jnp.float32) + (1 - b1) * g
-    v = b2 * v.astype(jnp.float32) + (1 - b2) * g * g
-    p = p - lr * m / (jnp.sqrt(v) + eps)
-    return p, m.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-
-
-adam_d = jax.jit(adam.__wrapped__ if hasattr(adam, "__wrapped__") else adam, donate_argnums=(0, 1, 2))
+adam_d = jax.jit(adam, donate_argnums=(0, 1, 2))
 
 for K in (8, 16, 32):
     n = L // K

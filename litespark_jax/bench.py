@@ -31,10 +31,10 @@ from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
 from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_shapes, mesh_shape
-from litespark_jax.train.offload import StreamedOffloadStep
+from litespark_jax.train.offload import build_train_step, compile_ahead
 from litespark_jax.train.optimizer import build_optimizer
 from litespark_jax.train.state import abstract_model, init_train_state, state_shardings
-from litespark_jax.train.step import compiler_options, make_gradients, make_train_step
+from litespark_jax.train.step import compiler_options, make_gradients
 
 
 def baseline_overrides(model=None, seq_len: int | None = None) -> list[str]:
@@ -107,18 +107,10 @@ def measure(name: str, config: Config, batch: dict, steps: int, warmup: int, com
                         out_shardings=state_sharding)()
         data_sharding = batch_sharding(mesh, rules)
         device_batch = {k: jax.device_put(v, data_sharding) for k, v in batch.items()}
-        options = compiler_options(config)
+        step_fn = build_train_step(config, make_gradients(config, graphdef), optimizer, None, state_sharding,
+                                   data_sharding, compiler_options(config))
         start = time.perf_counter()
-        if config.optim.offload_state:  # the training loop's step for host-resident moments
-            compiled = StreamedOffloadStep(make_gradients(config, graphdef), config.optim, config.train.steps,
-                                           state_sharding, data_sharding, compiler_options=options)
-            memory = compiled.compile(state, device_batch).memory_analysis()
-        else:
-            step_fn = jax.jit(make_train_step(config, graphdef, optimizer),
-                              in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, None),
-                              donate_argnums=0, compiler_options=options)
-            compiled = step_fn.lower(state, device_batch).compile()
-            memory = compiled.memory_analysis()
+        compiled, memory = compile_ahead(step_fn, state, device_batch)
         compile_seconds = time.perf_counter() - start
     if compile_only:
         gib = lambda b: round(b / 2**30, 2)

@@ -539,10 +539,10 @@ def xla_memory(config, sizes: dict) -> dict:
     from litespark_jax.config import MeshConfig
     from litespark_jax.parallel.logical import use_rules
     from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh
-    from litespark_jax.train.offload import StreamedOffloadStep
+    from litespark_jax.train.offload import build_train_step, compile_ahead
     from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
     from litespark_jax.train.state import abstract_model, init_train_state, state_shardings
-    from litespark_jax.train.step import make_gradients, make_train_step
+    from litespark_jax.train.step import make_gradients
 
     n = math.prod(sizes.values())
     mesh = build_mesh(MeshConfig(**sizes), jax.devices()[:n])
@@ -558,15 +558,9 @@ def xla_memory(config, sizes: dict) -> dict:
              (("inputs", "int32"), ("targets", "int32"), ("positions", "int32"), ("segment_ids", "int32"),
               ("loss_mask", "float32"))}
     with use_rules(mesh, DEFAULT_RULES):
-        if config.optim.offload_state:  # the step's device peak is its gradient program's
-            compiled = StreamedOffloadStep(make_gradients(config, graphdef), config.optim, 10, state_sharding,
-                                           b_sharding).compile(state_in, batch)
-        else:
-            step = jax.jit(make_train_step(config, graphdef, optimizer, learning_rate_schedule(config.optim, 10)),
-                           in_shardings=(state_sharding, b_sharding), out_shardings=(state_sharding, None),
-                           donate_argnums=0)
-            compiled = step.lower(state_in, batch).compile()
-    m = compiled.memory_analysis()
+        step = build_train_step(config, make_gradients(config, graphdef), optimizer,
+                                learning_rate_schedule(config.optim, 10), state_sharding, b_sharding)
+        _, m = compile_ahead(step, state_in, batch)  # offloaded: the gradient program's figure
     total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
             "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "total": total}

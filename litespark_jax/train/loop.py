@@ -31,11 +31,11 @@ from litespark_jax.parallel.logical import use_rules
 from litespark_jax.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_shapes
 from litespark_jax.parallel.watchdog import StepWatchdog
 from litespark_jax.train.guards import Guards
-from litespark_jax.train.offload import StreamedOffloadStep
+from litespark_jax.train.offload import build_train_step
 from litespark_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from litespark_jax.train.run_dir import record_config
 from litespark_jax.train.state import TrainState, abstract_model, init_train_state, state_shardings
-from litespark_jax.train.step import compiler_options, make_eval_step, make_gradients, step_from_gradients
+from litespark_jax.train.step import compiler_options, make_eval_step, make_gradients
 
 log = logging.getLogger("litespark_jax")
 
@@ -89,15 +89,9 @@ class Trainer:
         self.peak_tflops = peak_tflops_per_device(t.peak_tflops_per_device)
 
     def build_train_step(self, gradients) -> Callable:
-        """``step(state, global_batch) -> (state, metrics)`` from a ``step.make_gradients``-style function: one jitted
-        program, or with ``optim.offload_state`` the streamed step that overlaps the moments' host copies."""
-        if self.config.optim.offload_state:
-            return StreamedOffloadStep(gradients, self.config.optim, self.config.train.steps, self.state_sharding,
-                                       self.batch_sharding, self.schedule, self.compiler_options)
-        return jax.jit(step_from_gradients(gradients, self.optimizer, self.schedule),
-                       in_shardings=(self.state_sharding, self.batch_sharding),
-                       out_shardings=(self.state_sharding, None), donate_argnums=0,
-                       compiler_options=self.compiler_options)
+        """``offload.build_train_step`` with this trainer's optimizer, schedule, shardings and XLA options."""
+        return build_train_step(self.config, gradients, self.optimizer, self.schedule, self.state_sharding,
+                                self.batch_sharding, self.compiler_options)
 
     def _sharding_context(self):
         return use_rules(self.mesh, self.rules)

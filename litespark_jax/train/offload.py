@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from litespark_jax.config import OptimConfig
 from litespark_jax.train.optimizer import build_optimizer, elementwise_optimizer, elementwise_state
 from litespark_jax.train.state import TrainState
-from litespark_jax.train.step import mean_gradients, step_scalars
+from litespark_jax.train.step import mean_gradients, step_from_gradients, step_scalars
 
 DEVICE_MEMORY = "device"
 
@@ -207,3 +207,24 @@ class StreamedOffloadStep:
         new_state = TrainState(step=state.step + 1, params=jax.tree.unflatten(self._param_def, params),
                                opt_state=jax.tree.unflatten(self._opt_def, opt_leaves))
         return new_state, metrics
+
+
+def build_train_step(config, gradients: Callable, optimizer: optax.GradientTransformation,
+                     schedule: optax.Schedule | None, state_sharding: TrainState, batch_sharding,
+                     compiler_options: dict | None = None) -> Callable:
+    """``step(state, global_batch) -> (state, metrics)`` from a ``step.make_gradients``-style function: one jitted
+    program with the state donated, or with ``optim.offload_state`` the streamed step above."""
+    if config.optim.offload_state:
+        return StreamedOffloadStep(gradients, config.optim, config.train.steps, state_sharding, batch_sharding,
+                                   schedule, compiler_options)
+    return jax.jit(step_from_gradients(gradients, optimizer, schedule), in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=0, compiler_options=compiler_options)
+
+
+def compile_ahead(step: Callable, state: TrainState, batch):
+    """Compile ``build_train_step``'s step before its first call: (what to call, XLA's memory analysis; for the
+    streamed step, its gradient program's)."""
+    if isinstance(step, StreamedOffloadStep):
+        return step, step.compile(state, batch).memory_analysis()
+    compiled = step.lower(state, batch).compile()
+    return compiled, compiled.memory_analysis()

@@ -91,3 +91,43 @@ def test_bench_inputs_segment_kinds():
     assert int(packed.max()) >= 2
     with pytest.raises(ValueError, match="'one-doc'"):
         attention_bench.make_inputs(1, 128, 2, 1, 64, True)
+
+
+def test_sustained_attention_rows_and_ratio(monkeypatch):
+    from pallas_kernels.bench import attention_sustained
+
+    monkeypatch.setattr(attention_sustained, "SHAPES", [("tiny", 1, 128, 4, 2, 64, True, None)])
+    original = attention_sustained._attention_fn
+    reference = original("reference")
+
+    def impl_fn(impl):  # "slow" is the reference with a sleep before it: the ratio must see it
+        if impl == "slow":
+            def fn(q, k, v, **kw):
+                time.sleep(0.02)
+                return reference(q, k, v, **kw)
+            return fn
+        return original(impl)
+
+    monkeypatch.setattr(attention_sustained, "_attention_fn", impl_fn)
+    monkeypatch.setattr(attention_sustained, "jitted_fwd_bwd",  # unjitted, so the sleep runs on every call
+                        lambda attn, causal: lambda q, k, v, seg, do: attn(q, k, v, segment_ids=seg, causal=causal))
+    rows = attention_sustained.measure(["tiny"], ["reference", "slow"], seconds=0.1, warmup_seconds=0.02, rounds=2)
+    assert [r["impl"] for r in rows] == ["reference", "slow"]
+    for row in rows:
+        assert len(row["ms_rounds"]) == 2 and row["ms"] == pytest.approx(sorted(row["ms_rounds"])[0] / 2
+                                                                         + sorted(row["ms_rounds"])[1] / 2, abs=2e-3)
+        assert row["tflops"] == pytest.approx(3.5 * 4 * 128 * 128 * 4 * 64 / 2 / row["ms"] / 1e9, rel=1e-2)
+    reference, slowed = rows
+    assert slowed["ms"] >= 20.0 and slowed["speedup_vs_slow"] == 1.0
+    assert reference["speedup_vs_slow"] == pytest.approx(slowed["ms"] / reference["ms"], rel=1e-2)
+    assert reference["speedup_vs_slow"] > 1.0
+
+
+@pytest.mark.parametrize("argv, message", [(["--shapes", "nope"], "--shapes: unknown ['nope']"),
+                                           (["--rounds", "0"], "--rounds >= 1")])
+def test_sustained_attention_flags(argv, message, capsys):
+    from pallas_kernels.bench import attention_sustained
+
+    with pytest.raises(SystemExit) as exc:
+        attention_sustained.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

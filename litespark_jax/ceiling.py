@@ -229,7 +229,8 @@ def main(argv=None) -> int:
           f"{args.seconds:g} s per product after {args.warmup_seconds:g} s of warm-up", flush=True)
     print(HEADER, flush=True)
     result = measure(config.model, batch, train.seq_len, args.seconds, args.warmup_seconds, args.attention,
-                     peak_tflops_per_device(train.peak_tflops_per_device), progress=lambda row: print(_fmt_row(row), flush=True))
+                     peak_tflops_per_device(train.peak_tflops_per_device),
+                     progress=lambda row: print(_fmt_row(row), flush=True))
     print(format_summary(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -36,7 +36,8 @@ def test_each_program_is_the_product_it_names(kind):
     gemm = ceiling.Gemm("w", kind, 48, 32, 16, 1)
     fn, (a, b) = ceiling._gemm_program(gemm)
     a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    expected = {"forward": lambda: a32 @ b32, "input_grad": lambda: a32 @ b32.T, "weight_grad": lambda: a32.T @ b32}[kind]()
+    products = {"forward": lambda: a32 @ b32, "input_grad": lambda: a32 @ b32.T, "weight_grad": lambda: a32.T @ b32}
+    expected = products[kind]()
     out = fn(a, b)
     assert out.shape == (48, 16) and out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)

@@ -22,7 +22,7 @@ import jax
 
 from litespark_jax.ceiling import sustained
 from litespark_jax.cli import ArgumentParser, require_writable_file, run_main
-from pallas_kernels.bench.attention import SHAPES, QUICK, _attention_fn, jitted_fwd_bwd, make_inputs
+from pallas_kernels.bench.attention import SHAPES, QUICK, _attention_fn, _impl_list, jitted_fwd_bwd, make_inputs
 
 
 def measure(shape_names, impls, seconds: float, warmup_seconds: float, rounds: int, progress=None) -> list[dict]:
@@ -73,7 +73,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated shape names of the attention bench (default {','.join(QUICK)}; "
                              f"known: {', '.join(s[0] for s in SHAPES)})")
     parser.add_argument("--impls", default="pallas,cudnn",
-                        help="comma-separated implementations; ratios are against the last (default pallas,cudnn)")
+                        help="comma-separated implementations, or semicolon-separated when one holds a comma "
+                             "(pallas:{\"backward\": \"fused\"}: a kernel config); ratios are against the last "
+                             "(default pallas,cudnn)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per implementation and round")
     parser.add_argument("--warmup-seconds", type=float, default=2.0, help="untimed seconds before each timed window")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, the order of the implementations alternating")
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     unknown = [s for s in shapes if s not in known]
     if unknown or not shapes:
         parser.error(f"--shapes: unknown {unknown or 'empty list'}; known: {', '.join(sorted(known))}")
-    impls = [i for i in args.impls.split(",") if i]
+    impls = [i for i in _impl_list(args.impls) if i]
     if not impls:
         parser.error("--impls: give at least one implementation")
     if not (args.seconds > 0 and args.warmup_seconds > 0 and args.rounds >= 1):

@@ -13,7 +13,8 @@ add, SwiGLU or RoPE pass, no loss statistics, optimizer update or weight cast. T
 that no fusion or scheduling of the other work can pass, only doing less matmul work or drawing less power per FLOP.
 
 GEMMs run as XLA emits them for ``jnp`` dot products (cuBLAS on a GPU), bf16 in and out with float32 accumulation,
-as the step's are; attention runs through ``pallas_kernels.attention(impl=--attention)`` and is credited with the
+as the step's are, except where the step runs its own kernel: on Hopper the gate|up forward is our Pallas kernel with
+the SwiGLU epilogue, timed as well and counted in XLA's place (``--xla-gemms-only``: XLA's everywhere); attention runs through ``pallas_kernels.attention(impl=--attention)`` and is credited with the
 model FLOPs of causal attention (the MFU convention's 6 x layers x d_model x seq per token). Model FLOPs follow
 ``metrics.model_flops_per_token``, whose 6 x parameters counts an untied input embedding that no GEMM computes, so
 for untied models the ceiling reads a little high, as the MFU it bounds does.
@@ -144,33 +145,57 @@ def sustained(fn, args, seconds: float, warmup_seconds: float) -> dict:
             "power_capped": window.power_capped}
 
 
+def _step_gate_up_program(tokens: int, model: ModelConfig):
+    """The step's own gate|up forward on Hopper: the Pallas kernel with the SwiGLU epilogue (``mlp`` impl ``auto``
+    there), writing h as well as gate|up; None where the step would use XLA's product."""
+    from pallas_kernels._dispatch import is_hopper
+    from pallas_kernels.mlp import mosaic_gpu
+
+    if not is_hopper() or not mosaic_gpu.supported(tokens, model.d_model, model.d_ff, dtype=jnp.bfloat16):
+        return None
+    keys = jax.random.split(jax.random.key(2), 2)
+    x = jax.random.normal(keys[0], (tokens, model.d_model), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (model.d_model, 2, model.d_ff), jnp.bfloat16)
+    return jax.jit(mosaic_gpu.swiglu_gate_up), (x, w)
+
+
+def _row(gemm_or_name, kind, m, k, n, count, flops_per_call, run, in_ceiling=True) -> dict:
+    return {"name": gemm_or_name, "kind": kind, "m": m, "k": k, "n": n, "count": count,
+            "tflops": flops_per_call / run["s_per_call"] / 1e12, "step_ms": run["s_per_call"] * count * 1e3,
+            "in_ceiling": in_ceiling, **run}
+
+
 def measure(model: ModelConfig, batch: int, seq: int, seconds: float, warmup_seconds: float, attention_impl: str,
-            peak_tflops: float | None, progress=None) -> dict:
-    """Sustained rate of every GEMM and of the attention, and the step they bound (see the module docstring)."""
+            peak_tflops: float | None, progress=None, step_kernels: bool = True) -> dict:
+    """Sustained rate of every GEMM and of the attention, and the step they bound (see the module docstring). With
+    ``step_kernels``, a product the step runs as our own kernel (the gate|up forward on Hopper) is timed that way
+    too and counts in the ceiling instead of XLA's (whose row stays, ``in_ceiling`` false)."""
     tokens = batch * seq
     rows = []
+
+    def add(row):
+        rows.append(row)
+        if progress:
+            progress(row)
+
     for gemm in step_gemms(model, tokens):
         fn, args = _gemm_program(gemm)
-        run = sustained(fn, args, seconds, warmup_seconds)
-        per_call = gemm.flops / gemm.count
-        rows.append({"name": gemm.name, "kind": gemm.kind, "m": gemm.m, "k": gemm.k, "n": gemm.n,
-                     "count": gemm.count, "tflops": per_call / run["s_per_call"] / 1e12,
-                     "step_ms": run["s_per_call"] * gemm.count * 1e3, **run})
-        if progress:
-            progress(rows[-1])
+        add(_row(gemm.name, gemm.kind, gemm.m, gemm.k, gemm.n, gemm.count, gemm.flops / gemm.count,
+                 sustained(fn, args, seconds, warmup_seconds)))
+    step_gate_up = _step_gate_up_program(tokens, model) if step_kernels else None
+    if step_gate_up is not None:
+        xla_row = next(r for r in rows if r["name"] == "gate_up" and r["kind"] == "forward")
+        xla_row["in_ceiling"] = False
+        add(_row("gate_up", "forward, step's kernel", tokens, model.d_model, 2 * model.d_ff, model.num_layers,
+                 2.0 * tokens * model.d_model * 2 * model.d_ff, sustained(*step_gate_up, seconds, warmup_seconds)))
     fn, args = _attention_program(model, batch, seq, attention_impl)
-    run = sustained(fn, args, seconds, warmup_seconds)
     attention_flops = 6.0 * model.d_model * seq * batch * seq  # one layer, causal, forward + backward
-    rows.append({"name": "attention", "kind": f"fwd+bwd ({attention_impl})", "m": batch, "k": seq,
-                 "n": model.num_heads, "count": model.num_layers,
-                 "tflops": attention_flops / run["s_per_call"] / 1e12,
-                 "step_ms": run["s_per_call"] * model.num_layers * 1e3, **run})
-    if progress:
-        progress(rows[-1])
+    add(_row("attention", f"fwd+bwd ({attention_impl})", batch, seq, model.num_heads, model.num_layers,
+             attention_flops, sustained(fn, args, seconds, warmup_seconds)))
     step_flops = model_flops_per_token(model, seq) * tokens
     gemm_flops = sum(g.flops for g in step_gemms(model, tokens))
-    gemm_ms = sum(r["step_ms"] for r in rows[:-1])
-    ceiling_s = (gemm_ms + rows[-1]["step_ms"]) / 1e3
+    gemm_ms = sum(r["step_ms"] for r in rows if r["in_ceiling"] and r["name"] != "attention")
+    ceiling_s = sum(r["step_ms"] for r in rows if r["in_ceiling"]) / 1e3
     ceiling_tflops = step_flops / ceiling_s / 1e12
     return {"device": jax.devices()[0].device_kind, "batch": batch, "seq_len": seq, "tokens": tokens,
             "step_model_tflop": step_flops / 1e12, "gemm_tflop": gemm_flops / 1e12,
@@ -185,11 +210,12 @@ def _fmt_row(row: dict) -> str:
     mhz = f"{row['sm_clock_mhz']:.0f}" if row["sm_clock_mhz"] is not None else "-"
     capped = f"{100 * row['power_capped']:.0f}%" if row["power_capped"] is not None else "-"
     watts = f"{row['watts']:.0f}" if row["watts"] is not None else "-"
-    return (f"{row['name']:<10}{row['kind']:<22}{row['m']:>7}{row['k']:>7}{row['n']:>8}{row['count']:>4}"
-            f"{row['tflops']:>9.1f}{row['step_ms']:>10.2f}{watts:>6}{mhz:>6}{capped:>8}")
+    return (f"{row['name']:<10}{row['kind']:<24}{row['m']:>7}{row['k']:>7}{row['n']:>8}{row['count']:>4}"
+            f"{row['tflops']:>9.1f}{row['step_ms']:>10.2f}{watts:>6}{mhz:>6}{capped:>8}"
+            + ("" if row["in_ceiling"] else "  (not in the ceiling: the step runs its own kernel)"))
 
 
-HEADER = (f"{'product':<10}{'kind':<22}{'m':>7}{'k':>7}{'n':>8}{'x':>4}{'TFLOP/s':>9}{'ms/step':>10}{'W':>6}"
+HEADER = (f"{'product':<10}{'kind':<24}{'m':>7}{'k':>7}{'n':>8}{'x':>4}{'TFLOP/s':>9}{'ms/step':>10}{'W':>6}"
           f"{'MHz':>6}{'capped':>8}")
 
 
@@ -211,6 +237,9 @@ def main(argv=None) -> int:
                         help="untimed seconds per product first, for the clock to settle (default 2)")
     parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
                         help="attention implementation to time (default auto: ours on Hopper)")
+    parser.add_argument("--xla-gemms-only", action="store_true",
+                        help="time every product as XLA emits it, also where the step runs our own kernel (the "
+                             "gate|up forward on Hopper)")
     parser.add_argument("--json", default=None, help="also write the result here")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. train.global_batch_size=8")
@@ -230,7 +259,7 @@ def main(argv=None) -> int:
     print(HEADER, flush=True)
     result = measure(config.model, batch, train.seq_len, args.seconds, args.warmup_seconds, args.attention,
                      peak_tflops_per_device(train.peak_tflops_per_device),
-                     progress=lambda row: print(_fmt_row(row), flush=True))
+                     progress=lambda row: print(_fmt_row(row), flush=True), step_kernels=not args.xla_gemms_only)
     print(format_summary(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -90,3 +90,21 @@ def test_bad_input_fails_in_one_line(argv, message, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_product_the_step_runs_as_its_own_kernel_counts_in_place_of_xlas(monkeypatch):
+    model = dataclasses.replace(load_config(TINY).model, num_layers=1)
+    tokens = 2 * 32
+
+    def step_gate_up(tokens_, model_):  # a stand-in for the Pallas kernel: XLA's product, twice (twice as slow)
+        fn, args = ceiling._gemm_program(ceiling.Gemm("gate_up", "forward", tokens_, model_.d_model,
+                                                      2 * model_.d_ff, 1))
+        return jax.jit(lambda x, w: (fn(x, w), fn(x + 1, w))), args
+
+    monkeypatch.setattr(ceiling, "_step_gate_up_program", step_gate_up)
+    result = ceiling.measure(model, 2, 32, 0.01, 0.01, "reference", None)
+    gate_up = [r for r in result["rows"] if r["name"] == "gate_up" and r["kind"].startswith("forward")]
+    assert [(r["kind"], r["in_ceiling"]) for r in gate_up] == [("forward", False), ("forward, step's kernel", True)]
+    assert result["ceiling_step_s"] == pytest.approx(sum(r["step_ms"] for r in result["rows"] if r["in_ceiling"]) / 1e3)
+    plain = ceiling.measure(model, 2, 32, 0.01, 0.01, "reference", None, step_kernels=False)
+    assert all(r["in_ceiling"] for r in plain["rows"]) and len(plain["rows"]) == len(result["rows"]) - 1

@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     if unknown or not shapes:
         parser.error(f"--shapes: unknown {unknown or 'empty list'}; known: {', '.join(sorted(known))}")
     impls = [i for i in _impl_list(args.impls) if i]
-    if not impls:
-        parser.error("--impls: give at least one implementation")
+    if not impls or len(set(impls)) != len(impls):
+        parser.error(f"--impls: give one or more distinct implementations, not {args.impls!r}")
     if not (args.seconds > 0 and args.warmup_seconds > 0 and args.rounds >= 1):
         parser.error("--seconds and --warmup-seconds must be > 0 and --rounds >= 1")
     require_writable_file(parser, "--json", args.json)

@@ -124,7 +124,8 @@ def test_sustained_attention_rows_and_ratio(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [(["--shapes", "nope"], "--shapes: unknown ['nope']"),
-                                           (["--rounds", "0"], "--rounds >= 1")])
+                                           (["--rounds", "0"], "--rounds >= 1"),
+                                           (["--impls", "pallas,pallas"], "distinct implementations")])
 def test_sustained_attention_flags(argv, message, capsys):
     from pallas_kernels.bench import attention_sustained
 

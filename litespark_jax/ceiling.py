@@ -14,8 +14,8 @@ that no fusion or scheduling of the other work can pass, only doing less matmul 
 
 GEMMs run as XLA emits them for ``jnp`` dot products (cuBLAS on a GPU), bf16 in and out with float32 accumulation,
 as the step's are, except where the step runs its own kernel: on Hopper the gate|up forward is our Pallas kernel with
-the SwiGLU epilogue, timed as well and counted in XLA's place (``--xla-gemms-only``: XLA's everywhere); attention runs through ``pallas_kernels.attention(impl=--attention)`` and is credited with the
-model FLOPs of causal attention (the MFU convention's 6 x layers x d_model x seq per token). Model FLOPs follow
+the SwiGLU epilogue, timed as well and counted in XLA's place (``--xla-gemms-only``: XLA's everywhere). Attention
+runs through ``pallas_kernels.attention(impl=--attention)`` and is credited with the model FLOPs of causal attention (the MFU convention's 6 x layers x d_model x seq per token). Model FLOPs follow
 ``metrics.model_flops_per_token``, whose 6 x parameters counts an untied input embedding that no GEMM computes, so
 for untied models the ceiling reads a little high, as the MFU it bounds does.
 """
@@ -159,8 +159,8 @@ def _step_gate_up_program(tokens: int, model: ModelConfig):
     return jax.jit(mosaic_gpu.swiglu_gate_up), (x, w)
 
 
-def _row(gemm_or_name, kind, m, k, n, count, flops_per_call, run, in_ceiling=True) -> dict:
-    return {"name": gemm_or_name, "kind": kind, "m": m, "k": k, "n": n, "count": count,
+def _row(name, kind, m, k, n, count, flops_per_call, run, in_ceiling=True) -> dict:
+    return {"name": name, "kind": kind, "m": m, "k": k, "n": n, "count": count,
             "tflops": flops_per_call / run["s_per_call"] / 1e12, "step_ms": run["s_per_call"] * count * 1e3,
             "in_ceiling": in_ceiling, **run}
 
@@ -178,7 +178,8 @@ def measure(model: ModelConfig, batch: int, seq: int, seconds: float, warmup_sec
         if progress:
             progress(row)
 
-    for gemm in step_gemms(model, tokens):
+    gemms = step_gemms(model, tokens)
+    for gemm in gemms:
         fn, args = _gemm_program(gemm)
         add(_row(gemm.name, gemm.kind, gemm.m, gemm.k, gemm.n, gemm.count, gemm.flops / gemm.count,
                  sustained(fn, args, seconds, warmup_seconds)))
@@ -193,7 +194,7 @@ def measure(model: ModelConfig, batch: int, seq: int, seconds: float, warmup_sec
     add(_row("attention", f"fwd+bwd ({attention_impl})", batch, seq, model.num_heads, model.num_layers,
              attention_flops, sustained(fn, args, seconds, warmup_seconds)))
     step_flops = model_flops_per_token(model, seq) * tokens
-    gemm_flops = sum(g.flops for g in step_gemms(model, tokens))
+    gemm_flops = sum(g.flops for g in gemms)
     gemm_ms = sum(r["step_ms"] for r in rows if r["in_ceiling"] and r["name"] != "attention")
     ceiling_s = sum(r["step_ms"] for r in rows if r["in_ceiling"]) / 1e3
     ceiling_tflops = step_flops / ceiling_s / 1e12

@@ -26,7 +26,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from litespark_jax.config import OptimConfig
-from litespark_jax.train.optimizer import build_optimizer, elementwise_optimizer, elementwise_state
+from litespark_jax.train.optimizer import (build_optimizer, elementwise_optimizer, elementwise_state,
+                                          with_elementwise_state)
 from litespark_jax.train.state import TrainState
 from litespark_jax.train.step import mean_gradients, step_from_gradients, step_scalars
 
@@ -63,7 +64,7 @@ class StreamedOffloadStep:
         def grad_program(params, step, batch):
             grad_sums, denominator, metrics = gradients(params, batch)
             grads = mean_gradients(grad_sums, denominator, params)
-            metrics = {**metrics, **step_scalars(TrainState(step, params, None), grads, metrics, schedule)}
+            metrics = {**metrics, **step_scalars(step, grads, metrics, schedule)}
             return grad_sums, denominator, metrics
 
         self._grad_program = jax.jit(
@@ -126,7 +127,7 @@ class StreamedOffloadStep:
             opt_state = jax.tree.unflatten(self._opt_def, opt_leaves)
             updates, new_state = self._elementwise.update(grads, elementwise_state(cfg, opt_state), params)
             new_param = optax.apply_updates(param, jax.tree.leaves(updates)[i])
-            new_leaves = jax.tree.leaves(tuple(opt_state[:len(opt_state) - len(new_state)]) + tuple(new_state))
+            new_leaves = jax.tree.leaves(with_elementwise_state(cfg, opt_state, new_state))
             new_moments = [new_leaves[k] for k in slots]
             new_scalars = [new_leaves[k] for k in scalar_slots]
             finite = nonfinite == 0  # the guard of step.apply_update: a non-finite step changes nothing

@@ -85,6 +85,11 @@ def elementwise_state(cfg: OptimConfig, opt_state: tuple) -> tuple:
     return opt_state[1:] if cfg.grad_clip > 0 else opt_state
 
 
+def with_elementwise_state(cfg: OptimConfig, opt_state: tuple, new_elementwise_state: tuple) -> tuple:
+    """``opt_state`` with its ``elementwise_state`` part replaced by ``new_elementwise_state``."""
+    return (opt_state[0], *new_elementwise_state) if cfg.grad_clip > 0 else tuple(new_elementwise_state)
+
+
 def _elementwise_transforms(cfg: OptimConfig, total_steps: int) -> list[optax.GradientTransformation]:
     if jnp.dtype(cfg.state_dtype) == jnp.float32:
         adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)

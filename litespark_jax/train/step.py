@@ -99,7 +99,7 @@ def apply_update(state: TrainState, grads, metrics: dict, optimizer: optax.Gradi
     ``grad_norm``, ``learning_rate`` and ``nonfinite`` added to ``metrics`` (which holds the step's ``loss``)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, **step_scalars(state, grads, metrics, schedule)}
+    metrics = {**metrics, **step_scalars(state.step, grads, metrics, schedule)}
     # Numerical guard, on device (no host sync): a non-finite loss or gradient leaves parameters and optimizer
     # state as they were; the step counter still advances so the data and the schedule stay aligned. The loop
     # reads "nonfinite" and stops or counts it (train.on_nonfinite).
@@ -109,13 +109,13 @@ def apply_update(state: TrainState, grads, metrics: dict, optimizer: optax.Gradi
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def step_scalars(state: TrainState, grads, metrics: dict, schedule: optax.Schedule | None) -> dict:
+def step_scalars(step, grads, metrics: dict, schedule: optax.Schedule | None) -> dict:
     """``grad_norm`` of the mean gradients, ``learning_rate`` of this step and the guard's ``nonfinite`` (1.0 when
     the loss or the gradient norm is not finite)."""
     grad_norm = optax.tree.norm(grads)
     out = {"grad_norm": grad_norm}
     if schedule is not None:
-        out["learning_rate"] = schedule(state.step)
+        out["learning_rate"] = schedule(step)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     out["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
     return out

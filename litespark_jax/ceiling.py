@@ -15,7 +15,8 @@ that no fusion or scheduling of the other work can pass, only doing less matmul 
 GEMMs run as XLA emits them for ``jnp`` dot products (cuBLAS on a GPU), bf16 in and out with float32 accumulation,
 as the step's are, except where the step runs its own kernel: on Hopper the gate|up forward is our Pallas kernel with
 the SwiGLU epilogue, timed as well and counted in XLA's place (``--xla-gemms-only``: XLA's everywhere). Attention
-runs through ``pallas_kernels.attention(impl=--attention)`` and is credited with the model FLOPs of causal attention (the MFU convention's 6 x layers x d_model x seq per token). Model FLOPs follow
+runs through ``pallas_kernels.attention(impl=--attention)`` and is credited with the model FLOPs of causal
+attention (the MFU convention's 6 x layers x d_model x seq per token). Model FLOPs follow
 ``metrics.model_flops_per_token``, whose 6 x parameters counts an untied input embedding that no GEMM computes, so
 for untied models the ceiling reads a little high, as the MFU it bounds does.
 """

@@ -1009,9 +1009,9 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                      plgpu.Barrier(num_barriers=2)]  # ds_free
     if paired:
         smem.append(plgpu.SMEM((2, block_q, dq_cols), jnp.float32, transforms=_F32_TRANSFORMS))  # the peer's partial
-        # recv_full: every thread of the peer's warpgroup arrives (expecting its share of the bytes) when storing;
+        # recv_full: the peer's warpgroup arrives (each thread expecting its share of the bytes) when it stores;
         # recv_free: one arrival per CTA of the pair.
-        barriers += [plgpu.Barrier(num_arrivals=128, num_barriers=2),
+        barriers += [plgpu.Barrier(num_barriers=2),
                      plgpu.ClusterBarrier(collective_axes=("pair",), num_barriers=2)]
     segf, lo, hi, clean_lo, clean_hi = _seg_inputs(seg, batch_size, seq_len, tiles_per_cta * 2 * block_kv, block_q,
                                                    block_kv)

@@ -932,10 +932,10 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
 
                         plgpu.async_store_smem(partial, recv_smem.at[buf], recv_full.at[buf], cluster_idx=peer,
                                                cluster_dim="pair")
+                        dq = dq_product(buf, mine, zeros)
+                        plgpu.barrier_arrive(ds_free.at[buf])  # before waiting for the peer: dS^T's slot is free
                         plgpu.barrier_wait(recv_full.at[buf])
-                        received = plgpu.load(recv_smem.at[buf], (), layout=plgpu.Layout.WGMMA)
-                        dq = dq_product(buf, mine, received)
-                        plgpu.barrier_arrive(ds_free.at[buf])
+                        dq = dq + plgpu.load(recv_smem.at[buf], (), layout=plgpu.Layout.WGMMA)
                         plgpu.barrier_arrive(recv_free.at[buf])  # in both CTAs of the pair
                         # One staging tile (SMEM is full): the previous step's add, issued a step ago, has read it.
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)

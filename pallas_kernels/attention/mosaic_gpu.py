@@ -12,11 +12,9 @@ log-sum-exp (base 2, of scores pre-multiplied by ``scale * log2(e)``) is saved f
 
 Backward: two kernels, dQ (grid heads x q tiles x batch, K/V streamed; it also writes ``delta = rowsum(o * do)``)
 and then dK/dV (grid kv heads x kv tiles x batch; Q, dO, lse, delta streamed for every query head of the group and
-every query tile at or after the diagonal). ``Config(backward="fused")`` is the one-kernel form: the dK/dV kernel
-hands dS^T to its third warpgroup, which adds dS K into a float32 dQ with TMA reductions (5 products instead of 7;
-measured no faster on an H100, its L2 adds cost what the products save: docs/perf/attention.md, run 11).
-``Config(backward="fused_pair")`` runs it in 2-CTA clusters on adjacent key tiles that sum their dQ partials through
-distributed SMEM before adding, which halves the adds (head_dim 128).
+every query tile at or after the diagonal). ``Config(backward="fused")`` is the one-kernel form: the dK/dV kernel hands dS^T
+to its third warpgroup, which adds dS K into a float32 dQ with TMA reductions (5 products instead of 7; measured no
+faster on an H100, its L2 adds cost what the products save: docs/perf/attention.md, run 11).
 
 With segment ids, each kernel visits only the blocks that hold its tile's documents, and runs the blocks wholly
 inside a warpgroup's single document without the segment mask (``segment_clean_ranges``).
@@ -61,17 +59,11 @@ class Config:
     memory_registers: int = 40
     # Backward: "two_kernels" (dQ and dK/dV kernels, each recomputing S and dP: 7 products per block pair) or
     # "fused" (the dK/dV kernel hands each step's dS^T to a dQ warpgroup through SMEM: 5 products; dQ is added
-    # into a float32 buffer with TMA reductions), or "fused_pair" (the fused kernel in 2-CTA clusters on adjacent
-    # key tiles: each CTA sends its peer the dQ columns the peer owns through distributed SMEM and adds only its
-    # own half, the two partials summed: half the L2 adds). The fused kernels' register split and dQ column chunk
-    # ("fused_pair" splits the head dim in two halves instead):
+    # into a float32 buffer with TMA reductions). The fused kernel's own register split and dQ column chunk:
     backward: str = "two_kernels"
     fused_compute_registers: int = 216
     fused_dq_registers: int = 72
     fused_dq_cols: int = 64
-
-
-BACKWARDS = ("two_kernels", "fused", "fused_pair")
 
 
 def default_config(head_dim: int) -> Config:
@@ -97,18 +89,16 @@ def supports(q_shape, kv_shape, dtype, config: Config | None = None) -> str | No
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype must be bfloat16 or float16, not {jnp.dtype(dtype).name}"
     cfg = config or default_config(d)
-    if cfg.backward not in BACKWARDS:
-        return f"backward {cfg.backward!r} must be one of {', '.join(map(repr, BACKWARDS))}"
+    if cfg.backward not in ("two_kernels", "fused"):
+        return f"backward {cfg.backward!r} must be 'two_kernels' or 'fused'"
     for regs in ((cfg.compute_registers, cfg.memory_registers),
                  (cfg.fused_compute_registers, cfg.fused_dq_registers)):
         if any(r % 8 or not 24 <= r <= 256 for r in regs) or 2 * regs[0] + regs[1] > 504:
             return f"registers {regs} must be multiples of 8 in [24, 256] with 2 * compute + memory <= 504"
     if cfg.fused_dq_cols not in (64, 128):
         return f"fused_dq_cols {cfg.fused_dq_cols} must be 64 or 128"
-    if cfg.backward == "fused_pair" and d != 128:  # each CTA of a pair owns 64 of dQ's columns (K's SMEM tile)
-        return f"backward 'fused_pair' needs head_dim 128, not {d}"
-    key_tiles = (4 if cfg.backward == "fused_pair" else 2) * cfg.block_kv_dkv  # a pair's keys
-    for blk in (2 * cfg.block_q, cfg.block_kv, 2 * cfg.block_q_dq, cfg.block_kv_dq, cfg.block_q_dkv, key_tiles):
+    for blk in (2 * cfg.block_q, cfg.block_kv, 2 * cfg.block_q_dq, cfg.block_kv_dq, cfg.block_q_dkv,
+                2 * cfg.block_kv_dkv):
         if s % blk:
             return f"seq {s} must be a multiple of {blk}"
     return None
@@ -700,24 +690,16 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
     c = scale * LOG2E
     compute_wgs = 2
     interpreting = bool(interpret)
-    # GPU interpret mode has neither clusters' distributed SMEM stores nor TMA adds: there a pair runs as "fused".
-    paired = with_dq and cfg.backward == "fused_pair" and not interpreting
-    tiles_per_cta = 2 if paired else 1  # key tiles (of 2 x block_kv) behind one TMA add of dQ
     if with_dq:
         compute_regs, other_regs = cfg.fused_compute_registers, cfg.fused_dq_registers
-        dq_cols = head_dim // 2 if paired else min(cfg.fused_dq_cols, head_dim)
+        dq_cols = min(cfg.fused_dq_cols, head_dim)
         dq_parts = head_dim // dq_cols
     else:
         compute_regs, other_regs = cfg.compute_registers, cfg.memory_registers
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref, lo_ref, hi_ref, clo_ref, chi_ref,
                *refs):
-        if paired:
-            (dq_acc_ref, dk_ref, dv_ref, smem, own_barriers, q_barriers, consumed, ds_ready, ds_free, recv_full,
-             recv_free) = refs
-            (k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem, dsT_smem, dq_smem,
-             recv_smem) = smem
-        elif with_dq:
+        if with_dq:
             dq_acc_ref, dk_ref, dv_ref, smem, own_barriers, q_barriers, consumed, ds_ready, ds_free = refs
             k_smem2, v_smem2, segk_smem2, q_smem, do_smem, lse_smem, delta_smem, segq_smem, dsT_smem, dq_smem = smem
         else:
@@ -726,19 +708,15 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
         batch = lax.axis_index("batch")
         kv_head = lax.axis_index("heads")
         wg_idx = lax.axis_index("wg")
-        range_tile = lax.axis_index("kv_seq")  # the unit of the segment ranges and of the walk over q blocks
-        if paired:  # both CTAs of a pair walk the same q blocks, from the first one the pair's keys see
-            kv_tile = range_tile * 2 + lax.axis_index("pair")
-        else:
-            kv_tile = range_tile
+        kv_tile = lax.axis_index("kv_seq")
         tile_base = kv_tile * (2 * block_kv)
         if causal:
-            start_min = lax.div(range_tile * (tiles_per_cta * 2 * block_kv), jnp.array(block_q, jnp.int32))
+            start_min = lax.div(tile_base, jnp.array(block_q, jnp.int32))
         else:
             start_min = 0
-        if has_seg:  # only the q blocks that hold queries of this tile's (pair's) documents
-            start_min = jnp.maximum(start_min, lo_ref[batch, range_tile])
-            q_end = jnp.minimum(hi_ref[batch, range_tile], num_q_blocks)
+        if has_seg:  # only the q blocks that hold queries of this tile's documents
+            start_min = jnp.maximum(start_min, lo_ref[batch, kv_tile])
+            q_end = jnp.minimum(hi_ref[batch, kv_tile], num_q_blocks)
         else:
             q_end = num_q_blocks
         n_per = q_end - start_min  # q blocks visited per query head
@@ -904,47 +882,6 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                 pl.loop(0, total)(refill_after)
                 return
 
-            def dq_product(buf, part, init):
-                """``init`` + this step's dS times the CTA's keys, for dQ columns ``part``."""
-                cols = pl.ds(part * dq_cols, dq_cols)
-
-                def body(acc_ref):
-                    for j in range(compute_wgs):
-                        plgpu.wgmma(acc_ref, dsT_smem.at[buf, j].transpose((1, 0)), k_smem2.at[j, :, cols])
-                return pl.run_state(body)(plgpu.ACC.init(init))
-
-            def exchange_dq(t, buf, rows, h):
-                """The pair's dQ for this step: each CTA owns half the columns. It sends its product for the peer's
-                half into the peer's SMEM, then adds its own product to the partial the peer sent it, and adds the
-                sum into dQ: one TMA add per step and pair of key tiles instead of two."""
-                me = lax.axis_index("pair")
-                for mine in range(2):
-                    @pl.when(me == mine)
-                    def _():
-                        peer = 1 - mine
-                        zeros = plgpu.layout_cast(jnp.full((block_q, dq_cols), 0, dtype=jnp.float32),
-                                                  plgpu.Layout.WGMMA)
-                        partial = dq_product(buf, peer, zeros)
-
-                        @pl.when(t >= 2)
-                        def _():  # the peer has read what we sent it at step t - 2 from this slot
-                            plgpu.barrier_wait(recv_free.at[buf])
-
-                        plgpu.async_store_smem(partial, recv_smem.at[buf], recv_full.at[buf], cluster_idx=peer,
-                                               cluster_dim="pair")
-                        dq = dq_product(buf, mine, zeros)
-                        plgpu.barrier_arrive(ds_free.at[buf])  # before waiting for the peer: dS^T's slot is free
-                        plgpu.barrier_wait(recv_full.at[buf])
-                        dq = dq + plgpu.load(recv_smem.at[buf], (), layout=plgpu.Layout.WGMMA)
-                        plgpu.barrier_arrive(recv_free.at[buf])  # in both CTAs of the pair
-                        # One staging tile (SMEM is full): the previous step's add, issued a step ago, has read it.
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        dq_smem.at[0][...] = dq
-                        plgpu.commit_smem()
-                        own_cols = pl.ds(mine * dq_cols, dq_cols)
-                        plgpu.copy_smem_to_gmem(dq_smem.at[0], dq_acc_ref.at[batch, rows, h, own_cols],
-                                                reduction_op="add")
-
             @pl.loop(0, total)
             def _dq_loop(t):
                 pl.when(t >= 1)(lambda: refill_after(t - 1))  # before step t's dQ: its loads are more urgent
@@ -953,9 +890,6 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                 n = jnp.asarray(n_per, jnp.int32)
                 h = kv_head * group + lax.div(t, n)
                 rows = pl.ds((start_min + lax.rem(t, n)) * block_q, block_q)
-                if paired:
-                    exchange_dq(t, buf, rows, h)
-                    return
                 for part in range(dq_parts):
                     cols = pl.ds(part * dq_cols, dq_cols)
 
@@ -978,11 +912,6 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
                                                 reduction_op="add")
 
             pl.when(total > 0)(lambda: refill_after(total - 1))  # observes the last step's release (loads nothing)
-            if paired:  # the peer's last arrivals in this CTA's barriers must land before it exits
-                for back in (2, 1):
-                    @pl.when(total - back >= 0)
-                    def _():
-                        plgpu.barrier_wait(recv_free.at[lax.rem(total - back, jnp.array(2, jnp.int32))])
             plgpu.wait_smem_to_gmem(0)
 
     n_own = 3 if has_seg else 2
@@ -1004,17 +933,10 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
     ]
     if with_dq:
         smem += [_smem((2, compute_wgs, block_kv, block_q), dtype),  # dS^T by step parity
-                 plgpu.SMEM((1 if paired else 2, block_q, dq_cols), jnp.float32, transforms=_F32_TRANSFORMS)]
+                 plgpu.SMEM((2, block_q, dq_cols), jnp.float32, transforms=_F32_TRANSFORMS)]
         barriers += [plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=2),  # ds_ready
                      plgpu.Barrier(num_barriers=2)]  # ds_free
-    if paired:
-        smem.append(plgpu.SMEM((2, block_q, dq_cols), jnp.float32, transforms=_F32_TRANSFORMS))  # the peer's partial
-        # recv_full: the peer's warpgroup arrives (each thread expecting its share of the bytes) when it stores;
-        # recv_free: one arrival per CTA of the pair.
-        barriers += [plgpu.Barrier(num_barriers=2),
-                     plgpu.ClusterBarrier(collective_axes=("pair",), num_barriers=2)]
-    segf, lo, hi, clean_lo, clean_hi = _seg_inputs(seg, batch_size, seq_len, tiles_per_cta * 2 * block_kv, block_q,
-                                                   block_kv)
+    segf, lo, hi, clean_lo, clean_hi = _seg_inputs(seg, batch_size, seq_len, 2 * block_kv, block_q, block_kv)
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
     inputs = [q, k, v, do, lse, delta, segf, segf, lo, hi, clean_lo, clean_hi]
     if with_dq:
@@ -1030,11 +952,8 @@ def _backward_dkv(q, k, v, do, lse, delta, seg, *, causal, scale, cfg: Config, i
         kernel,
         out_type=[kv_type, kv_type],
         scratch_types=[tuple(smem)] + barriers,
-        grid=(num_kv_heads, num_kv_tiles // tiles_per_cta, batch_size),
+        grid=(num_kv_heads, num_kv_tiles, batch_size),
         grid_names=("heads", "kv_seq", "batch"),
-        # a pair's two CTAs on adjacent key tiles (the grid's kv_seq then counts pairs)
-        cluster=(1, 2, 1) if paired else (),
-        cluster_names=("head_in_pair", "pair", "batch_in_pair") if paired else (),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -1072,7 +991,7 @@ def _flash_bwd(causal, scale, cfg, interpret, res, do):
     q, k, v, seg, out, lse = res
     do = do.astype(q.dtype)
     kw = dict(causal=causal, scale=scale, cfg=cfg, interpret=interpret)
-    if cfg.backward in ("fused", "fused_pair"):
+    if cfg.backward == "fused":
         delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
         dq, dk, dv = _backward_dkv(q, k, v, do, lse, delta, seg, with_dq=True, **kw)
     else:

@@ -315,23 +315,15 @@ def test_pallas_supports():
                                                                          fused_dq_registers=72))
     assert "backward" in mosaic_gpu.supports(*shape, mosaic_gpu.Config(backward="one"))
     assert "fused_dq_cols" in mosaic_gpu.supports(*shape, mosaic_gpu.Config(fused_dq_cols=32))
-    assert mosaic_gpu.supports(*shape, mosaic_gpu.Config(backward="fused_pair")) is None
-    assert "head_dim 128" in mosaic_gpu.supports((1, 4096, 32, 64), (1, 4096, 8, 64), jnp.bfloat16,
-                                                 mosaic_gpu.Config(backward="fused_pair"))
-    assert "multiple of 256" in mosaic_gpu.supports((1, 384, 4, 128), (1, 384, 2, 128), jnp.bfloat16,
-                                                    mosaic_gpu.Config(backward="fused_pair"))
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("backward", ["two_kernels", "fused", "fused_pair"])
+@pytest.mark.parametrize("backward", ["two_kernels", "fused"])
 def test_pallas_lowers_for_cuda(causal, segments, head_dim, backward):
     """The real Mosaic GPU lowering (not interpret mode), forward and backward, run on the CPU for the CUDA platform:
-    catches lowering-only failures (seen once: a concrete array closed over by ``pl.run_state``), and here the only
-    CPU check of the paired backward's cluster exchange, which GPU interpret mode cannot run."""
-    if backward == "fused_pair" and head_dim != 128:
-        head_dim = 128  # the pair splits dQ's 128 columns; head_dim 64 is refused (test_pallas_supports)
+    catches lowering-only failures (seen once: a concrete array closed over by ``pl.run_state``)."""
     config = dataclasses.replace(mosaic_gpu.default_config(head_dim), backward=backward)
     q = jax.ShapeDtypeStruct((1, 512, 4, head_dim), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
@@ -427,28 +419,14 @@ GPU_CASES = [
 @pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", GPU_CASES)
 @pytest.mark.parametrize("impl", ["pallas", "pallas-fused-backward", "cudnn"])
 def test_gpu_against_reference(impl, b, s, h, kvh, d, causal, segments):
-    _gpu_against_reference(impl, b, s, h, kvh, d, causal, segments)
-
-
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("b,s,h,kvh,d,causal,segments", [c for c in GPU_CASES if c.values[4] == 128])
-def test_gpu_pair_backward_against_reference(b, s, h, kvh, d, causal, segments):
-    """The backward in 2-CTA clusters (``backward="fused_pair"``, head_dim 128 only): its distributed-SMEM exchange
-    of dQ partials runs only on the GPU."""
-    _gpu_against_reference("pallas-pair-backward", b, s, h, kvh, d, causal, segments)
-
-
-def _gpu_against_reference(impl, b, s, h, kvh, d, causal, segments):
     from pallas_kernels._dispatch import is_hopper
 
     if impl.startswith("pallas") and not is_hopper():
         pytest.skip("Pallas Mosaic GPU kernel needs Hopper")
     q, k, v, do = _inputs(s + h + d, b, s, h, kvh, d, jnp.bfloat16)
     seg = _segments(segments, np.random.default_rng(s + d), b, s)
-    backward = {"pallas-fused-backward": "fused", "pallas-pair-backward": "fused_pair"}.get(impl)
-    if backward:
-        config = dataclasses.replace(mosaic_gpu.default_config(d), backward=backward)
+    if impl == "pallas-fused-backward":
+        config = dataclasses.replace(mosaic_gpu.default_config(d), backward="fused")
         fn = lambda q, k, v, **kw: mosaic_gpu.attention(q, k, v, config=config, **kw)
     else:
         fn = lambda q, k, v, **kw: dispatch_attention(q, k, v, impl=impl, **kw)

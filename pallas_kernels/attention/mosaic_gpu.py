@@ -66,10 +66,19 @@ class Config:
     fused_dq_cols: int = 64
 
 
-def default_config(head_dim: int) -> Config:
-    """The config for this head dim, with the fields in ``ATTN_PALLAS_CONFIG`` (JSON) changed for tuning runs."""
+# Up to this sequence length, head dim 128 runs with 240 / 24 registers per compute / memory thread instead of 232 /
+# 40: 0.8-1.5% faster under sustained load at S 4096 (docs/perf/attention.md, run 18), 13% slower at S 8192 (run 15).
+SHORT_SEQ_REGISTERS_MAX = 4096
+
+
+def default_config(head_dim: int, seq_len: int | None = None) -> Config:
+    """The config for this head dim (and sequence length, where given), with the fields in ``ATTN_PALLAS_CONFIG``
+    (JSON) changed for tuning runs."""
     steps = 3 if head_dim <= 64 else 2
-    return replace_from_env(Config(block_q=64, block_kv=128, max_concurrent_steps=steps), "ATTN_PALLAS_CONFIG")
+    cfg = Config(block_q=64, block_kv=128, max_concurrent_steps=steps)
+    if head_dim == 128 and seq_len is not None and seq_len <= SHORT_SEQ_REGISTERS_MAX:
+        cfg = dataclasses.replace(cfg, compute_registers=240, memory_registers=24)
+    return replace_from_env(cfg, "ATTN_PALLAS_CONFIG")
 
 
 def supports(q_shape, kv_shape, dtype, config: Config | None = None) -> str | None:
@@ -88,7 +97,7 @@ def supports(q_shape, kv_shape, dtype, config: Config | None = None) -> str | No
         return f"head_dim must be 64 or 128, not {d}"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype must be bfloat16 or float16, not {jnp.dtype(dtype).name}"
-    cfg = config or default_config(d)
+    cfg = config or default_config(d, s)
     if cfg.backward not in ("two_kernels", "fused"):
         return f"backward {cfg.backward!r} must be 'two_kernels' or 'fused'"
     for regs in ((cfg.compute_registers, cfg.memory_registers),
@@ -1006,7 +1015,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def attention(q, k, v, *, segment_ids=None, causal: bool = True, softmax_scale: float | None = None,
               config: Config | None = None, interpret=False):
     """Flash attention (Pallas Mosaic GPU). Same signature and semantics as ``reference.attention``."""
-    cfg = config or default_config(q.shape[-1])
+    cfg = config or default_config(q.shape[-1], q.shape[1])
     why = supports(q.shape, k.shape, q.dtype, cfg)
     if why is not None:
         raise NotImplementedError(f"pallas attention: {why}; q {tuple(q.shape)}, k/v {tuple(k.shape)} "
@@ -1020,6 +1029,6 @@ def attention(q, k, v, *, segment_ids=None, causal: bool = True, softmax_scale: 
 def attention_with_lse(q, k, v, *, segment_ids=None, causal=True, softmax_scale=None, config=None,
                        interpret=False):
     """Forward only; returns (out, lse) with lse [B, H, S] in base 2 of the scaled scores (for tests)."""
-    cfg = config or default_config(q.shape[-1])
+    cfg = config or default_config(q.shape[-1], q.shape[1])
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return _forward(q, k, v, segment_ids, causal=causal, scale=scale, cfg=cfg, interpret=interpret)

@@ -30,6 +30,7 @@ SHAPES = [
     ("llama-8b-s8k", 2, 8192, 32, 8, 128, True, None),
     ("d64-s4k", 4, 4096, 32, 8, 64, True, None),
     ("llama-3b-s4k", 4, 4096, 24, 8, 128, True, None),
+    ("llama-3b-s2k", 8, 2048, 24, 8, 128, True, None),
     ("llama-8b-s4k-docs", 4, 4096, 32, 8, 128, True, "docs"),
     ("llama-3b-s4k-onedoc", 4, 4096, 24, 8, 128, True, "one-doc"),
     ("llama-8b-s8k-onedoc", 2, 8192, 32, 8, 128, True, "one-doc"),
@@ -58,7 +59,7 @@ def _attention_fn(impl):
     if impl.startswith("pallas:"):
         fields = json.loads(impl[len("pallas:"):])
         return lambda q, k, v, **kw: mosaic_gpu.attention(
-            q, k, v, config=dataclasses.replace(mosaic_gpu.default_config(q.shape[-1]), **fields), **kw)
+            q, k, v, config=dataclasses.replace(mosaic_gpu.default_config(q.shape[-1], q.shape[1]), **fields), **kw)
     return lambda q, k, v, **kw: attention(q, k, v, impl=impl, **kw)
 
 
@@ -212,7 +213,7 @@ def tune(shape_name="llama-8b-s4k", iters=10):
     v = jax.random.normal(ks[2], (b, s, kvh, d), jnp.bfloat16)
     do = jax.random.normal(ks[3], (b, s, h, d), jnp.bfloat16)
     fwd_flops = 4 * b * s * s * h * d / (2 if causal else 1)
-    base = mosaic_gpu.default_config(d)
+    base = mosaic_gpu.default_config(d, s)
     variants = [
         {},
         dict(block_kv=64),

@@ -317,6 +317,29 @@ def test_pallas_supports():
     assert "fused_dq_cols" in mosaic_gpu.supports(*shape, mosaic_gpu.Config(fused_dq_cols=32))
 
 
+def test_pallas_default_registers_follow_sequence_length(monkeypatch):
+    """Head dim 128 up to S 4096 takes the 240 / 24 register split (faster there under sustained load), longer
+    sequences and head dim 64 keep 232 / 40; ATTN_PALLAS_CONFIG still overrides either."""
+    monkeypatch.delenv("ATTN_PALLAS_CONFIG", raising=False)
+    split = lambda cfg: (cfg.compute_registers, cfg.memory_registers)
+    assert split(mosaic_gpu.default_config(128, 4096)) == (240, 24)
+    assert split(mosaic_gpu.default_config(128, 1024)) == (240, 24)
+    assert split(mosaic_gpu.default_config(128, 8192)) == (232, 40)
+    assert split(mosaic_gpu.default_config(128)) == (232, 40)
+    assert split(mosaic_gpu.default_config(64, 4096)) == (232, 40)
+    assert mosaic_gpu.supports((1, 4096, 32, 128), (1, 4096, 8, 128), jnp.bfloat16) is None
+    monkeypatch.setenv("ATTN_PALLAS_CONFIG", '{"compute_registers": 232, "memory_registers": 40}')
+    assert split(mosaic_gpu.default_config(128, 4096)) == (232, 40)
+
+
+def test_pallas_default_config_lowers_for_cuda():
+    """The default config at a short sequence (the 240 / 24 split) lowers, forward and backward."""
+    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    f = lambda q, k, v: jax.vjp(lambda q, k, v: mosaic_gpu.attention(q, k, v, causal=True), q, k, v)[1](q)
+    jax.jit(f).trace(q, k, k).lower(lowering_platforms=("cuda",))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -12,9 +12,9 @@ log-sum-exp (base 2, of scores pre-multiplied by ``scale * log2(e)``) is saved f
 
 Backward: two kernels, dQ (grid heads x q tiles x batch, K/V streamed; it also writes ``delta = rowsum(o * do)``)
 and then dK/dV (grid kv heads x kv tiles x batch; Q, dO, lse, delta streamed for every query head of the group and
-every query tile at or after the diagonal). ``Config(backward="fused")`` is the one-kernel form: the dK/dV kernel hands dS^T
-to its third warpgroup, which adds dS K into a float32 dQ with TMA reductions (5 products instead of 7; measured no
-faster on an H100, its L2 adds cost what the products save: docs/perf/attention.md, run 11).
+every query tile at or after the diagonal). ``Config(backward="fused")`` is the one-kernel form: the dK/dV kernel
+hands dS^T to its third warpgroup, which adds dS K into a float32 dQ with TMA reductions (5 products instead of 7;
+measured no faster on an H100, its L2 adds cost what the products save: docs/perf/attention.md, run 11).
 
 With segment ids, each kernel visits only the blocks that hold its tile's documents, and runs the blocks wholly
 inside a warpgroup's single document without the segment mask (``segment_clean_ranges``).
@@ -66,8 +66,9 @@ class Config:
     fused_dq_cols: int = 64
 
 
-# Up to this sequence length, head dim 128 runs with 240 / 24 registers per compute / memory thread instead of 232 /
-# 40: 0.8-1.5% faster under sustained load at S 4096 (docs/perf/attention.md, run 18), 13% slower at S 8192 (run 15).
+# Up to this sequence length, head dim 128 runs with 240 / 24 registers per compute / memory thread instead of
+# 232 / 40: 0.6-1.5% faster under sustained load at S 2048-4096 (docs/perf/attention.md, run 18), 13% slower at
+# S 8192 (run 15).
 SHORT_SEQ_REGISTERS_MAX = 4096
 
 

@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from litespark_jax.cli import ArgumentParser, require_writable_file, run_main
+from litespark_jax.cli import ArgumentParser, require_positive, require_writable_file, run_main
 from litespark_jax.config import ModelConfig, load_config
 from litespark_jax.energy import EnergyWindow
 from litespark_jax.metrics import model_flops_per_token, peak_tflops_per_device
@@ -246,9 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. train.global_batch_size=8")
     args = parser.parse_intermixed_args(argv)
-    for flag in ("seconds", "warmup_seconds"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be > 0, not {getattr(args, flag)}")
+    require_positive(parser, args, "seconds", "warmup_seconds")
     require_writable_file(parser, "--json", args.json)
     config = load_config(args.config, args.overrides)
     train = config.train

@@ -29,6 +29,14 @@ def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, 
             parser.error(f"--{name.replace('_', '-')} {value}: must be at least {bound}")
 
 
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """``parser.error`` naming the first of these flags whose value is not > 0 (durations, where 0 times nothing)."""
+    for name in names:
+        value = getattr(args, name)
+        if not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, not {value}")
+
+
 def require_output_dir(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
     """``parser.error`` before any work when an output directory (``--out``) cannot be made or written, rather than
     a traceback once the work is done. A directory that does not exist is made and removed again (the command makes

@@ -21,7 +21,7 @@ import sys
 import jax
 
 from litespark_jax.ceiling import sustained
-from litespark_jax.cli import ArgumentParser, require_writable_file, run_main
+from litespark_jax.cli import ArgumentParser, require_positive, require_writable_file, run_main
 from pallas_kernels.bench.attention import SHAPES, QUICK, _attention_fn, _impl_list, jitted_fwd_bwd, make_inputs
 
 
@@ -89,8 +89,9 @@ def main(argv=None) -> int:
     impls = [i for i in _impl_list(args.impls) if i]
     if not impls or len(set(impls)) != len(impls):
         parser.error(f"--impls: give one or more distinct implementations, not {args.impls!r}")
-    if not (args.seconds > 0 and args.warmup_seconds > 0 and args.rounds >= 1):
-        parser.error("--seconds and --warmup-seconds must be > 0 and --rounds >= 1")
+    require_positive(parser, args, "seconds", "warmup_seconds")
+    if args.rounds < 1:
+        parser.error("--rounds >= 1 needed: each round times every implementation once")
     require_writable_file(parser, "--json", args.json)
     print(f"device: {jax.devices()[0].device_kind}; {args.seconds:g} s per implementation and round, "
           f"{args.rounds} round(s)", flush=True)
